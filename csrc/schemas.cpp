@@ -1,0 +1,18 @@
+// The one place where the dynkernels operator schemas are defined. Each backend file
+// (csrc/cpu/*.cpp, csrc/cuda/*.cu) registers its kernels with TORCH_LIBRARY_IMPL; fake
+// kernels and autograd are registered in Python (dynkernels/ops/). Contract: DESIGN.md.
+#include <torch/library.h>
+
+TORCH_LIBRARY(dynkernels, m) {
+  // Sample gating: stable partition of a gate into active-then-inactive positions.
+  m.def("compact(Tensor gate, float threshold) -> (Tensor idx, Tensor count)");
+  // y[i] = x[idx[i]] for i < count, zero rows up to capacity.
+  m.def("gather_rows(Tensor x, Tensor idx, Tensor count, int capacity) -> Tensor");
+  // out = base; out[idx[i]] += scale[idx[i]] * y[i] for i < count.
+  m.def("scatter_add_rows(Tensor base, Tensor y, Tensor idx, Tensor count, Tensor? scale) -> Tensor");
+
+  // Channel gating: conv2d that computes only the active (sample, channel) pairs.
+  m.def(
+      "channel_sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor out_gate, Tensor? in_gate, "
+      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+}

@@ -1,0 +1,24 @@
+"""dynkernels: kernels that make dynamic networks run faster, not just count fewer FLOPs.
+
+Layers (each imports only the ones below it): models (dynkernels.models) -> modules
+(dynkernels.nn) -> ops (dynkernels.ops, torch.ops.dynkernels.*) -> backends (csrc/ C++ and
+CUDA, dynkernels.triton, dynkernels.reference).
+"""
+from ._version import __version__
+from ._extension import build_info, cuda_kernels_compiled, triton_available
+from . import reference
+from . import ops
+from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows
+
+__all__ = [
+    "__version__",
+    "build_info",
+    "cuda_kernels_compiled",
+    "triton_available",
+    "reference",
+    "ops",
+    "compact",
+    "gather_rows",
+    "scatter_add_rows",
+    "channel_sparse_conv2d",
+]

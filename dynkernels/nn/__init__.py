@@ -1,0 +1,1 @@
+"""Modules: GatedConv2d, sample-gated block wrappers and gates."""

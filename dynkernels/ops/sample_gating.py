@@ -1,0 +1,173 @@
+"""Sample gating ops: compact, gather_rows, scatter_add_rows (contract: DESIGN.md).
+
+The compiled kernels are torch.ops.dynkernels.{compact, gather_rows, scatter_add_rows}
+(schemas in csrc/schemas.cpp, one kernel per device); the Triton kernels are
+torch.ops.dynkernels.{...}_triton (dynkernels/triton/sample_gating.py). This file gives
+both their fake kernels and autograd, and the public functions that check arguments and
+pick the backend. No op here reads a device value on the host (the "torch" reference
+reads count; see dynkernels.reference).
+"""
+import functools
+from typing import Optional, Tuple
+
+import torch
+
+from .. import reference
+from . import _checks
+from ._backend import resolve
+
+_lib = torch.ops.dynkernels
+
+
+# ----------------------------------------------------------------------------- fake kernels
+@torch.library.register_fake("dynkernels::compact")
+def _compact_fake(gate, threshold):
+    rows = gate.shape[0] if gate.dim() == 2 else 1
+    return gate.new_empty(gate.shape, dtype=torch.int32), gate.new_empty((rows,), dtype=torch.int32)
+
+
+@torch.library.register_fake("dynkernels::gather_rows")
+def _gather_rows_fake(x, idx, count, capacity):
+    return x.new_empty((capacity,) + tuple(x.shape[1:])).contiguous(memory_format=_checks.row_layout(x))
+
+
+@torch.library.register_fake("dynkernels::scatter_add_rows")
+def _scatter_add_rows_fake(base, y, idx, count, scale):
+    return torch.empty_like(base, memory_format=_checks.row_layout(base))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _register_autograd(gather_op, scatter_op):
+    """Backward of gather/scatter built from the same backend's gather/scatter kernels."""
+
+    def gather_setup(ctx, inputs, output):
+        x, idx, count, capacity = inputs
+        ctx.save_for_backward(idx, count)
+        ctx.x_shape = x.shape
+
+    def gather_backward(ctx, grad_y):
+        idx, count = ctx.saved_tensors
+        zeros = grad_y.new_zeros(ctx.x_shape)
+        return scatter_op(zeros, grad_y.contiguous(), idx, count, None), None, None, None
+
+    def scatter_setup(ctx, inputs, output):
+        base, y, idx, count, scale = inputs
+        ctx.capacity = y.shape[0]
+        ctx.save_for_backward(y if ctx.needs_input_grad[4] else None, idx, count, scale)
+
+    def scatter_backward(ctx, grad_out):
+        y, idx, count, scale = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        grad_base = grad_out if ctx.needs_input_grad[0] else None
+        grad_y = grad_scale = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[4]:
+            g_rows = gather_op(grad_out, idx, count, ctx.capacity)  # grad_out[idx[i]], zero past count
+            if ctx.needs_input_grad[1]:
+                grad_y = g_rows
+                if scale is not None:
+                    s_rows = gather_op(scale.unsqueeze(1), idx, count, ctx.capacity)  # [capacity, 1]
+                    grad_y = g_rows * s_rows.to(g_rows.dtype).view((-1,) + (1,) * (g_rows.dim() - 1))
+            if ctx.needs_input_grad[4]:
+                dots = (g_rows.float() * y.float()).flatten(1).sum(1).to(scale.dtype)
+                grad_scale = scatter_op(torch.zeros_like(scale), dots, idx, count, None)
+        return grad_base, grad_y, None, None, grad_scale
+
+    torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
+    torch.library.register_autograd(scatter_op, scatter_backward, setup_context=scatter_setup)
+
+
+_register_autograd(_lib.gather_rows.default, _lib.scatter_add_rows.default)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """Import the Triton kernels on first use (Triton is optional) and give them autograd."""
+    from ..triton import sample_gating as triton_sample_gating
+
+    _register_autograd(triton_sample_gating.gather_rows_triton, triton_sample_gating.scatter_add_rows_triton)
+    return triton_sample_gating
+
+
+# ----------------------------------------------------------------------------- public ops
+def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of a gate into its active positions (gate > threshold), then the rest.
+
+    gate: [N] or [B, N], floating or bool. Returns (idx, count): idx int32 of gate's shape,
+    each row the active positions in increasing order followed by the inactive ones;
+    count int32 [1] or [B], the number of active positions per row. No host sync.
+    """
+    _checks.gate("compact", "gate", gate)
+    threshold = float(threshold)
+    b = resolve("compact", backend, gate.device)
+    if b == "torch":
+        return reference.compact(gate, threshold)
+    if b == "triton":
+        return _triton().compact_triton(gate, threshold)
+    return _lib.compact(gate, threshold)
+
+
+def gather_rows(
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    capacity: Optional[int] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """y[i] = x[idx[i]] for i < count; y has `capacity` rows (default x.shape[0]), the rest zero.
+
+    idx: [x.shape[0]] int32 (as compact returns), count: one int32 (e.g. compact's count, or
+    count[b:b+1] of a [B, N] plan). Differentiable in x. No host sync.
+    """
+    _checks.tensor("gather_rows", "x", x)
+    if x.dim() == 0:
+        raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
+    capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
+    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x)
+    b = resolve("gather_rows", backend, x.device)
+    if b == "torch":
+        return reference.gather_rows(x, idx, count, capacity)
+    if b == "triton":
+        return _triton().gather_rows_triton(x, idx, count, capacity)
+    return _lib.gather_rows(x, idx, count, capacity)
+
+
+def scatter_add_rows(
+    base: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """out = base, except out[idx[i]] = base[idx[i]] + scale[idx[i]] * y[i] for i < count.
+
+    base: [N, ...] floating; y: [capacity, ...] of base's dtype; idx: [N] int32 whose first
+    count entries are distinct rows; scale: [N] floating or None (1). The sum is formed in
+    float32 and rounded once. Differentiable in base, y and scale. No host sync.
+    """
+    op = "scatter_add_rows"
+    _checks.tensor(op, "base", base)
+    if base.dim() == 0:
+        raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
+    _checks.floating(op, "base", base)
+    _checks.tensor(op, "y", y)
+    if y.dim() != base.dim() or y.shape[1:] != base.shape[1:]:
+        raise ValueError(f"{op}: y must be [capacity, {', '.join(map(str, base.shape[1:]))}] like base's rows, got shape {tuple(y.shape)}")
+    if y.dtype != base.dtype:
+        raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
+    _checks.same_device(op, "y", y, "base", base)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    if scale is not None:
+        _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
+        _checks.floating(op, "scale", scale)
+        if scale.shape[0] != base.shape[0]:
+            raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
+        _checks.same_device(op, "scale", scale, "base", base)
+    b = resolve(op, backend, base.device)
+    if b == "torch":
+        return reference.scatter_add_rows(base, y, idx, count, scale)
+    if b == "triton":
+        return _triton().scatter_add_rows_triton(base, y, idx, count, scale)
+    return _lib.scatter_add_rows(base, y, idx, count, scale)

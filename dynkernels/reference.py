@@ -1,0 +1,88 @@
+"""Pure-PyTorch reference implementations: they define the semantics of every op.
+
+These are the `backend="torch"` implementations, the ground truth in the tests and a
+baseline in the benchmarks. They favour clarity over speed, and (unlike the kernels)
+`gather_rows` and `scatter_add_rows` read `count` on the host: one device synchronisation
+each on a GPU. Contract: DESIGN.md, "Functional contract".
+"""
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+
+IntPair = Union[int, Sequence[int]]
+
+
+def compact(gate: torch.Tensor, threshold: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of each gate row into active (gate > threshold) then inactive positions.
+
+    Returns idx (gate's shape, int32) and count ([1] for a 1-D gate, [B] for [B, N]).
+    """
+    active = gate > threshold
+    # A stable sort on "is inactive" keeps both groups in increasing position order.
+    idx = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
+    count = active.sum(dim=-1, dtype=torch.int32).reshape(-1)
+    return idx, count
+
+
+def _active_rows(idx: torch.Tensor, count: torch.Tensor, limit: int) -> torch.Tensor:
+    n = max(0, min(int(count.reshape(-1)[0].item()), limit))
+    return idx[:n].long()
+
+
+def gather_rows(
+    x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, capacity: Optional[int] = None
+) -> torch.Tensor:
+    """y[i] = x[idx[i]] for i < count; y has `capacity` rows (default x.shape[0]), the rest zero."""
+    capacity = x.shape[0] if capacity is None else capacity
+    rows = _active_rows(idx, count, min(capacity, x.shape[0]))
+    y = x.new_zeros((capacity,) + tuple(x.shape[1:]))
+    y[: rows.numel()] = x[rows]
+    return y
+
+
+def scatter_add_rows(
+    base: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    scale: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """out = base, except out[idx[i]] = base[idx[i]] + scale[idx[i]] * y[i] for i < count.
+
+    The sum is formed in float32 (float64 for float64 data) and rounded once, like the kernels.
+    """
+    rows = _active_rows(idx, count, min(y.shape[0], base.shape[0]))
+    n = rows.numel()
+    acc = torch.float64 if base.dtype == torch.float64 else torch.float32
+    update = y[:n].to(acc)
+    if scale is not None:
+        update = update * scale[rows].to(acc).reshape((n,) + (1,) * (y.dim() - 1))
+    out = base.clone()
+    out[rows] = (base[rows].to(acc) + update).to(base.dtype)
+    return out
+
+
+def _pair(v: IntPair) -> Tuple[int, int]:
+    if isinstance(v, int):
+        return (v, v)
+    v = tuple(int(e) for e in v)
+    return v if len(v) == 2 else (v[0], v[0])
+
+
+def channel_sparse_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_gate: torch.Tensor,
+    in_gate: Optional[torch.Tensor] = None,
+    stride: IntPair = 1,
+    padding: IntPair = 0,
+    dilation: IntPair = 1,
+) -> torch.Tensor:
+    """y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c] where out_gate > 0, else 0."""
+    if in_gate is not None:
+        x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
+    y = F.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
+    g = out_gate[:, :, None, None]
+    return torch.where(g > 0, y * g.to(y.dtype), torch.zeros((), dtype=y.dtype, device=y.device))

@@ -1,0 +1,1 @@
+"""Dynamic-network models built on dynkernels (installed as dynkernels.models)."""

@@ -1,0 +1,67 @@
+"""Helpers for the tests: which (device, backend) pairs to run, and tolerances per dtype."""
+import importlib.util
+
+import pytest
+import torch
+
+import dynkernels
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+HAS_CUDA_GPU = torch.cuda.is_available()
+
+
+def device_backends(include_torch: bool = True):
+    """pytest params (device, backend) for every backend that can run here or on a GPU.
+
+    CUDA pairs carry the `cuda` marker (skipped without a GPU); Triton pairs the `triton`
+    marker, and on the CPU they run under TRITON_INTERPRET=1 (set by conftest.py).
+    """
+    no_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+    no_cuda_kernels = pytest.mark.skipif(
+        not dynkernels.cuda_kernels_compiled(), reason="this build has no CUDA kernels"
+    )
+    params = []
+    if include_torch:
+        params.append(pytest.param("cpu", "torch", id="cpu-torch"))
+    params += [
+        pytest.param("cpu", "cpu", id="cpu-cpp"),
+        pytest.param("cpu", "triton", id="cpu-triton", marks=[pytest.mark.triton, no_triton]),
+        pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.cuda, no_cuda_kernels]),
+        pytest.param("cuda", "triton", id="cuda-triton", marks=[pytest.mark.cuda, pytest.mark.triton, no_triton]),
+    ]
+    if include_torch:
+        params.append(pytest.param("cuda", "torch", id="cuda-torch", marks=pytest.mark.cuda))
+    return params
+
+
+def dtypes_for(device: str, backend: str):
+    """Floating dtypes a backend is tested in here. The Triton interpreter mishandles bf16
+    arithmetic, so bf16 runs through Triton on a GPU only."""
+    dts = [torch.float32, torch.float16, torch.bfloat16]
+    if device == "cpu" and backend == "triton":
+        dts.remove(torch.bfloat16)
+    return dts
+
+
+# Relative tolerances (max |a - b| / max |b|): fp32 1e-5; fp16/bf16 about twice PyTorch's own
+# rounding error in that dtype (one ulp at the result's scale) plus a small floor.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 2 * 2**-10 + 1e-3, torch.bfloat16: 2 * 2**-7 + 4e-3}
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=None):
+    dtype = dtype or expected.dtype
+    assert actual.shape == expected.shape, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert actual.dtype == expected.dtype, f"dtype {actual.dtype} != {expected.dtype}"
+    a, e = actual.detach().double().cpu(), expected.detach().double().cpu()
+    assert not torch.isnan(a).any() or torch.isnan(e).any(), "NaN in result"
+    scale = e.abs().max().item() if e.numel() else 0.0
+    err = (a - e).abs().max().item() if e.numel() else 0.0
+    tol = (rtol if rtol is not None else RTOL[dtype]) * max(scale, 1e-6)
+    assert err <= tol, f"max abs error {err:.3g} > {tol:.3g} (scale {scale:.3g}, dtype {dtype})"
+
+
+def rand_gate(shape, density: float, device="cpu", dtype=torch.float32):
+    """A gate whose entries are > 0 with probability `density` (values in (0.1, 1.1])."""
+    keep = torch.rand(shape, device=device) < density
+    vals = torch.rand(shape, device=device) + 0.1
+    return torch.where(keep, vals, torch.zeros((), device=device)).to(dtype)
