@@ -8,33 +8,16 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include "../sample_gating_common.h"
+
 #include <algorithm>
 #include <cstring>
-#include <limits>
 #include <vector>
 
 namespace dynkernels {
 namespace {
 
 using at::Tensor;
-
-void check_index_args(const char* op, const Tensor& idx, const Tensor& count, int64_t rows, const char* rows_of) {
-  TORCH_CHECK(idx.dim() == 1 && idx.scalar_type() == at::kInt, op, ": idx must be a 1-D int32 tensor, got ",
-              idx.scalar_type(), " of shape ", idx.sizes());
-  TORCH_CHECK(idx.size(0) == rows, op, ": idx has ", idx.size(0), " entries but ", rows_of, " has ", rows, " rows");
-  TORCH_CHECK(count.numel() == 1 && count.scalar_type() == at::kInt, op,
-              ": count must be an int32 tensor with one element, got ", count.scalar_type(), " of shape ",
-              count.sizes());
-  TORCH_CHECK(idx.device().is_cpu() && count.device().is_cpu(), op, ": idx and count must be on the CPU like the data");
-}
-
-// Layout of outputs made from x's rows: channels_last only when x is channels_last and not
-// also plain contiguous (the same rule as dynkernels/ops/_checks.py::row_layout).
-at::MemoryFormat row_layout(const Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
 
 // Number of rows to move: count clamped to [0, limit].
 int64_t clamped_count(const Tensor& count, int64_t limit) {
@@ -55,10 +38,9 @@ void check_index_range(const char* op, const int32_t* idx, int64_t n, int64_t ro
 }
 
 std::tuple<Tensor, Tensor> compact_cpu(const Tensor& gate, double threshold) {
-  TORCH_CHECK(gate.dim() == 1 || gate.dim() == 2, "compact: gate must be [N] or [B, N], got shape ", gate.sizes());
+  check_compact_args(gate);
   const Tensor g = (gate.dim() == 1 ? gate.unsqueeze(0) : gate).contiguous();
   const int64_t B = g.size(0), N = g.size(1);
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "compact: gate rows longer than 2^31-1 are not supported");
   Tensor idx = at::empty({B, N}, gate.options().dtype(at::kInt));
   Tensor count = at::empty({B}, gate.options().dtype(at::kInt));
   int32_t* ip = idx.mutable_data_ptr<int32_t>();
@@ -84,10 +66,8 @@ std::tuple<Tensor, Tensor> compact_cpu(const Tensor& gate, double threshold) {
 }
 
 Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, int64_t capacity) {
-  TORCH_CHECK(x.dim() >= 1, "gather_rows: x must have at least one dimension");
-  TORCH_CHECK(capacity >= 0, "gather_rows: capacity must be >= 0, got ", capacity);
+  check_gather_args(x, idx, count, capacity);
   const int64_t N = x.size(0);
-  check_index_args("gather_rows", idx, count, N, "x");
   const auto fmt = row_layout(x);
   const Tensor xc = x.contiguous(fmt);
   std::vector<int64_t> sizes = x.sizes().vec();
@@ -98,9 +78,7 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
   const int64_t n = clamped_count(count, std::min(capacity, N));
   check_index_range("gather_rows", ip, n, N, /*distinct=*/false);
 
-  int64_t row_elems = 1;
-  for (int64_t d = 1; d < x.dim(); ++d) row_elems *= x.size(d);
-  const int64_t row_bytes = row_elems * static_cast<int64_t>(x.element_size());
+  const int64_t row_bytes = row_numel(x) * static_cast<int64_t>(x.element_size());
   const char* src = static_cast<const char*>(xc.const_data_ptr());
   char* dst = static_cast<char*>(y.mutable_data_ptr());
   at::parallel_for(0, capacity, 1, [&](int64_t i0, int64_t i1) {
@@ -116,19 +94,8 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
 
 Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count,
                             const std::optional<Tensor>& scale) {
-  TORCH_CHECK(base.dim() >= 1, "scatter_add_rows: base must have at least one dimension");
-  TORCH_CHECK(y.dim() == base.dim() && y.sizes().slice(1) == base.sizes().slice(1),
-              "scatter_add_rows: y must be [capacity, ", base.sizes().slice(1), "] like base's rows, got ",
-              y.sizes());
-  TORCH_CHECK(y.scalar_type() == base.scalar_type(), "scatter_add_rows: y must have base's dtype ",
-              base.scalar_type(), ", got ", y.scalar_type());
+  check_scatter_args(base, y, idx, count, scale);
   const int64_t N = base.size(0);
-  check_index_args("scatter_add_rows", idx, count, N, "base");
-  if (scale.has_value()) {
-    TORCH_CHECK(scale->dim() == 1 && scale->size(0) == N && at::isFloatingType(scale->scalar_type()),
-                "scatter_add_rows: scale must be a 1-D floating tensor with ", N, " entries, got ",
-                scale->scalar_type(), " of shape ", scale->sizes());
-  }
   const auto fmt = row_layout(base);
   Tensor out = base.clone(fmt);
   const Tensor yc = y.contiguous(fmt);
@@ -136,8 +103,7 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
   const int32_t* ip = ic.const_data_ptr<int32_t>();
   const int64_t n = clamped_count(count, std::min(y.size(0), N));
   check_index_range("scatter_add_rows", ip, n, N, /*distinct=*/true);
-  int64_t row = 1;
-  for (int64_t d = 1; d < base.dim(); ++d) row *= base.size(d);
+  const int64_t row = row_numel(base);
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, base.scalar_type(), "scatter_add_rows_cpu", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

@@ -1,0 +1,366 @@
+"""compact, gather_rows and scatter_add_rows on every backend, against dynkernels.reference.
+
+Backends come from _utils.device_backends(): the reference and the C++ kernels on the CPU,
+the Triton kernels on CPU tensors under TRITON_INTERPRET=1, and the CUDA / Triton kernels on
+a GPU (marked `cuda`, skipped without one). Interpreter cases are kept small.
+"""
+import pytest
+import torch
+
+import dynkernels
+from dynkernels import reference
+from dynkernels.ops.sample_gating import _triton
+
+from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate
+
+ALL = device_backends()
+KERNELS = device_backends(include_torch=False)
+OPS = ("compact", "gather_rows", "scatter_add_rows")
+
+
+def kernel_op(backend: str, name: str):
+    """The registered operator behind a backend: torch.ops.dynkernels.<name> or <name>_triton."""
+    if backend == "triton":
+        return getattr(_triton(), f"{name}_triton")
+    return getattr(torch.ops.dynkernels, name).default
+
+
+def row_layout(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def check_layout(out: torch.Tensor, like: torch.Tensor, backend: str):
+    """Kernel outputs keep channels_last for channels_last-only inputs (the reference makes plain tensors)."""
+    if backend != "torch":
+        assert out.is_contiguous(memory_format=row_layout(like)), f"layout of output, strides {out.stride()}"
+
+
+# ----------------------------------------------------------------------------- cases
+def gate_cases(device):
+    """(name, gate, threshold): N = 1, odd sizes, all-zero / all-one, bool, thresholds, [B, N], several tiles."""
+    g = lambda *shape: rand_gate(shape, 0.5, device)  # noqa: E731
+    return [
+        ("n1-active", torch.ones(1, device=device), 0.0),
+        ("n1-inactive", torch.zeros(1, device=device), 0.0),
+        ("empty", torch.zeros(0, device=device), 0.0),
+        ("odd", g(37), 0.0),
+        ("all-zero", torch.zeros(19, device=device), 0.0),
+        ("all-one", torch.ones(19, device=device), 0.0),
+        ("bool", torch.rand(23, device=device) > 0.5, 0.0),
+        ("bool-threshold", torch.rand(9, device=device) > 0.5, 0.5),
+        ("threshold", g(41), 0.5),
+        ("negative-threshold", g(13), -1.0),  # zeros are active too
+        ("2d", g(3, 29), 0.0),
+        ("2d-one-column", g(4, 1), 0.0),
+        ("2d-bool", torch.rand(4, 7, device=device) > 0.3, 0.0),
+        ("2d-transposed", g(11, 3).t(), 0.25),  # non-contiguous gate
+        ("several-tiles", g(2, 5000), 0.5),  # > one tile of the CUDA (4096) and Triton (1024) scans
+    ]
+
+
+def row_cases(device, dtype):
+    """(name, x): 1-D to 5-D data, odd sizes, N = 1, non-contiguous, channels_last, unaligned rows."""
+    r = lambda *shape: torch.randn(*shape, device=device).to(dtype)  # noqa: E731
+    return [
+        ("1d", r(9)),
+        ("2d-odd", r(7, 3)),
+        ("n1", r(1, 5)),
+        ("4d", r(6, 3, 5, 4)),
+        ("5d", r(5, 2, 3, 2, 3)),
+        ("transposed", r(3, 7).t()),
+        ("sliced", r(7, 10)[:, ::3]),
+        ("channels_last", r(5, 3, 4, 6).contiguous(memory_format=torch.channels_last)),
+        ("unaligned", r(7 * 8 + 1)[1:].view(7, 8)),  # storage offset: no 16-byte vectors
+    ]
+
+
+def plans(n, device):
+    """(name, idx, count) for n rows: random, all-zero and all-one gates, and rows of a [B, n] plan."""
+    out = []
+    for name, gate in (("random", rand_gate((n,), 0.5, device)), ("none", torch.zeros(n, device=device)), ("all", torch.ones(n, device=device))):
+        idx, count = reference.compact(gate)
+        out.append((name, idx, count))
+    idx2, count2 = reference.compact(rand_gate((3, n), 0.6, device))
+    for b in (0, 2):
+        out.append((f"plan-row-{b}", idx2[b], count2[b : b + 1]))  # views with storage offsets
+    return out
+
+
+def capacities(n, active):
+    return sorted({n, max(active - 1, 0), active, n + 2})
+
+
+# ----------------------------------------------------------------------------- compact
+@pytest.mark.parametrize("device,backend", ALL)
+def test_compact_matches_reference(device, backend):
+    for gate_dtype in dtypes_for(device, backend) + [torch.float64]:
+        for name, gate, threshold in gate_cases(device):
+            if gate.dtype != torch.bool:
+                gate = gate.to(gate_dtype)
+            idx, count = dynkernels.compact(gate, threshold, backend=backend)
+            ref_idx, ref_count = reference.compact(gate, threshold)
+            where = f"{name} ({gate.dtype}, threshold {threshold})"
+            assert idx.dtype == torch.int32 and count.dtype == torch.int32, where
+            assert idx.shape == gate.shape and count.shape == ref_count.shape, where
+            assert torch.equal(idx.cpu(), ref_idx.cpu()), where
+            assert torch.equal(count.cpu(), ref_count.cpu()), where
+
+
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_compact_compares_threshold_exactly(device, backend):
+    # 0.1 is not a float32: the kernels compare in float64, so float32(0.1) > 0.1 is active.
+    gate = torch.tensor([0.1, 0.0, 0.2, 0.1], device=device)
+    idx, count = dynkernels.compact(gate, 0.1, backend=backend)
+    exact_idx, exact_count = reference.compact(gate.double(), 0.1)
+    assert torch.equal(idx.cpu(), exact_idx.cpu()) and torch.equal(count.cpu(), exact_count.cpu())
+    assert int(count) == 3
+
+
+# ----------------------------------------------------------------------------- gather_rows
+@pytest.mark.parametrize("device,backend", ALL)
+def test_gather_rows_matches_reference(device, backend):
+    for dtype in dtypes_for(device, backend):
+        for name, x in row_cases(device, dtype):
+            n = x.shape[0]
+            for plan, idx, count in plans(n, device):
+                for cap in capacities(n, int(count)) + [None]:
+                    y = dynkernels.gather_rows(x, idx, count, cap, backend=backend)
+                    ref = reference.gather_rows(x, idx, count, cap)
+                    where = f"{name}, plan {plan}, capacity {cap}, {dtype}"
+                    assert y.shape == ref.shape and y.dtype == ref.dtype, where
+                    assert torch.equal(y.cpu(), ref.cpu()), where
+                    check_layout(y, x, backend)
+
+
+# ----------------------------------------------------------------------------- scatter_add_rows
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scatter_add_rows_matches_reference(device, backend):
+    for dtype in dtypes_for(device, backend):
+        for name, base in row_cases(device, dtype):
+            n = base.shape[0]
+            for plan, idx, count in plans(n, device):
+                active = int(count)
+                # y with fewer rows than count, exactly count, N and more; scale none, float32
+                # or float64 in turn (every combination would be slow under the interpreter).
+                for k, rows in enumerate(sorted({active, max(active - 1, 0), n, n + 1})):
+                    y = torch.randn((rows,) + tuple(base.shape[1:]), device=device).to(dtype)
+                    if y.dim() == 2 and rows > 1:
+                        y = y.t().contiguous().t()  # same values, non-contiguous
+                    scale = [None, torch.rand(n, device=device), torch.rand(n, device=device, dtype=torch.float64)][(k + len(plan)) % 3]
+                    out = dynkernels.scatter_add_rows(base, y, idx, count, scale, backend=backend)
+                    ref = reference.scatter_add_rows(base, y, idx, count, scale)
+                    where = f"{name}, plan {plan}, y rows {rows}, scale {None if scale is None else scale.dtype}"
+                    assert out.shape == ref.shape, where
+                    assert_close(out, ref, dtype)
+                    check_layout(out, base, backend)
+                    assert out.data_ptr() != base.data_ptr(), where
+
+
+@pytest.mark.parametrize("device,backend", [p for p in KERNELS if p.id != "cpu-cpp"])
+def test_out_of_range_entries_are_skipped(device, backend):
+    """The kernels never read or write out of bounds: the CUDA and Triton kernels do not check
+    idx on the host (on a GPU that would need a sync), so bad entries give zero rows (gather)
+    or are ignored (scatter). The C++ CPU kernels reject them (test_cpp_op_errors)."""
+    x = torch.randn(5, 3, device=device)
+    idx = torch.tensor([4, 5, -1, 0, 1], dtype=torch.int32, device=device)
+    count = torch.tensor([4], dtype=torch.int32, device=device)
+    y = kernel_op(backend, "gather_rows")(x, idx, count, 5)
+    expected = torch.zeros_like(x)
+    expected[0], expected[3] = x[4], x[0]
+    assert torch.equal(y, expected)
+    out = kernel_op(backend, "scatter_add_rows")(x, y, idx, count, None)
+    expected = x.clone()
+    expected[4] += y[0]
+    expected[0] += y[3]
+    assert_close(out, expected)
+
+
+# ----------------------------------------------------------------------------- gradients
+@pytest.mark.parametrize("device,backend", ALL)
+def test_gradcheck(device, backend):
+    opts = dict(device=device, dtype=torch.float64)
+    idx, count = reference.compact(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0], device=device))
+    x = torch.randn(5, 3, **opts, requires_grad=True)
+    for cap in (2, 3, 4):
+        assert torch.autograd.gradcheck(lambda x: dynkernels.gather_rows(x, idx, count, cap, backend=backend), (x,))
+    base = torch.randn(5, 3, **opts, requires_grad=True)
+    y = torch.randn(4, 3, **opts, requires_grad=True)
+    scale = torch.rand(5, **opts, requires_grad=True)
+    fn = lambda b, y, s: dynkernels.scatter_add_rows(b, y, idx, count, s, backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (base, y, scale))
+    assert torch.autograd.gradcheck(lambda b, y: fn(b, y, None), (base, y))
+
+
+# ----------------------------------------------------------------------------- opcheck
+@pytest.mark.parametrize("device,backend", KERNELS)
+def test_opcheck(device, backend):
+    def t(*shape, grad=False):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    idx, count = reference.compact(torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0], device=device))
+    samples = {
+        "compact": [(rand_gate((7,), 0.5, device), 0.0), (torch.rand(2, 5, device=device) > 0.5, 0.5)],
+        "gather_rows": [(t(5, 3, grad=True), idx, count, 4), (t(5, 2, 3, 4).contiguous(memory_format=torch.channels_last), idx, count, 2)],
+        "scatter_add_rows": [
+            (t(5, 3, grad=True), t(3, 3, grad=True), idx, count, torch.rand(5, device=device, requires_grad=True)),
+            (t(5, 3, grad=True), t(2, 3, grad=True), idx, count, None),
+        ],
+    }
+    # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel itself, which
+    # cannot run on the fake tensors of the fake-tensor and AOT tests: those two run on a GPU.
+    interpreted = device == "cpu" and backend == "triton"
+    only = {"test_utils": ("test_schema", "test_autograd_registration")} if interpreted else {}
+    for name in OPS:
+        for args in samples[name]:
+            torch.library.opcheck(kernel_op(backend, name), args, **only)
+
+
+# ----------------------------------------------------------------------------- bad input
+def _cpu_args():
+    x = torch.randn(5, 3)
+    idx, count = reference.compact(torch.tensor([1.0, 1.0, 0.0, 1.0, 0.0]))
+    return x, idx, count
+
+
+def _bad_inputs():
+    """(id, call, exception, match): every check of the public functions."""
+    x, idx, count = _cpu_args()
+    dk = dynkernels
+    i64 = idx.long()
+    out_of_range = torch.tensor([0, 5, 1, 2, 3], dtype=torch.int32)
+    negative = torch.tensor([0, -1, 1, 2, 3], dtype=torch.int32)
+    repeated = torch.tensor([1, 1, 0, 2, 3], dtype=torch.int32)
+    return [
+        ("compact-rank", lambda: dk.compact(torch.zeros(2, 2, 2)), ValueError, r"compact: gate must be \[N\] or \[B, N\]"),
+        ("compact-int-gate", lambda: dk.compact(torch.zeros(3, dtype=torch.int32)), TypeError, r"compact: gate must be a floating or bool tensor"),
+        ("gather-0d-x", lambda: dk.gather_rows(torch.tensor(1.0), idx, count), ValueError, r"gather_rows: x must have at least one dimension"),
+        ("gather-idx-rank", lambda: dk.gather_rows(x, idx.view(1, 5), count), ValueError, r"gather_rows: idx must be a 1-D tensor"),
+        ("gather-idx-int64", lambda: dk.gather_rows(x, i64, count), TypeError, r"gather_rows: idx must be int32"),
+        ("gather-count-float", lambda: dk.gather_rows(x, idx, count.float()), TypeError, r"gather_rows: count must be an int32 tensor with one element"),
+        ("gather-count-numel", lambda: dk.gather_rows(x, idx, torch.tensor([1, 2], dtype=torch.int32)), TypeError, r"count must be an int32 tensor with one element"),
+        ("gather-mismatched-n", lambda: dk.gather_rows(torch.randn(6, 3), idx, count), ValueError, r"gather_rows: idx has 5 entries but x has 6 rows"),
+        ("gather-idx-out-of-range", lambda: dk.gather_rows(x, out_of_range, count), IndexError, r"gather_rows: idx\[1\] = 5 is out of range for x with 5 rows"),
+        ("gather-idx-negative", lambda: dk.gather_rows(x, negative, count), IndexError, r"gather_rows: idx\[1\] = -1 is out of range"),
+        ("gather-capacity-negative", lambda: dk.gather_rows(x, idx, count, -1), ValueError, r"gather_rows: capacity must be a non-negative int, got -1"),
+        ("gather-capacity-float", lambda: dk.gather_rows(x, idx, count, 2.5), ValueError, r"capacity must be a non-negative int, got 2.5"),
+        ("gather-capacity-bool", lambda: dk.gather_rows(x, idx, count, True), ValueError, r"capacity must be a non-negative int, got True"),
+        ("gather-wrong-device", lambda: dk.gather_rows(torch.empty(5, 3, device="meta"), idx, count), ValueError, r"gather_rows: idx is on cpu but x is on meta"),
+        ("bad-backend", lambda: dk.gather_rows(x, idx, count, backend="cudnn"), ValueError, r"gather_rows: backend must be one of .* got 'cudnn'"),
+        ("cuda-backend-on-cpu", lambda: dk.compact(torch.ones(3), backend="cuda"), ValueError, r"compact: backend='cuda' needs CUDA tensors"),
+        ("scatter-y-rows", lambda: dk.scatter_add_rows(x, torch.randn(3, 4), idx, count), ValueError, r"scatter_add_rows: y must be \[capacity, 3\] like base's rows"),
+        ("scatter-y-rank", lambda: dk.scatter_add_rows(x, torch.randn(3), idx, count), ValueError, r"scatter_add_rows: y must be \[capacity, 3\]"),
+        ("scatter-y-dtype", lambda: dk.scatter_add_rows(x, torch.randn(3, 3).double(), idx, count), TypeError, r"scatter_add_rows: y must have base's dtype torch.float32"),
+        ("scatter-base-int", lambda: dk.scatter_add_rows(x.int(), x.int(), idx, count), TypeError, r"scatter_add_rows: base must be a floating tensor"),
+        ("scatter-mismatched-n", lambda: dk.scatter_add_rows(torch.randn(4, 3), x, idx, count), ValueError, r"scatter_add_rows: idx has 5 entries but base has 4 rows"),
+        ("scatter-idx-out-of-range", lambda: dk.scatter_add_rows(x, x, out_of_range, count), IndexError, r"scatter_add_rows: idx\[1\] = 5 is out of range"),
+        ("scatter-scale-length", lambda: dk.scatter_add_rows(x, x, idx, count, torch.rand(4)), ValueError, r"scatter_add_rows: scale has 4 entries but base has 5 rows"),
+        ("scatter-scale-rank", lambda: dk.scatter_add_rows(x, x, idx, count, torch.rand(5, 1)), ValueError, r"scatter_add_rows: scale must be a 1-D tensor"),
+        ("scatter-scale-int", lambda: dk.scatter_add_rows(x, x, idx, count, torch.ones(5, dtype=torch.int32)), TypeError, r"scatter_add_rows: scale must be a floating tensor"),
+        ("scatter-repeated-rows-cpu", lambda: dk.scatter_add_rows(x, x, repeated, count, backend="cpu"), RuntimeError, r"scatter_add_rows: idx repeats row 1 among its first count entries"),
+    ]
+
+
+@pytest.mark.parametrize("call,exc,match", [pytest.param(c, e, m, id=i) for i, c, e, m in _bad_inputs()])
+def test_bad_input_errors(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def _cpp_bad_inputs(device):
+    """(id, call, match): the C++ / CUDA kernels' own checks (csrc/sample_gating_common.h)."""
+    ops = torch.ops.dynkernels
+    x = torch.randn(5, 3, device=device)
+    idx = torch.arange(5, dtype=torch.int32, device=device)
+    count = torch.tensor([3], dtype=torch.int32, device=device)
+    cases = [
+        ("compact-rank", lambda: ops.compact(torch.zeros(2, 2, 2, device=device), 0.0), r"compact: gate must be \[N\] or \[B, N\]"),
+        ("gather-idx-int64", lambda: ops.gather_rows(x, idx.long(), count, 5), r"gather_rows: idx must be a 1-D int32 tensor, got Long"),
+        ("gather-count-float", lambda: ops.gather_rows(x, idx, count.float(), 5), r"gather_rows: count must be an int32 tensor with one element"),
+        ("gather-mismatched-n", lambda: ops.gather_rows(x[:4], idx, count, 5), r"gather_rows: idx has 5 entries but x has 4 rows"),
+        ("gather-capacity", lambda: ops.gather_rows(x, idx, count, -2), r"gather_rows: capacity must be >= 0, got -2"),
+        ("scatter-y-shape", lambda: ops.scatter_add_rows(x, x[:, :2], idx, count, None), r"scatter_add_rows: y must be \[capacity, \[3\]\] like base's rows"),
+        ("scatter-y-dtype", lambda: ops.scatter_add_rows(x, x.double(), idx, count, None), r"scatter_add_rows: y must have base's dtype Float"),
+        ("scatter-base-int", lambda: ops.scatter_add_rows(x.int(), x.int(), idx, count, None), r"scatter_add_rows: base must be a floating tensor"),
+        ("scatter-scale", lambda: ops.scatter_add_rows(x, x, idx, count, torch.ones(4, device=device)), r"scatter_add_rows: scale must be a 1-D floating tensor with 5 entries"),
+    ]
+    # (a device mismatch is tested in test_wrong_device_errors_on_gpu: with one CPU and one meta
+    # tensor the dispatcher picks the meta kernel, which does not check devices)
+    if device == "cpu":  # index values are checked on the CPU only (on a GPU it would cost a host sync)
+        bad = torch.tensor([0, 7, 1, 2, 3], dtype=torch.int32)
+        rep = torch.tensor([2, 2, 1, 0, 3], dtype=torch.int32)
+        cases += [
+            ("gather-idx-out-of-range", lambda: ops.gather_rows(x, bad, count, 5), r"gather_rows: idx\[1\] = 7 is out of range for 5 rows"),
+            ("scatter-repeated-rows", lambda: ops.scatter_add_rows(x, x, rep, count, None), r"scatter_add_rows: idx repeats row 2"),
+        ]
+    return cases
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_cpp_op_errors(device):
+    if device == "cuda" and not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    for name, call, match in _cpp_bad_inputs(device):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@pytest.mark.cuda
+def test_wrong_device_errors_on_gpu():
+    x = torch.randn(5, 3, device="cuda")
+    idx, count = reference.compact(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match=r"gather_rows: idx is on cpu but x is on cuda"):
+        dynkernels.gather_rows(x, idx, count)
+    with pytest.raises(ValueError, match=r"scatter_add_rows: scale is on cpu but base is on cuda"):
+        dynkernels.scatter_add_rows(x, x, idx.cuda(), count.cuda(), torch.ones(5))
+    with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors"):
+        dynkernels.compact(x[:, 0], backend="cpu")
+    if dynkernels.cuda_kernels_compiled():
+        with pytest.raises(RuntimeError, match=r"gather_rows: idx \(on cpu\) and count \(on cpu\) must be on x's device cuda"):
+            torch.ops.dynkernels.gather_rows(x, idx, count, 5)
+
+
+# ----------------------------------------------------------------------------- GPU properties
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_no_host_sync(backend):
+    if backend == "cuda" and not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    if backend == "triton" and not HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    gate = rand_gate((64,), 0.5, "cuda")
+    x = torch.randn(64, 8, 7, 7, device="cuda", dtype=torch.bfloat16)
+
+    def run():
+        idx, count = dynkernels.compact(gate, backend=backend)
+        y = dynkernels.gather_rows(x, idx, count, 48, backend=backend)
+        return dynkernels.scatter_add_rows(x, y, idx, count, gate, backend=backend)
+
+    run()  # compile / load kernels first
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_large_rows_on_gpu():
+    """Shapes of the bandwidth target (rows of 64x56x56 bf16), smaller N, on every GPU backend."""
+    x = torch.randn(12, 64, 56, 56, device="cuda", dtype=torch.bfloat16)
+    idx, count = reference.compact(rand_gate((12,), 0.5, "cuda"))
+    for backend in ("cuda", "triton"):
+        if (backend == "cuda" and not dynkernels.cuda_kernels_compiled()) or (backend == "triton" and not HAS_TRITON):
+            continue
+        y = dynkernels.gather_rows(x, idx, count, 8, backend=backend)
+        assert torch.equal(y, reference.gather_rows(x, idx, count, 8))
+        out = dynkernels.scatter_add_rows(x, y, idx, count, backend=backend)
+        assert_close(out, reference.scatter_add_rows(x, y, idx, count))
+
+
+def test_cuda_kernels_registered_when_built():
+    has_cuda = dynkernels.cuda_kernels_compiled()
+    for name in OPS:
+        registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"dynkernels::{name}", "CUDA")
+        assert registered == has_cuda, f"dynkernels::{name}: CUDA kernel registered {registered}, build says {has_cuda}"
