@@ -135,12 +135,21 @@ def _output_layout(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _empty_output(x, weight, stride, padding, dilation) -> torch.Tensor:
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
+
+
 def _channel_lists(gate: Optional[torch.Tensor], n: int, c: int, device: torch.device):
     """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. No host sync."""
     if gate is None:
         idx = torch.arange(c, device=device, dtype=torch.int32).expand(n, c).contiguous()
         return idx, torch.full((n,), c, device=device, dtype=torch.int32)
-    return reference.compact(gate, 0.0)
+    idx, count = reference.compact(gate, 0.0)
+    return idx.contiguous(), count  # the kernel reads rows at n * c
 
 
 @triton_op("dynkernels::channel_sparse_conv2d_triton", mutates_args=())
@@ -156,9 +165,8 @@ def channel_sparse_conv2d_triton(
 ) -> torch.Tensor:
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    y = torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
+    y = _empty_output(x, weight, stride, padding, dilation)
+    ho, wo = y.shape[2:]
     if y.numel() == 0:
         return y
     out_idx, out_cnt = _channel_lists(out_gate, n, cout, x.device)
@@ -189,3 +197,12 @@ def channel_sparse_conv2d_triton(
 
         wrap_triton(_autotuned_kernel)[grid](*args, **meta)
     return y
+
+
+if triton_interpret():
+    # Under the interpreter a kernel runs eagerly in Python and cannot take FakeTensors, so the
+    # fake kernel that triton_op derives by tracing the function would fail: give it directly.
+    # (On the GPU the derived one is kept, so torch.compile still traces into the kernel.)
+    @channel_sparse_conv2d_triton.register_fake
+    def _channel_sparse_conv2d_triton_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+        return _empty_output(x, weight, stride, padding, dilation)
