@@ -2,7 +2,18 @@
 
 Contract (DESIGN.md): y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c]
 where out_gate[n, c] > 0, and exactly 0 elsewhere.
+
+Kernels: torch.ops.dynkernels.channel_sparse_conv2d (C++ on CPU in csrc/cpu, CUDA in
+csrc/cuda; schema in csrc/schemas.cpp) and torch.ops.dynkernels.channel_sparse_conv2d_triton
+(dynkernels/triton/channel_sparse_conv2d.py). This file gives the compiled op its fake kernel,
+both ops their autograd, and the public function that checks arguments and picks the backend.
+No host sync on any path but the "torch" reference's (none there either) and the argument
+checks (shapes only).
+
+"auto" always runs the sparse kernel: choosing dense execution for dense gates would need the
+gate density on the host, i.e. a device sync per call, which this op does not pay.
 """
+import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
@@ -64,6 +75,76 @@ def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
     return stride, padding, dilation
 
 
+# ----------------------------------------------------------------------------- fake kernel
+def _output_shape(x, weight, stride, padding, dilation):
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return (n, cout, ho, wo)
+
+
+@torch.library.register_fake("dynkernels::channel_sparse_conv2d")
+def _channel_sparse_conv2d_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+    shape = _output_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=_checks.row_layout(x))
+
+
+# ----------------------------------------------------------------------------- autograd
+def _register_autograd(conv_op):
+    """Backward of a channel-sparse conv kernel (dense aten convolution_backward on masked tensors).
+
+    With z = conv2d(x * m_in, weight, bias) and y = [g > 0] * g * z:
+      dz = [g > 0] * g * dy;  dx, dweight, dbias = conv2d's backward at (x * m_in, dz), dx *= m_in;
+      dg = sum_hw(dy * z) where g > 0, with z recomputed sparsely by conv_op (gate = [g > 0]).
+    in_gate is a mask: it gets no gradient.
+    """
+
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, out_gate, in_gate, stride, padding, dilation = inputs
+        ctx.conv_args = (stride, padding, dilation)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight, bias, out_gate, in_gate)
+
+    def backward(ctx, grad_y):
+        x, weight, bias, out_gate, in_gate = ctx.saved_tensors
+        stride, padding, dilation = ctx.conv_args
+        need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+        active = (out_gate > 0)[:, :, None, None]
+        g = out_gate.to(grad_y.dtype)[:, :, None, None]
+        zero = torch.zeros((), dtype=grad_y.dtype, device=grad_y.device)
+        grad_x = grad_w = grad_b = grad_g = None
+        if need_x or need_w or need_b:
+            dz = torch.where(active, grad_y * g, zero)
+            in_mask = None if in_gate is None else (in_gate > 0).to(x.dtype)[:, :, None, None]
+            x_in = x if in_mask is None else x * in_mask
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                dz, x_in, weight, [weight.shape[0]] if ctx.has_bias else None,
+                stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias],
+            )
+            if grad_x is not None and in_mask is not None:
+                grad_x = grad_x * in_mask
+        if need_g:
+            z = conv_op(x, weight, bias, (out_gate > 0).to(x.dtype), in_gate, stride, padding, dilation)
+            grad_g = torch.where(active, grad_y * z, zero).sum((2, 3)).to(out_gate.dtype)
+        return grad_x, grad_w, grad_b, grad_g, None, None, None, None
+
+    torch.library.register_autograd(conv_op, backward, setup_context=setup_context)
+
+
+_register_autograd(_lib.channel_sparse_conv2d.default)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton():
+    """Import the Triton kernel on first use (Triton is optional) and give it autograd."""
+    from ..triton import channel_sparse_conv2d as triton_conv
+
+    _register_autograd(triton_conv.channel_sparse_conv2d_triton)
+    return triton_conv
+
+
+# ----------------------------------------------------------------------------- public op
 def channel_sparse_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -85,4 +166,7 @@ def channel_sparse_conv2d(
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
-    raise NotImplementedError(f"channel_sparse_conv2d: backend {b!r} is not implemented yet")
+    args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation))
+    if b == "triton":
+        return _triton().channel_sparse_conv2d_triton(*args)
+    return _lib.channel_sparse_conv2d(*args)

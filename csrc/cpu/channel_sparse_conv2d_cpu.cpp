@@ -1,0 +1,252 @@
+// CPU kernel for channel_sparse_conv2d (contract: DESIGN.md).
+//
+// Per sample n: list its active input channels (in_gate > 0, all when there is no in_gate)
+// and active output channels (out_gate > 0); im2col only the active input channels into
+// cols [kin*kh*kw, Ho*Wo]; gather the weight rows of the active output channels and the
+// columns of the active input channels into wg [kout, kin*kh*kw]; one GEMM wg @ cols; then
+// add the bias and scale by the gate while writing the active output channels. Inactive
+// output channels are written as exact zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
+// Samples run in parallel (at::parallel_for), each GEMM single-threaded inside its task.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+namespace dynkernels {
+namespace {
+
+using at::Tensor;
+
+// Output layout: channels_last when x is channels_last and not also plain contiguous
+// (the rule of dynkernels/ops/_checks.py::row_layout, which the fake kernel uses too).
+at::MemoryFormat output_layout(const Tensor& x) {
+  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
+  return at::MemoryFormat::Contiguous;
+}
+
+// Active positions (gate > 0) of each row of a [N, C] gate, as per-row index lists.
+std::vector<std::vector<int32_t>> active_lists(const Tensor& gate) {
+  const Tensor g = gate.to(at::kDouble).contiguous();  // bool and every float dtype compare alike
+  const double* gp = g.const_data_ptr<double>();
+  const int64_t N = g.size(0), C = g.size(1);
+  std::vector<std::vector<int32_t>> lists(N);
+  for (int64_t n = 0; n < N; ++n) {
+    lists[n].reserve(C);
+    for (int64_t c = 0; c < C; ++c)
+      if (gp[n * C + c] > 0.0) lists[n].push_back(static_cast<int32_t>(c));
+  }
+  return lists;
+}
+
+struct ConvGeometry {
+  int64_t H, W, kh, kw, sh, sw, ph, pw, dh, dw, Ho, Wo;
+};
+
+// Range [lo, hi) of output positions o with 0 <= o*s - p + k*d < size.
+inline void valid_range(int64_t size, int64_t out, int64_t s, int64_t p, int64_t kd, int64_t& lo, int64_t& hi) {
+  const int64_t off = kd - p;  // input position = o*s + off
+  lo = off >= 0 ? 0 : (-off + s - 1) / s;
+  hi = size - off <= 0 ? 0 : (size - off - 1) / s + 1;
+  lo = std::min(lo, out);
+  hi = std::max(lo, std::min(hi, out));
+}
+
+// cols[(i*kh + ky)*kw + kx, (oh - oh0)*Wo + ow] = x[ci[i], oh*sh - ph + ky*dh, ow*sw - pw + kx*dw]
+// (0 outside the input) for the output rows oh0 <= oh < oh1. xs: the sample's base pointer;
+// sc/sy/sx: x's channel/row/column strides (any layout).
+template <typename scalar_t>
+void im2col_active(const scalar_t* xs, int64_t sc, int64_t sy, int64_t sx, const std::vector<int32_t>& ci,
+                   const ConvGeometry& g, int64_t oh0, int64_t oh1, scalar_t* cols) {
+  const int64_t P = (oh1 - oh0) * g.Wo;
+  for (size_t i = 0; i < ci.size(); ++i) {
+    const scalar_t* xc = xs + static_cast<int64_t>(ci[i]) * sc;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      int64_t oh_lo, oh_hi;
+      valid_range(g.H, g.Ho, g.sh, g.ph, ky * g.dh, oh_lo, oh_hi);
+      oh_lo = std::clamp(oh_lo, oh0, oh1);
+      oh_hi = std::clamp(oh_hi, oh_lo, oh1);
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        int64_t ow_lo, ow_hi;
+        valid_range(g.W, g.Wo, g.sw, g.pw, kx * g.dw, ow_lo, ow_hi);
+        scalar_t* row = cols + ((static_cast<int64_t>(i) * g.kh + ky) * g.kw + kx) * P - oh0 * g.Wo;
+        std::fill(row + oh0 * g.Wo, row + oh_lo * g.Wo, scalar_t(0));
+        for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
+          scalar_t* dst = row + oh * g.Wo;
+          const scalar_t* src = xc + (oh * g.sh - g.ph + ky * g.dh) * sy + (kx * g.dw - g.pw) * sx;
+          std::fill(dst, dst + ow_lo, scalar_t(0));
+          if (g.sw * sx == 1) {
+            std::memcpy(dst + ow_lo, src + ow_lo, (ow_hi - ow_lo) * sizeof(scalar_t));
+          } else {
+            const int64_t step = g.sw * sx;
+            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = src[ow * step];
+          }
+          std::fill(dst + ow_hi, dst + g.Wo, scalar_t(0));
+        }
+        std::fill(row + oh_hi * g.Wo, row + oh1 * g.Wo, scalar_t(0));
+      }
+    }
+  }
+}
+
+// Writes exact zeros into the output channels of one sample that are not in `active`.
+template <typename scalar_t>
+void write_zero_channels(scalar_t* ys, const std::vector<int32_t>& active, int64_t Cout, const ConvGeometry& g,
+                         int64_t syc, int64_t syh, int64_t syw) {
+  size_t next = 0;  // active is increasing: walk it alongside c
+  for (int64_t c = 0; c < Cout; ++c) {
+    if (next < active.size() && active[next] == c) {
+      ++next;
+      continue;
+    }
+    scalar_t* dst = ys + c * syc;
+    if (syw == 1 && syh == g.Wo) {
+      std::fill(dst, dst + g.Ho * g.Wo, scalar_t(0));
+    } else {
+      for (int64_t oh = 0; oh < g.Ho; ++oh)
+        for (int64_t ow = 0; ow < g.Wo; ++ow) dst[oh * syh + ow * syw] = scalar_t(0);
+    }
+  }
+}
+
+template <typename scalar_t>
+void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out_gate,
+                   const std::vector<std::vector<int32_t>>& in_lists, const std::vector<std::vector<int32_t>>& out_lists,
+                   const ConvGeometry& g, Tensor& y) {
+  using opmath_t = at::opmath_type<scalar_t>;
+  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0);
+  const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo;
+  const Tensor w = weight.contiguous();
+  const Tensor gate = out_gate.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
+  const Tensor b = bias.defined() ? bias.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
+  const scalar_t* xp = x.const_data_ptr<scalar_t>();
+  const scalar_t* wp = w.const_data_ptr<scalar_t>();
+  const opmath_t* gp = gate.const_data_ptr<opmath_t>();
+  const opmath_t* bp = b.defined() ? b.const_data_ptr<opmath_t>() : nullptr;
+  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
+  const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
+  const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);
+  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  const char* budget_env = std::getenv("DKCS_COLS");
+  const int64_t cols_budget = budget_env ? std::atoll(budget_env) : (int64_t(256) << 10) / int64_t(sizeof(scalar_t));
+
+  // One GEMM per sample; a sample's GEMM is big enough to keep one core busy, so samples
+  // are the unit of parallel work (nested BLAS calls run single-threaded).
+  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+    std::vector<scalar_t> cols_buf, wg_buf, out_buf;
+    for (int64_t n = n0; n < n1; ++n) {
+      const auto& co = out_lists[n];
+      const auto& ci = in_lists[n];
+      const int64_t kout = static_cast<int64_t>(co.size()), kin = static_cast<int64_t>(ci.size());
+      write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
+      if (kout == 0) continue;
+      const int64_t K = kin * taps;
+      if (K > 0) {
+        wg_buf.resize(kout * K);
+        for (int64_t j = 0; j < kout; ++j) {
+          const scalar_t* wrow = wp + static_cast<int64_t>(co[j]) * Cin * taps;
+          scalar_t* dst = wg_buf.data() + j * K;
+          for (int64_t i = 0; i < kin; ++i)
+            std::memcpy(dst + i * taps, wrow + static_cast<int64_t>(ci[i]) * taps, taps * sizeof(scalar_t));
+        }
+      }
+      // Output rows in chunks whose im2col block stays in the core's cache while the GEMM reads it.
+      const int64_t chunk = std::clamp<int64_t>(cols_budget / std::max<int64_t>(K * g.Wo, 1), 1, g.Ho);
+      for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += chunk) {
+        const int64_t oh1 = std::min(oh0 + chunk, g.Ho), Pc = (oh1 - oh0) * g.Wo;
+        out_buf.resize(kout * Pc);
+        scalar_t* out = out_buf.data();
+        if (K == 0) {
+          std::fill(out, out + kout * Pc, scalar_t(0));
+        } else {
+          cols_buf.resize(K * Pc);
+          im2col_active(xp + n * sxn, sxc, sxh, sxw, ci, g, oh0, oh1, cols_buf.data());
+          Tensor wg_t = at::from_blob(wg_buf.data(), {kout, K}, opts);
+          Tensor cols_t = at::from_blob(cols_buf.data(), {K, Pc}, opts);
+          Tensor out_t = at::from_blob(out, {kout, Pc}, opts);
+          at::mm_out(out_t, wg_t, cols_t);
+        }
+        // Epilogue: bias and gate scale, written into the sample's active output channels.
+        for (int64_t j = 0; j < kout; ++j) {
+          const int64_t c = co[j];
+          const opmath_t s = gp[n * Cout + c];
+          const opmath_t bc = bp ? bp[c] : opmath_t(0);
+          const scalar_t* src = out + j * Pc;
+          scalar_t* dst = yp + n * syn + c * syc + oh0 * syh;
+          if (syw == 1 && syh == g.Wo) {
+            for (int64_t p = 0; p < Pc; ++p) dst[p] = static_cast<scalar_t>((static_cast<opmath_t>(src[p]) + bc) * s);
+          } else {
+            for (int64_t oh = 0; oh < oh1 - oh0; ++oh)
+              for (int64_t ow = 0; ow < g.Wo; ++ow)
+                dst[oh * syh + ow * syw] =
+                    static_cast<scalar_t>((static_cast<opmath_t>(src[oh * g.Wo + ow]) + bc) * s);
+          }
+        }
+      }
+    }
+  });
+}
+
+Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                 const Tensor& out_gate, const std::optional<Tensor>& in_gate, at::IntArrayRef stride,
+                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+  const char* op = "channel_sparse_conv2d";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be [N, Cin, H, W], got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), op, ": weight must be [Cout, ", x.size(1),
+              ", kh, kw] (groups = 1), got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type());
+  TORCH_CHECK(stride.size() == 2 && padding.size() == 2 && dilation.size() == 2, op,
+              ": stride, padding and dilation must have two entries each");
+  const int64_t N = x.size(0), Cout = weight.size(0);
+  TORCH_CHECK(out_gate.dim() == 2 && out_gate.size(0) == N && out_gate.size(1) == Cout, op,
+              ": out_gate must be [N, Cout] = [", N, ", ", Cout, "], got shape ", out_gate.sizes());
+  if (in_gate.has_value())
+    TORCH_CHECK(in_gate->dim() == 2 && in_gate->size(0) == N && in_gate->size(1) == x.size(1), op,
+                ": in_gate must be [N, Cin] = [", N, ", ", x.size(1), "], got shape ", in_gate->sizes());
+  Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout && bias->scalar_type() == x.scalar_type(), op,
+                ": bias must be [Cout] = [", Cout, "] of x's dtype, got ", bias->scalar_type(), " of shape ",
+                bias->sizes());
+    b = *bias;
+  }
+  ConvGeometry g{x.size(2), x.size(3), weight.size(2), weight.size(3), stride[0], stride[1],
+                 padding[0],  padding[1], dilation[0],   dilation[1],  0,         0};
+  TORCH_CHECK(g.sh >= 1 && g.sw >= 1 && g.ph >= 0 && g.pw >= 0 && g.dh >= 1 && g.dw >= 1, op,
+              ": stride and dilation must be >= 1 and padding >= 0");
+  g.Ho = (g.H + 2 * g.ph - g.dh * (g.kh - 1) - 1) / g.sh + 1;
+  g.Wo = (g.W + 2 * g.pw - g.dw * (g.kw - 1) - 1) / g.sw + 1;
+  TORCH_CHECK(g.Ho >= 1 && g.Wo >= 1, op, ": the kernel is larger than the padded input");
+
+  // Every element is written by the kernel: the active channels by the GEMM epilogue, the
+  // inactive ones with zeros.
+  Tensor y = at::empty({N, Cout, g.Ho, g.Wo}, x.options(), output_layout(x));
+  if (N == 0 || Cout == 0) return y;
+  const auto out_lists = active_lists(out_gate);
+  std::vector<std::vector<int32_t>> in_lists;
+  if (in_gate.has_value()) {
+    in_lists = active_lists(*in_gate);
+  } else {
+    std::vector<int32_t> all(x.size(1));
+    for (int64_t c = 0; c < x.size(1); ++c) all[c] = static_cast<int32_t>(c);
+    in_lists.assign(N, all);
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_sparse_conv2d_cpu", [&] {
+    conv_cpu_impl<scalar_t>(x, weight, b, out_gate, in_lists, out_lists, g, y);
+  });
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynkernels, CPU, m) { m.impl("channel_sparse_conv2d", &channel_sparse_conv2d_cpu); }
+
+}  // namespace dynkernels

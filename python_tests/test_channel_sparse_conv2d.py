@@ -1,0 +1,242 @@
+"""channel_sparse_conv2d on every backend against dynkernels.reference (contract: DESIGN.md)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynkernels
+from dynkernels import reference
+
+from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate
+
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation, bias, in_gate): odd shapes, N = 1,
+# kernels 1/3/5/7, stride 1/2 (also per axis), padding, dilation. Tiny: Triton runs them in
+# the interpreter here.
+CASES = [
+    (2, 5, 7, 7, 6, 3, 1, 1, 1, True, True),
+    (1, 4, 6, 8, 7, 5, 2, 2, 1, False, True),
+    (2, 3, 5, 6, 7, 1, 2, 0, 1, True, False),
+    (1, 3, 4, 8, 8, 7, 1, 3, 1, True, True),
+    (2, 4, 5, 8, 9, 3, 1, 2, 2, True, False),
+    (2, 3, 4, 7, 8, 3, (1, 2), (0, 1), (2, 1), False, True),
+]
+
+
+def case_id(c):
+    return "n{}_ci{}_co{}_{}x{}_k{}_s{}_p{}_d{}_{}_{}".format(
+        *c[:9], "bias" if c[9] else "nobias", "ingate" if c[10] else "noingate"
+    )
+
+
+def make_inputs(case, device, dtype=torch.float32, density=0.6):
+    n, cin, cout, h, w, k, stride, padding, dilation, has_bias, has_in_gate = case
+    x = torch.randn(n, cin, h, w, device=device, dtype=dtype)
+    weight = torch.randn(cout, cin, k, k, device=device, dtype=dtype) / (cin * k * k) ** 0.5
+    bias = torch.randn(cout, device=device, dtype=dtype) if has_bias else None
+    out_gate = rand_gate((n, cout), density, device)
+    in_gate = rand_gate((n, cin), density, device) if has_in_gate else None
+    return x, weight, bias, out_gate, in_gate, stride, padding, dilation
+
+
+def expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+    """The reference in float64, rounded to x's dtype (so fp16 is judged against the exact result)."""
+    d = torch.float64
+    y = reference.channel_sparse_conv2d(
+        x.to(d), weight.to(d), None if bias is None else bias.to(d), out_gate, in_gate, stride, padding, dilation
+    )
+    return y.to(x.dtype)
+
+
+def run(args, backend):
+    return dynkernels.channel_sparse_conv2d(*args, backend=backend)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_matches_reference(device, backend, case):
+    args = make_inputs(case, device)
+    y = run(args, backend)
+    assert_close(y, expected(*args))
+    out_gate = args[3]
+    inactive = (out_gate <= 0)[:, :, None, None].expand_as(y)
+    assert (y[inactive] == 0).all(), "inactive output channels must be exactly zero"
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_dtypes(device, backend):
+    for dtype in dtypes_for(device, backend):
+        args = make_inputs(CASES[0], device, dtype)
+        assert_close(run(args, backend), expected(*args), dtype)
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_float64(device, backend):
+    args = make_inputs(CASES[1], device, torch.float64)
+    assert_close(run(args, backend), expected(*args))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_gate_extremes(device, backend):
+    case = (2, 4, 5, 6, 5, 3, 1, 1, 1, True, True)
+    x, w, b, og, ig, s, p, d = make_inputs(case, device)
+    n, cout = og.shape
+    # All-zero output gate: exact zeros everywhere.
+    y = run((x, w, b, torch.zeros_like(og), ig, s, p, d), backend)
+    assert (y == 0).all()
+    # All-one gates: plain conv2d.
+    ones_out, ones_in = torch.ones_like(og), torch.ones_like(ig)
+    assert_close(run((x, w, b, ones_out, ones_in, s, p, d), backend), F.conv2d(x, w, b, s, p, d))
+    assert_close(run((x, w, b, ones_out, None, s, p, d), backend), F.conv2d(x, w, b, s, p, d))
+    # All-zero input gate: only the bias, scaled by the gate.
+    y = run((x, w, b, og, torch.zeros_like(ig), s, p, d), backend)
+    assert_close(y, (b[None, :] * og)[:, :, None, None].expand_as(y).contiguous())
+    # Bool gates are masks (scale 1).
+    args = (x, w, b, og > 0, ig > 0, s, p, d)
+    assert_close(run(args, backend), expected(*args))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_layouts(device, backend):
+    case = (2, 5, 6, 7, 6, 3, 2, 1, 1, True, True)
+    x, w, b, og, ig, s, p, d = make_inputs(case, device)
+    # channels_last input: output in channels_last too (the rule of every kernel and of the fake
+    # kernel; the reference keeps whatever layout F.conv2d gives).
+    kernel = backend != "torch"
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    y = run((x_cl, w, b, og, ig, s, p, d), backend)
+    assert_close(y, expected(x, w, b, og, ig, s, p, d))
+    assert not kernel or (y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous())
+    # Non-contiguous x, weight and gates (slices): contiguous output.
+    big = torch.randn(2, 10, 9, 13, device=device)
+    x_nc = big[:, ::2, 1:8, ::2]
+    w_nc = torch.randn(6, 5, 3, 6, device=device)[..., ::2]
+    og_nc = rand_gate((6, 2), 0.6, device).t()
+    ig_nc = rand_gate((5, 2), 0.6, device).t()
+    y = run((x_nc, w_nc, b, og_nc, ig_nc, s, p, d), backend)
+    assert_close(y, expected(x_nc, w_nc, b, og_nc, ig_nc, s, p, d))
+    assert not kernel or y.is_contiguous()
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_torch=False))
+def test_gradients_match_reference(device, backend):
+    """fp32 gradients w.r.t. x, weight, bias and out_gate equal those of the reference."""
+    x, w, b, og, ig, *rest = make_inputs(CASES[0], device)
+    grad_y = None
+    results = []
+    for fn in (lambda *a: run(a, backend), reference.channel_sparse_conv2d):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, og)]
+        y = fn(*leaves, ig, *rest)
+        grad_y = torch.randn_like(y) if grad_y is None else grad_y
+        y.backward(grad_y)
+        results.append([t.grad for t in leaves])
+    for name, got, want in zip(("x", "weight", "bias", "out_gate"), *results):
+        assert got is not None, f"no gradient for {name}"
+        assert_close(got, want, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device,backend", device_backends(include_torch=False))
+def test_gradcheck(device, backend):
+    case = (2, 2, 3, 4, 4, 3, 1, 1, 1, True, True) if backend != "triton" else (1, 2, 3, 4, 4, 3, 1, 1, 1, True, True)
+    x, w, b, og, ig, s, p, d = make_inputs(case, device, torch.float64, density=0.7)
+    # y is not differentiable in a gate at 0 (it switches the channel on): only the active
+    # gate values are gradcheck inputs; the inactive ones stay exactly 0.
+    active = og > 0
+    og_vals = og[active].double()
+
+    def fn(x, w, b, og_vals):
+        gate = torch.zeros(active.shape, dtype=og_vals.dtype, device=device).masked_scatter(active, og_vals)
+        return run((x, w, b, gate, ig, s, p, d), backend)
+
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b, og_vals))
+    # The interpreter is slow: Triton uses gradcheck's fast mode (random projections).
+    assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
+
+
+def _opcheck_args(device):
+    x, w, b, og, ig, s, p, d = make_inputs((2, 3, 4, 5, 4, 3, 2, 1, 1, True, True), device)
+    return (x.requires_grad_(True), w.requires_grad_(True), b.requires_grad_(True), og.requires_grad_(True), ig,
+            [2, 2], [1, 1], [1, 1])
+
+
+def test_opcheck_compiled_op():
+    torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, _opcheck_args("cpu"))
+    args = list(_opcheck_args("cpu"))
+    args[0] = args[0].detach().contiguous(memory_format=torch.channels_last)
+    args[4] = None
+    torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, tuple(args))
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_opcheck_triton_op(device):
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    utils = None  # every check
+    if device == "cpu":
+        # AOT dispatch traces into the triton_op's body, where the interpreter would run the
+        # kernel on functional tensors without storage; that check runs on the GPU only.
+        utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    kw = {} if utils is None else {"test_utils": utils}
+    torch.library.opcheck(_triton().channel_sparse_conv2d_triton, _opcheck_args(device), **kw)
+
+
+@pytest.mark.cuda
+def test_opcheck_cuda_kernel():
+    if not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, _opcheck_args("cuda"))
+
+
+def test_auto_picks_compiled_kernel_on_cpu(monkeypatch):
+    args = make_inputs(CASES[2], "cpu")
+    want = expected(*args)
+    calls = []
+    real = reference.channel_sparse_conv2d
+    monkeypatch.setattr(reference, "channel_sparse_conv2d", lambda *a: calls.append(1) or real(*a))
+    assert_close(dynkernels.channel_sparse_conv2d(*args), want)
+    assert not calls, "backend='auto' on CPU must run the C++ kernel, not the reference"
+
+
+# ----------------------------------------------------------------------------- bad input
+def _good():
+    x = torch.randn(2, 3, 6, 6)
+    return dict(x=x, weight=torch.randn(4, 3, 3, 3), bias=torch.randn(4), out_gate=torch.ones(2, 4),
+                in_gate=torch.ones(2, 3), stride=1, padding=1, dilation=1)
+
+
+BAD = [
+    ("x", dict(x=[1.0]), TypeError, "x must be a torch.Tensor"),
+    ("x", dict(x=torch.randn(3, 6, 6)), ValueError, r"x must be \[N, Cin, H, W\]"),
+    ("x", dict(x=torch.ones(2, 3, 6, 6, dtype=torch.int64)), TypeError, "x must be a floating tensor"),
+    ("weight", dict(weight=torch.randn(4, 3, 3)), ValueError, "weight must be"),
+    ("weight", dict(weight=torch.randn(4, 3, 3, 3).double()), TypeError, "weight must have x's dtype"),
+    ("weight", dict(weight=torch.randn(4, 2, 3, 3)), ValueError, "weight has 2 input channels but x has 3"),
+    ("bias", dict(bias=torch.randn(5)), ValueError, "bias has 5 entries"),
+    ("bias", dict(bias=torch.randn(4).double()), TypeError, "bias must have x's dtype"),
+    ("out_gate", dict(out_gate=torch.ones(2, 5)), ValueError, r"out_gate must be \[N, Cout\]"),
+    ("out_gate", dict(out_gate=torch.ones(2, 4, dtype=torch.int32)), TypeError, "out_gate must be a floating or bool"),
+    ("in_gate", dict(in_gate=torch.ones(3, 3)), ValueError, r"in_gate must be \[N, Cin\]"),
+    ("stride", dict(stride=0), ValueError, "stride must be"),
+    ("padding", dict(padding=(1, 2, 3)), ValueError, "padding must be"),
+    ("dilation", dict(dilation=-1), ValueError, "dilation must be"),
+    ("kernel", dict(weight=torch.randn(4, 3, 9, 9), padding=0), ValueError, "larger than the padded input"),
+    ("backend", dict(backend="cudnn"), ValueError, "backend must be one of"),
+    ("backend", dict(backend="cuda"), ValueError, "backend='cuda' needs CUDA tensors"),
+]
+
+
+@pytest.mark.parametrize("name,change,exc,msg", BAD, ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD)])
+def test_bad_input(name, change, exc, msg):
+    kw = _good()
+    kw.update(change)
+    backend = kw.pop("backend", "auto")
+    with pytest.raises(exc, match=msg):
+        dynkernels.channel_sparse_conv2d(**kw, backend=backend)
+
+
+def test_compiled_op_checks_shapes_itself():
+    """Called directly (bypassing the Python checks), the C++ kernel still names the bad argument."""
+    kw = _good()
+    with pytest.raises(RuntimeError, match="out_gate must be"):
+        torch.ops.dynkernels.channel_sparse_conv2d(kw["x"], kw["weight"], kw["bias"], torch.ones(3, 4), None,
+                                                  [1, 1], [1, 1], [1, 1])
