@@ -43,6 +43,8 @@ template <typename T> struct Tile {
 };
 static_assert(BM == BN, "the loaders give one row of A and one row of B to every pair of threads");
 static_assert(THREADS == 2 * BM && Tile<float>::EPT == BK / 2, "each thread loads half a row (16 elements)");
+static_assert(BK == 32 && (THREADS / 32) * Tile<float>::EPT == BM,
+              "gathered A loads: one lane per column, each warp loads EPT whole rows");
 
 // Raw bit patterns of one element: loads and stores of the operands never do arithmetic, and
 // all-zero bits are +0.0 in every supported dtype.
@@ -83,6 +85,9 @@ template <typename T> struct alignas(128) Smem {
     } ab;
     float c[BM][LDC];  // [m][p] for NCHW output, [p][m] for channels_last output (BM == BN)
   };
+  // Element offset in wt of the weight row of tile row m (channel out_list[m0 + m]), or -1 when
+  // m0 + m is past the sample's active count. Used by the gathered A loads.
+  int64_t a_row[BM];
 };
 
 // ------------------------------------------------------------------------ global -> registers
@@ -124,13 +129,18 @@ template <typename T> struct Loader {
     x_sample = static_cast<const Raw*>(P.xb) + (int64_t)n * P.H * P.W * P.Cb;
   }
 
-  // A elements (rs, j0 + kseg + e). Identity input list (in_list == nullptr): 16-byte vectors of
-  // wt, valid while j < Cw (Cw and j are multiples of VEC, so a vector is all in or all out;
-  // wt is zero for Cin <= j < Cw). Gathered list: scalar loads of wt[oc, rs, in_list[j]] for
-  // j < active count, zero past it.
-  __device__ void load_a(const Params& P, const int* in_list_n, int ca, int rs, int j0, Frag<T>& ra) const {
-    const int jb = j0 + kseg;
+  // A elements of stage (rs, j0).
+  // Identity input list (in_list == nullptr): this thread's row, columns j0 + kseg + [0, 16), as
+  // 16-byte vectors of wt, valid while j < Cw (Cw and j are multiples of VEC, so a vector is all
+  // in or all out; wt is zero for Cin <= j < Cw).
+  // Gathered list: lane l of warp w loads column j = j0 + l of rows w * 16 + i (i < 16), i.e.
+  // wt[oc, rs, in_list[j]] for j < active count and zero past it. The 32 lanes of one load read
+  // 32 ascending channels of a single weight row, one or two cache lines, where a thread-per-row
+  // mapping would touch 16 rows.
+  __device__ void load_a(const Params& P, const Smem<T>& sm, const int* in_list_n, int ca, int rs, int j0,
+                         Frag<T>& ra) const {
     if (in_list_n == nullptr) {
+      const int jb = j0 + kseg;
 #pragma unroll
       for (int v = 0; v < NV; ++v) {
         const int j = jb + v * VEC;
@@ -140,10 +150,15 @@ template <typename T> struct Loader {
           ra.v[v] = make_uint4(0u, 0u, 0u, 0u);
       }
     } else {
+      const Raw* wt = static_cast<const Raw*>(P.wt);
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+      const int j = j0 + lane;
+      const bool j_valid = j < ca;
+      const int64_t col = (int64_t)rs * P.Cw + (j_valid ? __ldg(in_list_n + j) : 0);
 #pragma unroll
-      for (int e = 0; e < EPT; ++e) {
-        const int j = jb + e;
-        ra.e[e] = (w_row != nullptr && j < ca) ? __ldg(w_row + (int64_t)rs * P.Cw + __ldg(in_list_n + j)) : Raw(0);
+      for (int i = 0; i < EPT; ++i) {
+        const int64_t row = sm.a_row[warp * EPT + i];
+        ra.e[i] = (j_valid && row >= 0) ? __ldg(wt + row + col) : Raw(0);
       }
     }
   }
@@ -166,13 +181,19 @@ template <typename T> struct Loader {
     }
   }
 
-  __device__ void store(Smem<T>& sm, int buf, const Frag<T>& ra, const Frag<T>& rb) const {
+  // Registers -> shared stage buf, A in the mapping load_a used (gathered: rows w * 16 + i, column l).
+  __device__ void store(Smem<T>& sm, int buf, bool gathered, const Frag<T>& ra, const Frag<T>& rb) const {
     const int row = threadIdx.x >> 1;
+    if (gathered) {
+      const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
-    for (int v = 0; v < NV; ++v) {
-      *reinterpret_cast<uint4*>(&sm.ab.a[buf][row][kseg + v * VEC]) = ra.v[v];
-      *reinterpret_cast<uint4*>(&sm.ab.b[buf][row][kseg + v * VEC]) = rb.v[v];
+      for (int i = 0; i < EPT; ++i) sm.ab.a[buf][warp * EPT + i][lane] = ra.e[i];
+    } else {
+#pragma unroll
+      for (int v = 0; v < NV; ++v) *reinterpret_cast<uint4*>(&sm.ab.a[buf][row][kseg + v * VEC]) = ra.v[v];
     }
+#pragma unroll
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<uint4*>(&sm.ab.b[buf][row][kseg + v * VEC]) = rb.v[v];
   }
 };
 
@@ -302,29 +323,36 @@ __global__ void __launch_bounds__(THREADS) channel_sparse_conv2d_gemm_kernel(con
     const int chunks = (ca + BK - 1) / BK;
     const int tiles = P.KH * P.KW * chunks;  // K tiles; 0 when no input channel is active
 
+    const bool gathered = in_list_n != nullptr;
     Loader<T> ld;
     ld.init(P, n, m0, p0, count);
     Frag<T> ra, rb;
+    if (threadIdx.x < BM) {
+      const int m = m0 + threadIdx.x;
+      sm.a_row[threadIdx.x] =
+          m < count ? (int64_t)P.out_list[(int64_t)n * P.Cout + m] * P.KH * P.KW * P.Cw : int64_t(-1);
+    }
+    __syncthreads();  // a_row is read by other threads' gathered A loads
 
     // Register double buffering: the global loads of tile t + 1 are in flight while the
     // tensor cores work on tile t from shared memory. One __syncthreads per tile suffices:
     // buffer (t + 1) & 1 was last read in iteration t - 1, which every thread has finished
     // when it passes the barrier at the end of iteration t - 1.
     if (tiles > 0) {
-      ld.load_a(P, in_list_n, ca, 0, 0, ra);
+      ld.load_a(P, sm, in_list_n, ca, 0, 0, ra);
       ld.load_b(P, 0, 0, rb);
-      ld.store(sm, 0, ra, rb);
+      ld.store(sm, 0, gathered, ra, rb);
       __syncthreads();
     }
     for (int t = 0; t < tiles; ++t) {
       const bool more = t + 1 < tiles;
       if (more) {
         const int rs = (t + 1) / chunks, j0 = ((t + 1) - rs * chunks) * BK;
-        ld.load_a(P, in_list_n, ca, rs, j0, ra);
+        ld.load_a(P, sm, in_list_n, ca, rs, j0, ra);
         ld.load_b(P, rs, j0, rb);
       }
       comp.step(sm, t & 1);
-      if (more) ld.store(sm, (t + 1) & 1, ra, rb);
+      if (more) ld.store(sm, (t + 1) & 1, gathered, ra, rb);
       __syncthreads();  // also orders the last step's reads before the staging writes below
     }
     comp.stage(sm, pixel_major);
