@@ -4,9 +4,9 @@
 //   y[n, c] = 0 exactly                                                       elsewhere.
 //
 // Steps, all on the current stream, with no host synchronisation:
-//  1. compact_channels_kernel: per sample, the compacted list of active output channels
-//     (out_gate > 0, ascending, followed by the inactive ones) and its count; likewise for the
-//     input channels when in_gate is given.
+//  1. compact_channels_kernel (one launch): per sample, the compacted list of active output
+//     channels (out_gate > 0, ascending, followed by the inactive ones) and its count; likewise
+//     for the input channels when in_gate is given.
 //  2. The input as NHWC with a channel stride Cb that is a multiple of 8, so that channel
 //     vectors are 16-byte loads. x itself when it already is (channels_last, Cin % 8 == 0,
 //     aligned, no in_gate); otherwise gather_nhwc_kernel writes a buffer holding, per sample,
@@ -47,22 +47,33 @@ constexpr const char* kOp = "channel_sparse_conv2d";
 constexpr int kChannelAlign = 8;  // Cb and Cw are multiples of 8: one 16-byte vector of 16-bit types
 
 // ------------------------------------------------------------------------------ prologues
-// One warp per sample (blockIdx.x): a stable partition of gate[n, :] into the active channels
-// (gate > 0) in increasing order, then the inactive ones in increasing order, like
-// dynkernels.compact. NaN gates are inactive (NaN > 0 is false), as in the reference.
-__global__ void compact_channels_kernel(const float* __restrict__ gate, int C, int* __restrict__ list,
-                                        int* __restrict__ count) {
+// One warp per (sample, gate): blockIdx.x is the sample, blockIdx.y selects the output gate (0) or
+// the input gate (1; nothing to do without one). A stable partition of gate[n, :] into the
+// active channels (gate > 0) in increasing order, then the inactive ones in increasing order,
+// like dynkernels.compact. NaN gates are inactive (NaN > 0 is false), as in the reference.
+struct GateLists {
+  bool present;       // false: no such gate (no input gate given)
+  const float* gate;  // [N, C] float32 (may be nullptr when C == 0)
+  int C;
+  int* list;   // [N, C]
+  int* count;  // [N]
+};
+
+__global__ void compact_channels_kernel(GateLists out, GateLists in) {
+  const GateLists L = blockIdx.y == 0 ? out : in;
+  if (!L.present) return;  // block-uniform
   const int n = blockIdx.x;
   const int lane = threadIdx.x;
-  const float* g = gate + (int64_t)n * C;
-  int* out = list + (int64_t)n * C;
+  const int C = L.C;
+  const float* g = L.gate + (int64_t)n * C;
+  int* list = L.list + (int64_t)n * C;
   const unsigned below = (1u << lane) - 1u;  // lanes before this one
   int active = 0;
   for (int c0 = 0; c0 < C; c0 += 32) {
     const int c = c0 + lane;
     const bool on = c < C && g[c] > 0.0f;
     const unsigned mask = __ballot_sync(0xffffffffu, on);
-    if (on) out[active + __popc(mask & below)] = c;
+    if (on) list[active + __popc(mask & below)] = c;
     active += __popc(mask);
   }
   int next = active;  // inactive channels follow the active ones
@@ -70,10 +81,10 @@ __global__ void compact_channels_kernel(const float* __restrict__ gate, int C, i
     const int c = c0 + lane;
     const bool off = c < C && !(g[c] > 0.0f);
     const unsigned mask = __ballot_sync(0xffffffffu, off);
-    if (off) out[next + __popc(mask & below)] = c;
+    if (off) list[next + __popc(mask & below)] = c;
     next += __popc(mask);
   }
-  if (lane == 0) count[n] = active;
+  if (lane == 0) L.count[n] = active;
 }
 
 // xb[n, h, w, j] = x[n, list[j], h, w] for j < count[n], 0 for count[n] <= j < Cb, where list is
@@ -200,22 +211,24 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
   Tensor y = at::empty({N, Cout, Ho, Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
 
-  // ---- 1. channel lists
+  // ---- 1. channel lists (one launch for both gates)
   const auto int_opts = x.options().dtype(at::kInt);
   const Tensor og = out_gate.to(at::kFloat).contiguous();
-  Tensor out_list = at::empty({N, Cout}, int_opts), out_count = at::empty({N}, int_opts);
-  compact_channels_kernel<<<N, 32, 0, stream>>>(og.const_data_ptr<float>(), Cout, out_list.mutable_data_ptr<int>(),
-                                                out_count.mutable_data_ptr<int>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-  Tensor in_list, in_count;
+  const Tensor out_list = at::empty({N, Cout}, int_opts), out_count = at::empty({N}, int_opts);
+  Tensor ig, in_list, in_count;
   if (in_gate.has_value()) {
-    const Tensor ig = in_gate->to(at::kFloat).contiguous();
+    ig = in_gate->to(at::kFloat).contiguous();
     in_list = at::empty({N, Cin}, int_opts);
     in_count = at::empty({N}, int_opts);
-    compact_channels_kernel<<<N, 32, 0, stream>>>(ig.const_data_ptr<float>(), Cin, in_list.mutable_data_ptr<int>(),
-                                                  in_count.mutable_data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
+  const GateLists out_lists{true, og.const_data_ptr<float>(), static_cast<int>(Cout), out_list.mutable_data_ptr<int>(),
+                            out_count.mutable_data_ptr<int>()};
+  const GateLists in_lists = in_gate.has_value()
+                                 ? GateLists{true, ig.const_data_ptr<float>(), static_cast<int>(Cin),
+                                             in_list.mutable_data_ptr<int>(), in_count.mutable_data_ptr<int>()}
+                                 : GateLists{false, nullptr, 0, nullptr, nullptr};
+  compact_channels_kernel<<<dim3(N, 2), 32, 0, stream>>>(out_lists, in_lists);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int* in_list_p = in_gate.has_value() ? in_list.const_data_ptr<int>() : nullptr;
   const int* in_count_p = in_gate.has_value() ? in_count.const_data_ptr<int>() : nullptr;
 
