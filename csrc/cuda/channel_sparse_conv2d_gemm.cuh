@@ -198,58 +198,58 @@ template <typename T> struct Loader {
 };
 
 // -------------------------------------------------------------------------------- compute
-// Tensor cores (fp16 / bf16 inputs, fp32 accumulation): warp w owns rows (w / 2) * 32 and
-// columns (w % 2) * 32 of the block tile, as 2 x 2 WMMA 16x16x16 fragments.
+// step(sm, buf, rows, ks): rows = active rows left in the tile (count - m0, >= 1, may exceed BM),
+// ks = active input channels left in the stage (ca - j0, >= 1, may exceed BK). Rows >= rows and
+// columns k >= ks of a stage are zero (see Loader), so skipping them changes no result: their
+// accumulators stay 0 and are never written out (the epilogue writes zeros for rows >= count).
+// This brings the padding waste of a partly active tile down to 16 rows and 16 channels.
+
+// Tensor cores (fp16 / bf16 inputs, fp32 accumulation): warp w owns the 64 x 16 strip of columns
+// w * 16 as four WMMA 16x16x16 fragments stacked over the rows. Splitting the warps over the
+// columns rather than the rows keeps them equally busy when the tail rows are skipped.
 template <typename T> struct MmaCompute {
   using E = typename MmaType<T>::type;
   static constexpr int LDK = Tile<T>::LDK;
-  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[2][2];
+  static constexpr int FRAGS = BM / 16;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> acc[FRAGS];
 
   __device__ void zero() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) nvcuda::wmma::fill_fragment(acc[i][j], 0.0f);
+    for (int i = 0; i < FRAGS; ++i) nvcuda::wmma::fill_fragment(acc[i], 0.0f);
   }
 
-  __device__ void step(const Smem<T>& sm, int buf) {
+  __device__ void step(const Smem<T>& sm, int buf, int rows, int ks) {
     using namespace nvcuda;
-    const int warp = threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int wn = (threadIdx.x >> 5) * 16;
 #pragma unroll
     for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> fb[2];
+      if (kk >= ks) break;  // block-uniform
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, E, wmma::col_major> fb;
+      wmma::load_matrix_sync(fb, reinterpret_cast<const E*>(&sm.ab.b[buf][wn][kk]), LDK);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
-        wmma::load_matrix_sync(fa[i], reinterpret_cast<const E*>(&sm.ab.a[buf][wm + i * 16][kk]), LDK);
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::load_matrix_sync(fb[j], reinterpret_cast<const E*>(&sm.ab.b[buf][wn + j * 16][kk]), LDK);
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], fa[i], fb[j], acc[i][j]);
+      for (int i = 0; i < FRAGS; ++i) {
+        if (i * 16 >= rows) break;  // block-uniform
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, E, wmma::row_major> fa;
+        wmma::load_matrix_sync(fa, reinterpret_cast<const E*>(&sm.ab.a[buf][i * 16][kk]), LDK);
+        wmma::mma_sync(acc[i], fa, fb, acc[i]);
+      }
     }
   }
 
   // Staging tile element (m, p) at c[m][p] (NCHW output) or c[p][m] (channels_last output).
   __device__ void stage(Smem<T>& sm, bool pixel_major) const {
     using namespace nvcuda;
-    const int warp = threadIdx.x >> 5;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int wn = (threadIdx.x >> 5) * 16;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        const int m = wm + i * 16, p = wn + j * 16;
-        if (pixel_major)
-          wmma::store_matrix_sync(&sm.c[p][m], acc[i][j], LDC, wmma::mem_col_major);
-        else
-          wmma::store_matrix_sync(&sm.c[m][p], acc[i][j], LDC, wmma::mem_row_major);
-      }
+    for (int i = 0; i < FRAGS; ++i) {
+      if (pixel_major)
+        wmma::store_matrix_sync(&sm.c[wn][i * 16], acc[i], LDC, wmma::mem_col_major);
+      else
+        wmma::store_matrix_sync(&sm.c[i * 16][wn], acc[i], LDC, wmma::mem_row_major);
+    }
   }
 };
+static_assert(BN == (THREADS / 32) * 16, "tensor-core path: one 16-column strip per warp");
 
 // fp32 inputs: exact fp32 FMAs on the CUDA cores (TF32 tensor cores would lose the 1e-5
 // relative accuracy that fp32 callers expect). Thread (ty, tx) = (t / 16, t % 16) owns rows
@@ -264,10 +264,12 @@ struct FmaCompute {
       for (int q = 0; q < 4; ++q) acc[i][q] = 0.0f;
   }
 
-  __device__ void step(const Smem<float>& sm, int buf) {
+  __device__ void step(const Smem<float>& sm, int buf, int rows, int ks) {
+    (void)rows;  // all threads share every row group here: no warp-uniform saving
     const int ty = threadIdx.x >> 4, tx = threadIdx.x & 15;
+    const int kmax = ks < BK ? ks : BK;
 #pragma unroll 4
-    for (int kk = 0; kk < BK; ++kk) {
+    for (int kk = 0; kk < kmax; ++kk) {
       float a[8], b[4];
 #pragma unroll
       for (int i = 0; i < 8; ++i) a[i] = __uint_as_float(sm.ab.a[buf][ty * 8 + i][kk]);
@@ -351,7 +353,7 @@ __global__ void __launch_bounds__(THREADS) channel_sparse_conv2d_gemm_kernel(con
         ld.load_a(P, sm, in_list_n, ca, rs, j0, ra);
         ld.load_b(P, rs, j0, rb);
       }
-      comp.step(sm, t & 1);
+      comp.step(sm, t & 1, count - m0, ca - (t - (t / chunks) * chunks) * BK);
       if (more) ld.store(sm, (t + 1) & 1, gathered, ra, rb);
       __syncthreads();  // also orders the last step's reads before the staging writes below
     }
