@@ -1,0 +1,292 @@
+// CUDA kernel of dynkernels::channel_sparse_conv2d (contract: DESIGN.md; semantics:
+// dynkernels/reference.py::channel_sparse_conv2d):
+//   y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c]  where out_gate[n, c] > 0,
+//   y[n, c] = 0 exactly                                                       elsewhere.
+//
+// Steps, all on the current stream, with no host synchronisation:
+//  1. compact_channels_kernel (one launch): per sample, the compacted list of active output
+//     channels (out_gate > 0, ascending, followed by the inactive ones) and its count; likewise
+//     for the input channels when in_gate is given.
+//  2. The input as NHWC with a channel stride Cb that is a multiple of 8, so that channel
+//     vectors are 16-byte loads. x itself when it already is (channels_last, Cin % 8 == 0,
+//     aligned, no in_gate); otherwise gather_nhwc_kernel writes a buffer holding, per sample,
+//     only the active input channels (compacted to j < count, zeros up to Cb).
+//  3. The weight as [Cout, KH, KW, Cw], Cw = Cin rounded up to 8 (zero padded).
+//  4. channel_sparse_conv2d_gemm_kernel (channel_sparse_conv2d_gemm.cuh): the implicit GEMM over
+//     active output channels x output pixels x (kernel window x active input channels), with
+//     tensor cores for fp16/bf16 (fp32 accumulation) and fp32 FMAs for fp32; the epilogue adds
+//     the bias, scales by the gate and writes exact zeros to the inactive channels.
+//
+// Includes: the stream comes from c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h,
+// which pulls in the cuBLAS/cuSPARSE headers that a bare CUDA toolkit may not have.
+//
+// Output layout: channels_last when x is channels_last and not also plain contiguous (the rule
+// of dynkernels/ops/_checks.py::row_layout), else contiguous NCHW.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <utility>
+
+#include "channel_sparse_conv2d_gemm.cuh"
+
+namespace dynkernels {
+namespace {
+
+using at::Tensor;
+using namespace conv_cuda;
+
+constexpr const char* kOp = "channel_sparse_conv2d";
+constexpr int kChannelAlign = 8;  // Cb and Cw are multiples of 8: one 16-byte vector of 16-bit types
+
+// ------------------------------------------------------------------------------ prologues
+// One warp per (sample, gate): blockIdx.x is the sample, blockIdx.y selects the output gate (0) or
+// the input gate (1; nothing to do without one). A stable partition of gate[n, :] into the
+// active channels (gate > 0) in increasing order, then the inactive ones in increasing order,
+// like dynkernels.compact. NaN gates are inactive (NaN > 0 is false), as in the reference.
+struct GateLists {
+  bool present;       // false: no such gate (no input gate given)
+  const float* gate;  // [N, C] float32 (may be nullptr when C == 0)
+  int C;
+  int* list;   // [N, C]
+  int* count;  // [N]
+};
+
+__global__ void compact_channels_kernel(GateLists out, GateLists in) {
+  const GateLists L = blockIdx.y == 0 ? out : in;
+  if (!L.present) return;  // block-uniform
+  const int n = blockIdx.x;
+  const int lane = threadIdx.x;
+  const int C = L.C;
+  const float* g = L.gate + (int64_t)n * C;
+  int* list = L.list + (int64_t)n * C;
+  const unsigned below = (1u << lane) - 1u;  // lanes before this one
+  int active = 0;
+  for (int c0 = 0; c0 < C; c0 += 32) {
+    const int c = c0 + lane;
+    const bool on = c < C && g[c] > 0.0f;
+    const unsigned mask = __ballot_sync(0xffffffffu, on);
+    if (on) list[active + __popc(mask & below)] = c;
+    active += __popc(mask);
+  }
+  int next = active;  // inactive channels follow the active ones
+  for (int c0 = 0; c0 < C; c0 += 32) {
+    const int c = c0 + lane;
+    const bool off = c < C && !(g[c] > 0.0f);
+    const unsigned mask = __ballot_sync(0xffffffffu, off);
+    if (off) list[next + __popc(mask & below)] = c;
+    next += __popc(mask);
+  }
+  if (lane == 0) L.count[n] = active;
+}
+
+// xb[n, h, w, j] = x[n, list[j], h, w] for j < count[n], 0 for count[n] <= j < Cb, where list is
+// the sample's active input channels (or j itself, count = Cin, without an input gate). x has any
+// strides. A 32 (channels) x 32 (pixels) tile goes through shared memory so that both the reads
+// (pixels fastest, as in NCHW) and the writes (channels fastest) are coalesced.
+// grid: (ceil(H*W / 32), ceil(Cb / 32), N); block: (32, 8).
+template <typename Raw>
+__global__ void gather_nhwc_kernel(const Raw* __restrict__ x, int64_t sn, int64_t sc, int64_t sh, int64_t sw,
+                                   int Cin, int H, int W, int Cb, const int* __restrict__ in_list,
+                                   const int* __restrict__ in_count, Raw* __restrict__ xb) {
+  __shared__ Raw tile[32][33];
+  const int n = blockIdx.z;
+  const int HW = H * W;
+  const int hw0 = blockIdx.x * 32, j0 = blockIdx.y * 32;
+  const int ca = in_count ? in_count[n] : Cin;
+  {
+    const int hw = hw0 + threadIdx.x;
+    const int h = hw / W, w = hw - (hw / W) * W;
+    for (int jy = threadIdx.y; jy < 32; jy += 8) {
+      const int j = j0 + jy;
+      Raw v = Raw(0);
+      if (hw < HW && j < ca) {
+        const int c = in_list ? in_list[(int64_t)n * Cin + j] : j;
+        v = x[n * sn + c * sc + h * sh + w * sw];
+      }
+      tile[jy][threadIdx.x] = v;
+    }
+  }
+  __syncthreads();
+  const int j = j0 + threadIdx.x;
+  for (int py = threadIdx.y; py < 32; py += 8) {
+    const int hw = hw0 + py;
+    if (hw < HW && j < Cb) xb[((int64_t)n * HW + hw) * Cb + j] = tile[threadIdx.x][py];
+  }
+}
+
+// ------------------------------------------------------------------------------ host side
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0; }
+
+void check_gate(const char* name, const Tensor& gate, const Tensor& x, int64_t N, int64_t C, const char* shape) {
+  TORCH_CHECK(gate.dim() == 2 && gate.size(0) == N && gate.size(1) == C, kOp, ": ", name, " must be ", shape,
+              " = [", N, ", ", C, "], got shape ", gate.sizes());
+  TORCH_CHECK(at::isFloatingType(gate.scalar_type()) || gate.scalar_type() == at::kBool, kOp, ": ", name,
+              " must be a floating or bool tensor, got ", gate.scalar_type());
+  TORCH_CHECK(gate.device() == x.device(), kOp, ": ", name, " is on ", gate.device(), " but x is on ", x.device(),
+              "; they must be on one device");
+}
+
+std::pair<int64_t, int64_t> pair_arg(const char* name, at::IntArrayRef v, int64_t minimum) {
+  TORCH_CHECK(v.size() == 2, kOp, ": ", name, " must have 2 entries, got ", v);
+  TORCH_CHECK(v[0] >= minimum && v[1] >= minimum, kOp, ": ", name, " must be >= ", minimum, ", got ", v);
+  return {v[0], v[1]};
+}
+
+template <typename T>
+void launch_gemm(const Params& P, cudaStream_t stream) {
+  const dim3 grid((P.Ho * P.Wo + BN - 1) / BN, (P.Cout + BM - 1) / BM, P.N);
+  channel_sparse_conv2d_gemm_kernel<T><<<grid, THREADS, 0, stream>>>(P);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <typename Raw>
+void launch_gather(const Tensor& x, int Cb, const int* in_list, const int* in_count, Tensor& xb,
+                   cudaStream_t stream) {
+  const int N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const dim3 grid((H * W + 31) / 32, (Cb + 31) / 32, N);
+  gather_nhwc_kernel<Raw><<<grid, dim3(32, 8), 0, stream>>>(
+      static_cast<const Raw*>(x.const_data_ptr()), x.stride(0), x.stride(1), x.stride(2), x.stride(3), Cin, H, W, Cb,
+      in_list, in_count, static_cast<Raw*>(xb.mutable_data_ptr()));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
+                                  const Tensor& out_gate, const std::optional<Tensor>& in_gate,
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+  // ---- arguments
+  TORCH_CHECK(x.dim() == 4, kOp, ": x must be [N, Cin, H, W], got shape ", x.sizes());
+  TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel needs x on a CUDA device, got ", x.device());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, kOp,
+              ": the CUDA kernel supports x of dtype float32, float16 or bfloat16, got ", dtype,
+              (dtype == at::kDouble ? " (use backend='torch' for float64)" : ""));
+  TORCH_CHECK(weight.dim() == 4, kOp, ": weight must be [Cout, Cin, kh, kw], got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dtype, kOp, ": weight must have x's dtype ", dtype, ", got ",
+              weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), kOp, ": weight is on ", weight.device(), " but x is on ", x.device(),
+              "; they must be on one device");
+  const int64_t N = x.size(0), Cin = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t Cout = weight.size(0), KH = weight.size(2), KW = weight.size(3);
+  TORCH_CHECK(weight.size(1) == Cin, kOp, ": weight has ", weight.size(1), " input channels but x has ", Cin,
+              " (groups > 1 is not supported)");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == Cout, kOp, ": bias must be [Cout] = [", Cout,
+                "], got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dtype, kOp, ": bias must have x's dtype ", dtype, ", got ",
+                bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(), kOp, ": bias is on ", bias->device(), " but x is on ", x.device(),
+                "; they must be on one device");
+  }
+  check_gate("out_gate", out_gate, x, N, Cout, "[N, Cout]");
+  if (in_gate.has_value()) check_gate("in_gate", *in_gate, x, N, Cin, "[N, Cin]");
+  const auto [sh, sw] = pair_arg("stride", stride, 1);
+  const auto [ph, pw] = pair_arg("padding", padding, 0);
+  const auto [dh, dw] = pair_arg("dilation", dilation, 1);
+  const int64_t extent_h = H + 2 * ph - dh * (KH - 1), extent_w = W + 2 * pw - dw * (KW - 1);
+  TORCH_CHECK(extent_h >= 1 && extent_w >= 1, kOp, ": the kernel (", KH, "x", KW, ", dilation ", dilation,
+              ") is larger than the padded input (", H, "x", W, ", padding ", padding, ")");
+  const int64_t Ho = (extent_h - 1) / sh + 1, Wo = (extent_w - 1) / sw + 1;
+  const int64_t Cpad = round_up(Cin, kChannelAlign);
+  constexpr int64_t kIntMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(N <= 65535, kOp, ": the CUDA kernel supports at most 65535 samples, got ", N);
+  TORCH_CHECK(Cout <= kIntMax && Cpad <= kIntMax && H * W <= kIntMax && Ho * Wo <= kIntMax &&
+                  KH * KW <= kIntMax && H + 2 * ph <= kIntMax && W + 2 * pw <= kIntMax,
+              kOp, ": sizes past 2^31 - 1 are not supported");
+
+  const c10::cuda::CUDAGuard guard(x.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto fmt = (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
+                       ? at::MemoryFormat::ChannelsLast
+                       : at::MemoryFormat::Contiguous;
+  Tensor y = at::empty({N, Cout, Ho, Wo}, x.options().memory_format(fmt));
+  if (y.numel() == 0) return y;
+
+  // ---- 1. channel lists (one launch for both gates)
+  const auto int_opts = x.options().dtype(at::kInt);
+  const Tensor og = out_gate.to(at::kFloat).contiguous();
+  const Tensor out_list = at::empty({N, Cout}, int_opts), out_count = at::empty({N}, int_opts);
+  Tensor ig, in_list, in_count;
+  if (in_gate.has_value()) {
+    ig = in_gate->to(at::kFloat).contiguous();
+    in_list = at::empty({N, Cin}, int_opts);
+    in_count = at::empty({N}, int_opts);
+  }
+  const GateLists out_lists{true, og.const_data_ptr<float>(), static_cast<int>(Cout), out_list.mutable_data_ptr<int>(),
+                            out_count.mutable_data_ptr<int>()};
+  const GateLists in_lists = in_gate.has_value()
+                                 ? GateLists{true, ig.const_data_ptr<float>(), static_cast<int>(Cin),
+                                             in_list.mutable_data_ptr<int>(), in_count.mutable_data_ptr<int>()}
+                                 : GateLists{false, nullptr, 0, nullptr, nullptr};
+  compact_channels_kernel<<<dim3(N, 2), 32, 0, stream>>>(out_lists, in_lists);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const int* in_list_p = in_gate.has_value() ? in_list.const_data_ptr<int>() : nullptr;
+  const int* in_count_p = in_gate.has_value() ? in_count.const_data_ptr<int>() : nullptr;
+
+  // ---- 2. NHWC input with 16-byte channel vectors
+  Tensor xb;
+  const bool direct = !in_gate.has_value() && x.is_contiguous(at::MemoryFormat::ChannelsLast) &&
+                      Cin % kChannelAlign == 0 && aligned16(x);
+  if (direct) {
+    xb = x;
+  } else {
+    xb = at::empty({N, H, W, Cpad}, x.options());
+    if (xb.numel() > 0) {
+      if (dtype == at::kFloat)
+        launch_gather<uint32_t>(x, Cpad, in_list_p, in_count_p, xb, stream);
+      else
+        launch_gather<uint16_t>(x, Cpad, in_list_p, in_count_p, xb, stream);
+    }
+  }
+  const int64_t Cb = direct ? Cin : Cpad;
+
+  // ---- 3. weight as [Cout, KH, KW, Cw]
+  const Tensor w_khwc = weight.permute({0, 2, 3, 1});
+  Tensor wt;
+  if (Cpad == Cin) {
+    wt = w_khwc.contiguous();
+    if (!aligned16(wt)) wt = wt.clone();
+  } else {
+    wt = at::zeros({Cout, KH, KW, Cpad}, weight.options());
+    wt.narrow(3, 0, Cin).copy_(w_khwc);
+  }
+
+  // ---- 4. implicit GEMM
+  Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  Params P{};
+  P.xb = xb.const_data_ptr();
+  P.wt = wt.const_data_ptr();
+  P.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  P.out_gate = og.const_data_ptr<float>();
+  P.out_list = out_list.const_data_ptr<int>();
+  P.out_count = out_count.const_data_ptr<int>();
+  P.in_list = in_list_p;
+  P.in_count = in_count_p;
+  P.y = y.mutable_data_ptr();
+  P.N = N; P.Cin = Cin; P.H = H; P.W = W; P.Cb = Cb; P.Cout = Cout; P.KH = KH; P.KW = KW; P.Cw = Cpad;
+  P.Ho = Ho; P.Wo = Wo;
+  P.stride_h = sh; P.stride_w = sw; P.pad_h = ph; P.pad_w = pw; P.dil_h = dh; P.dil_w = dw;
+  P.y_sn = y.stride(0); P.y_sc = y.stride(1); P.y_sp = y.stride(3);
+  P.y_channels_last = fmt == at::MemoryFormat::ChannelsLast;
+  switch (dtype) {
+    case at::kFloat: launch_gemm<float>(P, stream); break;
+    case at::kHalf: launch_gemm<c10::Half>(P, stream); break;
+    default: launch_gemm<c10::BFloat16>(P, stream); break;
+  }
+  return y;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(dynkernels, CUDA, m) { m.impl("channel_sparse_conv2d", &channel_sparse_conv2d_cuda); }
+
+}  // namespace dynkernels
