@@ -201,7 +201,6 @@ class SkipBlock(nn.Module):
         self.execution = check_execution("SkipBlock", execution)
         self.backend = _check_backend("SkipBlock", backend)
         self.capacity = None if capacity is None else _checks.capacity("SkipBlock", capacity)
-        self._has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in block.modules())
 
     def extra_repr(self) -> str:
         return f"scaled={self.scaled}, execution={self.execution!r}, backend={self.backend!r}, capacity={self.capacity}"
@@ -210,6 +209,9 @@ class SkipBlock(nn.Module):
         if self.shortcut is not None:
             return self.shortcut(x)
         return self.block.downsample(x) if self._use_block_downsample else x
+
+    def _batchnorm_training(self) -> bool:
+        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.block.modules())
 
     def _shortcut_name(self) -> str:
         if self.shortcut is not None:
@@ -241,7 +243,7 @@ class SkipBlock(nn.Module):
             plan = self.plan(gate)
         elif not isinstance(plan, RowPlan) or plan.keep.shape != gate.shape:
             raise ValueError(f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples)")
-        if not plan.exact and self.training and self._has_batchnorm:
+        if not plan.exact and self._batchnorm_training():
             raise RuntimeError(
                 "SkipBlock: a fixed capacity pads the compact batch with zero rows, which would enter the "
                 "batch statistics of the block's BatchNorm in training mode; use eval() or capacity=None"
@@ -280,7 +282,9 @@ class SkipBlock(nn.Module):
 
 class SkipSequential(nn.Module):
     """A chain of SkipBlocks driven by one policy [N, B] (column b gates block b), planned
-    with one `compact` call and (capacity=None) one host sync per forward for all blocks."""
+    with one `compact` call and (capacity=None) one host sync per forward for all blocks.
+    `capacity` is the plan's (see SkipPlan); the blocks' own capacity applies only when a
+    block is called alone and compacts its own gate."""
 
     def __init__(self, blocks: Iterable[SkipBlock], capacity: Optional[int] = None):
         super().__init__()
