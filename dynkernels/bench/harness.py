@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from . import accounting
+from . import accounting, results
 from .progress import Progress
 from .timing import TimingSettings, measure
 
@@ -107,7 +107,8 @@ class Runner:
         self._shared: Dict[tuple, object] = {}  # shared_key -> Timing
 
     def _row(self, case: Case, **kw) -> Dict[str, object]:
-        row = dict(self.env)
+        row = dict.fromkeys(results.FIELDS)  # every field present, filled in as the variant runs
+        row.update(self.env)
         row.update(
             run_id=self.run_id, family=case.family, op=case.op, config=case.config, shape=case.shape,
             batch=case.batch, dtype=case.dtype, memory_format=case.memory_format, mode=case.mode,

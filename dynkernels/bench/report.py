@@ -17,6 +17,22 @@ FAMILY_TITLES = {
     "skip_blocks": "Sample-sparse residual blocks (SkipBlock)",
     "models": "End-to-end models",
 }
+FAMILY_NOTES = {
+    "sample_gating": "Memory-bound, so the ideal comes from bytes moved. `gather_rows` writes all N rows (zeros past "
+    "count: the count stays on the device, so the capacity is N); `naive` (`index_select` on `nonzero`, a host sync) "
+    "returns only the k active rows, fewer bytes but a data-dependent shape. `scatter_add_rows` is out of place "
+    "(reads and writes all of base); `dense` is `base + g * y`. `compact` has no dense counterpart: its speedups are "
+    "over the reference (a stable sort).",
+    "channel_sparse_conv": "Ideal = 1/d for output gating (`out`), 1/d^2 for input and output gating (`in+out`). "
+    "`masked` = conv then multiply by the gate (FBS's code); `naive` = one dense conv per sample on its active input "
+    "channels and weight rows (gates read on the host once per call).",
+    "skip_blocks": "`dense` = x + F(x) for every sample; `masked` = x + g * F(x) (BlockDrop's code); `naive` = "
+    "index_select -> F -> index_add (one host sync). `SkipBlock-*` is dynkernels.nn.SkipBlock, masked and sparse per "
+    "backend, each sparse one checked against SkipBlock-masked.",
+    "models": "Random BlockDrop policies (each sample keeps each block with probability d). Ideal = model.flops(all "
+    "ones) / model.flops(policy): it includes the parts that always run (stem, downsampling shortcuts, classifier). "
+    "`sparse-*` outputs are checked against `masked`.",
+}
 MAX_PLOT_PANELS = 6  # columns of a family's plot
 
 
@@ -234,7 +250,7 @@ def write_report(out_dir: str, rows, meta, plots: bool = True) -> str:
         "",
     ]
     for family, frows in _group(rows, lambda r: r["family"]).items():
-        lines += [f"## {FAMILY_TITLES.get(family, family)}", ""]
+        lines += [f"## {FAMILY_TITLES.get(family, family)}", "", FAMILY_NOTES.get(family, ""), ""]
         for op, orows in _group(frows, lambda r: r["op"]).items():
             if not any(_ok(r) for r in orows):
                 lines += [f"`{op}`: nothing ran (see the reasons below).", ""]

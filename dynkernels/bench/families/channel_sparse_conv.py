@@ -42,7 +42,7 @@ def _sweep(cfg: RunConfig):
                    ("float32", 64, "contiguous", FULL_SHAPES[:3])]
         return configs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
     batch = 32 if cfg.gpu else 8
-    return [("float16" if cfg.gpu else "float32", batch, "contiguous", QUICK_SHAPES)], [0.1, 0.25, 0.5, 1.0]
+    return [("float16" if cfg.gpu else "float32", batch, "contiguous", QUICK_SHAPES)], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 def naive_channel_sparse_conv2d(x, weight, out_gate, in_gate, stride, padding):

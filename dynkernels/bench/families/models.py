@@ -29,7 +29,7 @@ def _sweep(cfg: RunConfig):
                 ("fbs_resnet18", "float16", 32, 224), ("lcnet_resnet50", "float16", 16, 224)], [0.25, 0.5, 1.0]
     # CPU: small batches, and ResNet-101 on 64x64 inputs to keep the quick report quick
     return [("resnet110_cifar", "float32", 8, 32), ("resnet101_imagenet", "float32", 2, 64),
-            ("fbs_resnet18", "float32", 2, 64), ("lcnet_resnet50", "float32", 2, 64)], [0.25, 0.5, 1.0]
+            ("fbs_resnet18", "float32", 2, 64), ("lcnet_resnet50", "float32", 2, 64)], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 # model name -> (module under dynkernels.models, constructor, kwargs)

@@ -31,7 +31,7 @@ def _sweep(cfg: RunConfig):
         "shapes": [(16, 16, 16)],
         "batches": [64],
         "dtypes": ["float32"],
-        "densities": [0.1, 0.25, 0.5, 1.0],
+        "densities": [0.125, 0.25, 0.5, 0.75, 1.0],
         "policies": [(54, 64)],
     }
 

@@ -57,7 +57,7 @@ def _sweep(cfg: RunConfig):
         return configs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
     if cfg.gpu:
         return [("float16", 64, QUICK_BLOCKS)], [0.1, 0.25, 0.5, 1.0]
-    return [("float32", 16, QUICK_BLOCKS[:1]), ("float32", 8, QUICK_BLOCKS[1:])], [0.125, 0.25, 0.5, 1.0]
+    return [("float32", 16, QUICK_BLOCKS[:1]), ("float32", 8, QUICK_BLOCKS[1:])], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 def _random_bn(block: nn.Module, g: torch.Generator) -> None:
