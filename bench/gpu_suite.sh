@@ -52,7 +52,7 @@ info() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }  # environment facts: a failu
 
 say "phases: ${PHASES[*]}; repo $(pwd) at $(git rev-parse --short HEAD 2>/dev/null || echo '?'); out $OUT_DIR"
 info nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-info "$PYTHON" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name())"
+info "$PYTHON" -c "import sys, importlib.util as u, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(), '| installed:', *[m for m in ('triton', 'pytest', 'pytest_benchmark', 'matplotlib', 'numpy') if u.find_spec(m)])"
 
 for phase in "${PHASES[@]}"; do
     case "$phase" in

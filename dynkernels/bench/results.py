@@ -97,5 +97,7 @@ def write(out_dir: str, rows: List[Dict[str, object]], meta: Dict[str, object]) 
         w.writeheader()
         for r in rows:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
-        json.dump({"meta": meta, "fields": FIELDS, "rows": rows}, f, indent=1)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:  # one row per line: small, diffable
+        f.write('{"meta": ' + json.dumps(meta) + ',\n "fields": ' + json.dumps(FIELDS) + ',\n "rows": [\n')
+        f.write(",\n".join(json.dumps(r) for r in rows))
+        f.write("\n]}\n")

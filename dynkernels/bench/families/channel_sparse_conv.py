@@ -41,8 +41,10 @@ def _sweep(cfg: RunConfig):
                    ("bfloat16", 64, "contiguous", FULL_SHAPES), ("bfloat16", 128, "channels_last", FULL_SHAPES),
                    ("float32", 64, "contiguous", FULL_SHAPES[:3])]
         return configs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
-    batch = 32 if cfg.gpu else 8
-    return [("float16" if cfg.gpu else "float32", batch, "contiguous", QUICK_SHAPES)], [0.125, 0.25, 0.5, 0.75, 1.0]
+    densities = [0.125, 0.25, 0.5, 0.75, 1.0]
+    if cfg.gpu:
+        return [("float16", 32, "contiguous", QUICK_SHAPES + [FULL_SHAPES[2]])], densities
+    return [("float32", 8, "contiguous", QUICK_SHAPES), ("float32", 4, "contiguous", [FULL_SHAPES[2]])], densities
 
 
 def naive_channel_sparse_conv2d(x, weight, out_gate, in_gate, stride, padding):
