@@ -55,6 +55,32 @@ def test_measure_gives_a_sane_median_and_rotates_inputs():
     assert set(seen) == {0, 1, 2} and seen[:3] == [0, 1, 2]
 
 
+def test_do_bench_path_works_with_old_and_new_triton(monkeypatch):
+    """The GPU timer through triton.testing.do_bench: with return_mode="all" (a list or a
+    tensor of times), and on a Triton that only knows quantiles."""
+    import triton.testing
+
+    from dynkernels.bench import timing
+
+    def new_triton(fn, warmup, rep, return_mode):
+        fn()
+        return torch.tensor([3.0, 1.0, 2.0, 4.0, 5.0])
+
+    def old_triton(fn, warmup, rep, quantiles=None, return_mode="mean"):
+        assert return_mode in ["min", "max", "mean", "median"]
+        fn()
+        return [2.5, 1.5, 3.5]
+
+    calls = []
+    monkeypatch.setattr(triton.testing, "do_bench", new_triton)
+    t = timing._do_bench(lambda: calls.append(1), FAST)
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == pytest.approx((3.0, 1.8, 4.2, 5)) and isinstance(t.median_ms, float)
+    monkeypatch.setattr(triton.testing, "do_bench", old_triton)
+    t = timing._do_bench(lambda: calls.append(1), FAST)
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == (2.5, 1.5, 3.5, -1)
+    assert t.timer.startswith("cuda-events") and calls
+
+
 def test_measure_needs_inputs():
     with pytest.raises(ValueError, match="input_sets"):
         measure(lambda: None, [], CPU, FAST)

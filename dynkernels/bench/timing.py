@@ -18,8 +18,9 @@ import torch
 class TimingSettings:
     warmup_ms: float  # time spent running before any run is timed
     rep_ms: float  # time budget of the timed runs
-    min_runs: int  # at least this many timed runs (CPU), however slow each one is
-    max_runs: int  # at most this many timed runs (CPU)
+    # run counts of the perf_counter and plain CUDA-event timers (do_bench derives its own from rep_ms)
+    min_runs: int  # at least this many timed runs, however slow each one is
+    max_runs: int  # at most this many timed runs
 
 
 @dataclass(frozen=True)
@@ -100,9 +101,9 @@ def _do_bench(call, s: TimingSettings) -> Timing:
     try:  # every run's time, so that the quantiles and the run count are our own
         times = do_bench(call, warmup=warmup, rep=rep, return_mode="all")
     except (AssertionError, TypeError, ValueError):  # a Triton without return_mode="all"
-        q = do_bench(call, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])
-        return Timing(q[0], q[1], q[2], -1, "cuda-events (triton.testing.do_bench)")
-    return summarize(list(times), "cuda-events (triton.testing.do_bench)")
+        q = [float(t) for t in do_bench(call, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])]
+        return Timing(q[0], q[1], q[2], -1, "cuda-events (triton.testing.do_bench)")  # -1: run count unknown
+    return summarize([float(t) for t in times], "cuda-events (triton.testing.do_bench)")  # list or tensor
 
 
 def measure(fn: Callable, input_sets: Sequence[tuple], device: torch.device, settings: TimingSettings) -> Timing:
