@@ -351,16 +351,24 @@ def test_conv_family_runs_with_a_gated_conv(monkeypatch):
 
 
 def test_models_family_runs_and_records_missing_models(monkeypatch):
+    built = []
+
+    def resnet110_cifar(**kw):
+        built.append(kw)
+        return FakeBlockDrop(**kw)
+
     fake = types.ModuleType("dynkernels.models.blockdrop")
-    fake.resnet110_cifar = fake.resnet101_imagenet = FakeBlockDrop
+    fake.resnet110_cifar = fake.resnet101_imagenet = resnet110_cifar
     monkeypatch.setitem(sys.modules, "dynkernels.models.blockdrop", fake)
     cases = models.cases(RunConfig(CPU, False, FAST, 2))
     r = runner()
-    rows = {r_["variant"]: r_ for r_ in r.run_case(cases[0])}  # resnet110_cifar at d=0.25
-    for v in ("dense", "masked", "sparse-torch", "sparse-cpu", "sparse-auto"):
-        assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
-    assert rows["sparse-cpu"]["max_rel_err"] < 1e-3
-    assert rows["dense"]["ideal_speedup"] > 1.0
+    for case in cases[:2]:  # resnet110_cifar at two densities
+        rows = {r_["variant"]: r_ for r_ in r.run_case(case)}
+        for v in ("dense", "masked", "sparse-torch", "sparse-cpu", "sparse-auto"):
+            assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
+        assert rows["sparse-cpu"]["max_rel_err"] < 1e-3
+        assert rows["dense"]["ideal_speedup"] > 1.0
+    assert len(built) == 4  # masked base + sparse torch/cpu/auto, built once for both densities
     fbs = next(c for c in cases if c.op == "fbs_resnet18")
     (row,) = r.run_case(fbs)
     assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"]

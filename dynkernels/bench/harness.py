@@ -11,7 +11,7 @@ still timed but gets status "mismatch" and is left out of plots and summaries.
 """
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -60,7 +60,6 @@ class Case:
     memory_format: str = "contiguous"
     mode: str = ""
     baseline: str = "dense"  # the variant speedups are measured against
-    fields: Dict[str, object] = field(default_factory=dict)
 
 
 # Output checks are a sanity net for the benchmark (the tests are the real check): relative

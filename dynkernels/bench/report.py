@@ -70,6 +70,11 @@ def _variants(rows) -> List[str]:
     return sorted(seen, key=lambda v: (rank.get(v, len(rank)), seen.index(v)))
 
 
+def _op_key(r) -> str:
+    """What a geometric mean may average over: one op (and one gating mode, e.g. out vs in+out)."""
+    return f"{r['op']} ({r['mode']})" if r.get("mode") else r["op"]
+
+
 def summary(rows) -> Dict[str, Dict[float, Optional[float]]]:
     """variant -> density -> geometric-mean speedup over configurations (ok rows), plus 'ideal'."""
     out: Dict[str, Dict[float, Optional[float]]] = defaultdict(dict)
@@ -96,7 +101,7 @@ def plot_family(family: str, rows, path: str) -> Optional[str]:
         return None
     # one geometric-mean panel per op, then single configurations while there is room
     panels = []
-    for op, orows in _group(ok_rows, lambda r: r["op"]).items():
+    for op, orows in _group(ok_rows, _op_key).items():
         n = len({r["config"] for r in orows})
         panels.append((f"{op}: geomean of {n} configurations" if n > 1 else orows[0]["config"], orows, n > 1))
     configs = _group(ok_rows, lambda r: r["config"])
@@ -251,7 +256,7 @@ def write_report(out_dir: str, rows, meta, plots: bool = True) -> str:
     ]
     for family, frows in _group(rows, lambda r: r["family"]).items():
         lines += [f"## {FAMILY_TITLES.get(family, family)}", "", FAMILY_NOTES.get(family, ""), ""]
-        for op, orows in _group(frows, lambda r: r["op"]).items():
+        for op, orows in _group(frows, _op_key).items():
             if not any(_ok(r) for r in orows):
                 lines += [f"`{op}`: nothing ran (see the reasons below).", ""]
                 continue

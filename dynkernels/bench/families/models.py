@@ -6,7 +6,7 @@ FBS ResNet-18 and LC-Net ResNet-50 are covered when dynkernels.models.fbs / .lcn
 """
 import importlib
 import inspect
-from typing import List
+from typing import Dict, List
 
 import torch
 
@@ -46,14 +46,31 @@ def _import(module: str):
         raise
 
 
+# Models built for the current (model, dtype), reused across densities and batch sizes: building
+# a ResNet-101 takes longer than timing it. A new (model, dtype) frees the previous ones.
+_BUILT: Dict[tuple, torch.nn.Module] = {}
+
+
+def _built(ctor, name, dtype, dev, execution, backend, base=None) -> torch.nn.Module:
+    key = (ctor, name, dtype, str(dev), execution, backend)
+    if key not in _BUILT:
+        if any(k[:4] != key[:4] for k in _BUILT):
+            _BUILT.clear()
+        torch.manual_seed(6)
+        m = ctor(**BLOCKDROP[name], execution=execution, backend=backend).to(dev, DTYPES[dtype]).eval()
+        if base is not None:
+            m.load_state_dict(base.state_dict())
+        _BUILT[key] = m
+    return _BUILT[key]
+
+
 def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, d) -> Setup:
     dt, dev = DTYPES[dtype], cfg.device
     blockdrop = _import("blockdrop")
     ctor = getattr(blockdrop, name, None)
     if ctor is None:
         raise Unavailable(f"dynkernels.models.blockdrop.{name} is not available in this build")
-    torch.manual_seed(6)
-    base = ctor(**BLOCKDROP[name], execution="masked", backend="auto").to(dev, dt).eval()
+    base = _built(ctor, name, dtype, dev, "masked", "auto")
     g = seeded(6)
     sets = []
     for _ in range(cfg.input_sets):
@@ -73,8 +90,7 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, d) -> Setup:
             if b == "triton" and dev.type == "cpu":
                 raise Unavailable("Triton is timed on GPUs only")
             resolved("gather_rows", b, dev)
-            m = ctor(**BLOCKDROP[name], execution="sparse", backend=b).to(dev, dt).eval()
-            m.load_state_dict(base.state_dict())
+            m = _built(ctor, name, dtype, dev, "sparse", b, base)
             return lambda x, p: m(x, p)
 
         return build

@@ -10,8 +10,6 @@ from typing import List
 import torch
 import torch.nn as nn
 
-import dynkernels
-
 from .. import accounting
 from ..harness import Case, Setup, Unavailable, Variant
 from . import _common
