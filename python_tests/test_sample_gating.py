@@ -132,6 +132,10 @@ def test_gather_rows_matches_reference(device, backend):
                     assert y.shape == ref.shape and y.dtype == ref.dtype, where
                     assert torch.equal(y.cpu(), ref.cpu()), where
                     check_layout(y, x, backend)
+    # gather is a copy: any dtype works, integers too
+    x = torch.arange(21, device=device).view(7, 3)
+    idx, count = reference.compact(rand_gate((7,), 0.5, device))
+    assert torch.equal(dynkernels.gather_rows(x, idx, count, 5, backend=backend).cpu(), reference.gather_rows(x, idx, count, 5).cpu())
 
 
 # ----------------------------------------------------------------------------- scatter_add_rows
