@@ -364,7 +364,11 @@ def test_large_rows_on_gpu():
 
 
 def test_cuda_kernels_registered_when_built():
+    """setup.py records whether it compiled the CUDA kernels; then all three must be registered."""
     has_cuda = dynkernels.cuda_kernels_compiled()
+    config = dynkernels._extension._config
+    if config is not None:  # absent for a CMake-built library
+        assert config.WITH_CUDA == has_cuda, f"setup.py built CUDA={config.WITH_CUDA} ({config.CUDA_REASON}) but the extension says {has_cuda}"
     for name in OPS:
         registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"dynkernels::{name}", "CUDA")
         assert registered == has_cuda, f"dynkernels::{name}: CUDA kernel registered {registered}, build says {has_cuda}"
