@@ -363,6 +363,24 @@ def test_large_rows_on_gpu():
         assert_close(out, reference.scatter_add_rows(x, y, idx, count))
 
 
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_ops_under_torch_compile():
+    """triton_op makes the kernels visible to torch.compile: one graph, same results as eager."""
+    sg = _triton()
+    gate = rand_gate((33,), 0.5, "cuda")
+    x = torch.randn(33, 4, 5, device="cuda", dtype=torch.float16)
+
+    def step(gate, x):
+        idx, count = sg.compact_triton(gate, 0.0)
+        y = sg.gather_rows_triton(x, idx, count, 20)
+        return sg.scatter_add_rows_triton(x, y * 2, idx, count, gate)
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert_close(compiled(gate, x), step(gate, x))
+
+
 def test_cuda_kernels_registered_when_built():
     """setup.py records whether it compiled the CUDA kernels; then all three must be registered."""
     has_cuda = dynkernels.cuda_kernels_compiled()
