@@ -132,6 +132,10 @@ def test_gather_rows_matches_reference(device, backend):
                     assert y.shape == ref.shape and y.dtype == ref.dtype, where
                     assert torch.equal(y.cpu(), ref.cpu()), where
                     check_layout(y, x, backend)
+    # gather is a copy: any dtype works, integers too
+    x = torch.arange(21, device=device).view(7, 3)
+    idx, count = reference.compact(rand_gate((7,), 0.5, device))
+    assert torch.equal(dynkernels.gather_rows(x, idx, count, 5, backend=backend).cpu(), reference.gather_rows(x, idx, count, 5).cpu())
 
 
 # ----------------------------------------------------------------------------- scatter_add_rows
@@ -359,8 +363,62 @@ def test_large_rows_on_gpu():
         assert_close(out, reference.scatter_add_rows(x, y, idx, count))
 
 
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_ops_under_torch_compile():
+    """triton_op makes the kernels visible to torch.compile: one graph, same results as eager."""
+    sg = _triton()
+    gate = rand_gate((33,), 0.5, "cuda")
+    x = torch.randn(33, 4, 5, device="cuda", dtype=torch.float16)
+
+    def step(gate, x):
+        idx, count = sg.compact_triton(gate, 0.0)
+        y = sg.gather_rows_triton(x, idx, count, 20)
+        return sg.scatter_add_rows_triton(x, y * 2, idx, count, gate)
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert_close(compiled(gate, x), step(gate, x))
+
+
 def test_cuda_kernels_registered_when_built():
+    """setup.py records whether it compiled the CUDA kernels; then all three must be registered."""
     has_cuda = dynkernels.cuda_kernels_compiled()
+    config = dynkernels._extension._config
+    if config is not None:  # absent for a CMake-built library
+        assert config.WITH_CUDA == has_cuda, f"setup.py built CUDA={config.WITH_CUDA} ({config.CUDA_REASON}) but the extension says {has_cuda}"
     for name in OPS:
         registered = torch._C._dispatch_has_kernel_for_dispatch_key(f"dynkernels::{name}", "CUDA")
         assert registered == has_cuda, f"dynkernels::{name}: CUDA kernel registered {registered}, build says {has_cuda}"
+
+
+# ----------------------------------------------------------------------------- Triton for the GPU
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_kernels_compile_for_hopper():
+    """Compile the Triton kernels for sm_90 ahead of time, with the dtypes the interpreter cannot
+    run (bf16): a machine without a GPU still catches what would fail to compile on one."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
+
+    sg = _triton()
+    ptrs = lambda **kw: {k: f"*{v}" for k, v in kw.items()}  # noqa: E731
+    cases = [
+        (sg._compact_kernel, {**ptrs(gate_ptr="bf16", idx_ptr="i32", count_ptr="i32"), "N": "i32", "threshold_bits": "i64"}, {"BLOCK": 1024}),
+        (sg._compact_kernel, {**ptrs(gate_ptr="u8", idx_ptr="i32", count_ptr="i32"), "N": "i32", "threshold_bits": "i32"}, {"BLOCK": 16}),
+        (sg._gather_rows_kernel, {**ptrs(x_ptr="bf16", idx_ptr="i32", count_ptr="i32", y_ptr="bf16"), "N": "i32", "capacity": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
+        (sg._inverse_index_kernel, {**ptrs(idx_ptr="i32", count_ptr="i32", inv_ptr="i32"), "N": "i32", "limit": "i32"}, {"BLOCK": 256}),
+    ]
+    for dt, acc, has_scale in (("bf16", "fp32", True), ("fp16", "fp32", False), ("fp64", "fp64", True)):
+        sig = {**ptrs(base_ptr=dt, y_ptr=dt, idx_ptr="i32", count_ptr="i32", inv_ptr="i32", scale_ptr=acc, out_ptr=dt), "N": "i32", "limit": "i32", "row_elems": "i32"}
+        cases.append((sg._scatter_add_rows_kernel, sig, {"HAS_SCALE": has_scale, "FP64": dt == "fp64", "BLOCK": 2048}))
+    for kernel, sig, constexprs in cases:
+        fn = JITFunction(kernel.fn) if hasattr(kernel, "fn") and not isinstance(kernel, JITFunction) else kernel  # interpreted kernels wrap fn
+        sig = {**sig, **{name: "constexpr" for name in constexprs}}
+        names = list(sig)
+        assert names == fn.arg_names, f"{fn.__name__}: signature {names} != {fn.arg_names}"
+        src = ASTSource(fn, sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+        compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        assert compiled.asm.get("cubin"), f"{fn.__name__} did not compile to a cubin"
