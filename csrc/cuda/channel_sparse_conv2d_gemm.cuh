@@ -29,7 +29,7 @@ namespace conv_cuda {
 constexpr int BM = 64;        // output channels per block tile
 constexpr int BN = 64;        // output pixels per block tile
 constexpr int BK = 32;        // reduction elements per pipeline stage (one rs, 32 channels)
-constexpr int THREADS = 128;  // 4 warps; tensor-core path: each warp owns a 32 x 32 sub-tile
+constexpr int THREADS = 128;  // 4 warps; tensor-core path: each warp owns a 64 x 16 strip
 constexpr int LDC = 68;       // float row stride of the epilogue staging tile (BM == BN == 64)
 
 // Operands in shared memory are stored k-contiguous: A as [BM][LDK] (row m) and B as [BN][LDK]
