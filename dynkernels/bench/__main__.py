@@ -18,7 +18,7 @@ from .timing import TimingSettings
 # The budgets keep `--quick` on a small CPU near 3 minutes and `--full` on an H100 near 6;
 # cases past a family's budget are recorded as skipped, with the reason.
 TIMING = {
-    ("quick", "cpu"): TimingSettings(warmup_ms=20, rep_ms=80, min_runs=5, max_runs=200),
+    ("quick", "cpu"): TimingSettings(warmup_ms=20, rep_ms=150, min_runs=7, max_runs=300),
     ("full", "cpu"): TimingSettings(warmup_ms=50, rep_ms=300, min_runs=10, max_runs=1000),
     ("quick", "cuda"): TimingSettings(warmup_ms=5, rep_ms=20, min_runs=10, max_runs=1000),
     ("full", "cuda"): TimingSettings(warmup_ms=5, rep_ms=25, min_runs=10, max_runs=1000),
@@ -97,7 +97,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = RunConfig(device=device, full=args.full, timing=TIMING[(sweep, device.type)], input_sets=max(1, args.input_sets))
     run_id = results.new_run_id()
-    runner = Runner(device, cfg.timing, env, run_id)
+    runner = Runner(device, cfg.timing, env, run_id, reuse_timings=device.type == "cuda")
     rows = []
     start = time.monotonic()
     for name in families:

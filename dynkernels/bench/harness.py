@@ -98,8 +98,12 @@ def _reason(e: BaseException) -> str:
 
 
 class Runner:
-    def __init__(self, device: torch.device, settings: TimingSettings, env: Dict[str, object], run_id: str):
+    def __init__(self, device: torch.device, settings: TimingSettings, env: Dict[str, object], run_id: str,
+                 reuse_timings: bool = True):
+        """reuse_timings: time variants with a shared_key once per key (saves GPU time). On a noisy
+        shared CPU, timing the baseline again next to each case's other variants is fairer."""
         self.device = torch.device(device)
+        self.reuse_timings = reuse_timings
         self.settings = settings
         self.env = env
         self.run_id = run_id
@@ -170,7 +174,7 @@ class Runner:
                     result.update(status="mismatch", reason=f"output differs from {v.compare_to}: max rel err {err:.3g} > {rtol:g}")
         del out
         try:
-            if v.shared_key is not None and v.shared_key in self._shared:
+            if self.reuse_timings and v.shared_key is not None and v.shared_key in self._shared:
                 timing = self._shared[v.shared_key]
                 result["reason"] = result["reason"] or "timed once for every density of this configuration"
             else:
