@@ -81,6 +81,34 @@ def test_do_bench_path_works_with_old_and_new_triton(monkeypatch):
     assert t.timer.startswith("cuda-events") and calls
 
 
+def test_interleaved_rounds_time_every_callable_and_keep_failures_apart():
+    from dynkernels.bench.timing import measure_interleaved
+
+    order = []
+
+    def fast(i):
+        order.append("fast")
+
+    def slow(i):
+        order.append("slow")
+        time.sleep(0.001)
+
+    flaky_calls = []
+
+    def flaky(i):
+        flaky_calls.append(i)
+        if len(flaky_calls) > 2:
+            raise RuntimeError("kernel failed")
+
+    settings = TimingSettings(warmup_ms=0, rep_ms=6, min_runs=6, max_runs=30)
+    fast_t, slow_t, err = measure_interleaved([fast, slow, flaky], [(0,), (1,)], CPU, settings, rounds=3)
+    assert isinstance(err, RuntimeError)
+    assert slow_t.median_ms > fast_t.median_ms and fast_t.runs >= 6 and "3 interleaved rounds" in fast_t.timer
+    # the rounds alternate: slow runs between fast ones, not all after them
+    first_slow, last_fast = order.index("slow"), len(order) - 1 - order[::-1].index("fast")
+    assert first_slow < last_fast
+
+
 def test_measure_needs_inputs():
     with pytest.raises(ValueError, match="input_sets"):
         measure(lambda: None, [], CPU, FAST)

@@ -97,7 +97,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = RunConfig(device=device, full=args.full, timing=TIMING[(sweep, device.type)], input_sets=max(1, args.input_sets))
     run_id = results.new_run_id()
-    runner = Runner(device, cfg.timing, env, run_id, reuse_timings=device.type == "cuda")
+    on_gpu = device.type == "cuda"
+    runner = Runner(device, cfg.timing, env, run_id, reuse_timings=on_gpu, rounds=1 if on_gpu else 3)
     rows = []
     start = time.monotonic()
     for name in families:
@@ -109,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "run_id": run_id, "command": "python -m dynkernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "sweep": sweep, "families": families, "elapsed_s": round(elapsed, 1), "environment": env,
-        "timing": vars(cfg.timing), "input_sets": cfg.input_sets,
+        "timing": vars(cfg.timing), "input_sets": cfg.input_sets, "rounds": runner.rounds,
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
