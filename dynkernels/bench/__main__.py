@@ -67,13 +67,14 @@ def backend_summary(device: torch.device) -> str:
 
     parts = []
     for b in ("torch", "cpu", "triton", "cuda"):
+        if b == "triton" and device.type == "cpu":
+            parts.append("triton: no (timed on GPUs only)")
+            continue
         try:
             resolve("gather_rows", b, device)
-            if b == "triton" and device.type == "cpu":
-                raise ValueError("timed on GPUs only")
             parts.append(f"{b}: yes")
         except (ValueError, RuntimeError) as e:
-            parts.append(f"{b}: no ({str(e).split(': ', 1)[-1][:70]})")
+            parts.append(f"{b}: no ({str(e).split(': ', 1)[-1][:100]})")
     parts.append(f"auto -> {resolve('gather_rows', 'auto', device)} (sample gating ops)")
     return "; ".join(parts)
 
@@ -89,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
     out = args.out or os.path.join("bench", "out", f"{_dt.date.today().isoformat()}-{device.type}")
     env = results.environment(device)
-    families = args.only or list(FAMILIES)
+    families = list(dict.fromkeys(args.only)) if args.only else list(FAMILIES)
     print(f"dynkernels.bench: {sweep} sweep on {device.type} ({env['device_name']}), torch {env['torch']}, "
           f"Triton {env['triton']}, CUDA {env['cuda']}, dynkernels CUDA kernels compiled: {env['cuda_kernels']}", flush=True)
     print(f"dynkernels.bench: backends here: {backend_summary(device)}", flush=True)

@@ -31,7 +31,7 @@ class Variant:
     build: Callable[[], Callable]  # -> fn(*inputs) returning the output; may raise Unavailable
     backend: str = "pytorch"  # "pytorch" for baselines, else the dynkernels backend that runs
     work: str = "sparse"  # which cost it executes: "dense" (every FLOP) or "sparse" (only the active work)
-    compare_to: Optional[str] = None  # name of an earlier variant whose output this one must match
+    compare_to: Optional[str] = None  # name of the variant whose output this one must match
     shared_key: Optional[tuple] = None  # timing independent of density: timed once per key
     executed_bytes: Optional[float] = None  # bytes it moves, where neither the dense nor the sparse count fits
 

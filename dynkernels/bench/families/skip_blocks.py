@@ -13,7 +13,7 @@ import torch.nn as nn
 from .. import accounting
 from ..harness import Case, Setup, Unavailable, Variant
 from . import _common
-from ._common import DTYPES, OUR_BACKENDS, RunConfig, resolved, sample_gate, seeded
+from ._common import DTYPES, OUR_BACKENDS, RunConfig, randn, resolved, sample_gate, seeded
 
 NAME = "skip_blocks"
 
@@ -96,14 +96,14 @@ def _case(cfg: RunConfig, spec, dtype, batch, d) -> Case:
 
     def setup():
         dt, dev = DTYPES[dtype], cfg.device
-        g = seeded(5)
+        g, gd = seeded(5), seeded(5, dev)
         torch.manual_seed(5)
         block = factory(c)
         _random_bn(block, g)
         block = block.to(dev, dt).eval()
         sets = []
         for _ in range(cfg.input_sets):
-            x = torch.randn(batch, c, hw, hw, generator=g).to(dev, dt)
+            x = randn((batch, c, hw, hw), dev, dt, gd)
             sets.append((x, sample_gate(batch, d, dev, dtype=dt, generator=g)))
         per_sample = accounting.module_flops_per_sample(block, sets[0][0])
         k = int((sets[0][1] > 0).sum())
