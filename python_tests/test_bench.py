@@ -81,6 +81,34 @@ def test_do_bench_path_works_with_old_and_new_triton(monkeypatch):
     assert t.timer.startswith("cuda-events") and calls
 
 
+def test_interleaved_rounds_time_every_callable_and_keep_failures_apart():
+    from dynkernels.bench.timing import measure_interleaved
+
+    order = []
+
+    def fast(i):
+        order.append("fast")
+
+    def slow(i):
+        order.append("slow")
+        time.sleep(0.001)
+
+    flaky_calls = []
+
+    def flaky(i):
+        flaky_calls.append(i)
+        if len(flaky_calls) > 2:
+            raise RuntimeError("kernel failed")
+
+    settings = TimingSettings(warmup_ms=0, rep_ms=6, min_runs=6, max_runs=30)
+    fast_t, slow_t, err = measure_interleaved([fast, slow, flaky], [(0,), (1,)], CPU, settings, rounds=3)
+    assert isinstance(err, RuntimeError)
+    assert slow_t.median_ms > fast_t.median_ms and fast_t.runs >= 6 and "3 interleaved rounds" in fast_t.timer
+    # the rounds alternate: slow runs between fast ones, not all after them
+    first_slow, last_fast = order.index("slow"), len(order) - 1 - order[::-1].index("fast")
+    assert first_slow < last_fast
+
+
 def test_measure_needs_inputs():
     with pytest.raises(ValueError, match="input_sets"):
         measure(lambda: None, [], CPU, FAST)
@@ -191,6 +219,10 @@ def test_shared_timing_is_reused_across_densities():
         rows += r.run_case(_toy_case([Variant("dense", build, work="dense", shared_key=("toy", "dense"))], density=d))
     assert rows[0]["median_ms"] == rows[1]["median_ms"]
     assert "timed once" in rows[1]["reason"]
+    fresh = Runner(CPU, FAST, results.environment(CPU), "test-run", reuse_timings=False)
+    again = [fresh.run_case(_toy_case([Variant("dense", build, work="dense", shared_key=("toy", "dense"))], density=d))[0]
+             for d in (0.25, 0.5)]
+    assert all(r["status"] == "ok" and r["reason"] is None for r in again)
 
 
 def test_setup_failures_and_budget_are_recorded():
@@ -234,9 +266,10 @@ def test_csv_and_json_have_every_field(tmp_path):
     assert {r["status"] for r in csv_rows} == {"ok", "skipped"}
     data = json.load(open(tmp_path / "results.json"))
     assert data["fields"] == results.FIELDS and data["meta"]["run_id"] == "test-run"
-    for r in data["rows"]:
-        assert set(r) == set(results.FIELDS)
-    skipped = [r for r in data["rows"] if r["variant"] == "missing"]
+    assert all(len(values) == len(results.FIELDS) for values in data["rows"])
+    loaded = results.load_rows(str(tmp_path))
+    assert loaded == [results.complete(r) for r in rows]
+    skipped = [r for r in loaded if r["variant"] == "missing"]
     assert skipped and all(r["status"] == "skipped" and r["reason"] == "not in this build" for r in skipped)
     with pytest.raises(KeyError, match="not_a_field"):
         results.complete(dict(rows[0], not_a_field=1))
@@ -264,7 +297,7 @@ def test_cli_quick_sample_gating(tmp_path, capsys):
     assert "quick sweep on cpu" in printed and "backends here" in printed and str(out / "report.md") in printed
     for name in ("report.md", "results.csv", "results.json", "plot_sample_gating.png"):
         assert (out / name).exists(), name
-    rows = json.load(open(out / "results.json"))["rows"]
+    rows = results.load_rows(str(out))
     ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
     assert {("gather_rows", "cpu"), ("gather_rows", "copy"), ("scatter_add_rows", "reference"), ("compact", "cpu")} <= ok
     assert all(r["status"] != "mismatch" for r in rows)

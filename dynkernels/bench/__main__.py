@@ -18,7 +18,7 @@ from .timing import TimingSettings
 # The budgets keep `--quick` on a small CPU near 3 minutes and `--full` on an H100 near 6;
 # cases past a family's budget are recorded as skipped, with the reason.
 TIMING = {
-    ("quick", "cpu"): TimingSettings(warmup_ms=20, rep_ms=80, min_runs=5, max_runs=200),
+    ("quick", "cpu"): TimingSettings(warmup_ms=20, rep_ms=150, min_runs=7, max_runs=300),
     ("full", "cpu"): TimingSettings(warmup_ms=50, rep_ms=300, min_runs=10, max_runs=1000),
     ("quick", "cuda"): TimingSettings(warmup_ms=5, rep_ms=20, min_runs=10, max_runs=1000),
     ("full", "cuda"): TimingSettings(warmup_ms=5, rep_ms=25, min_runs=10, max_runs=1000),
@@ -67,13 +67,14 @@ def backend_summary(device: torch.device) -> str:
 
     parts = []
     for b in ("torch", "cpu", "triton", "cuda"):
+        if b == "triton" and device.type == "cpu":
+            parts.append("triton: no (timed on GPUs only)")
+            continue
         try:
             resolve("gather_rows", b, device)
-            if b == "triton" and device.type == "cpu":
-                raise ValueError("timed on GPUs only")
             parts.append(f"{b}: yes")
         except (ValueError, RuntimeError) as e:
-            parts.append(f"{b}: no ({str(e).split(': ', 1)[-1][:70]})")
+            parts.append(f"{b}: no ({str(e).split(': ', 1)[-1][:100]})")
     parts.append(f"auto -> {resolve('gather_rows', 'auto', device)} (sample gating ops)")
     return "; ".join(parts)
 
@@ -89,7 +90,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
     out = args.out or os.path.join("bench", "out", f"{_dt.date.today().isoformat()}-{device.type}")
     env = results.environment(device)
-    families = args.only or list(FAMILIES)
+    families = list(dict.fromkeys(args.only)) if args.only else list(FAMILIES)
     print(f"dynkernels.bench: {sweep} sweep on {device.type} ({env['device_name']}), torch {env['torch']}, "
           f"Triton {env['triton']}, CUDA {env['cuda']}, dynkernels CUDA kernels compiled: {env['cuda_kernels']}", flush=True)
     print(f"dynkernels.bench: backends here: {backend_summary(device)}", flush=True)
@@ -97,7 +98,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     cfg = RunConfig(device=device, full=args.full, timing=TIMING[(sweep, device.type)], input_sets=max(1, args.input_sets))
     run_id = results.new_run_id()
-    runner = Runner(device, cfg.timing, env, run_id)
+    on_gpu = device.type == "cuda"
+    runner = Runner(device, cfg.timing, env, run_id, reuse_timings=on_gpu, rounds=1 if on_gpu else 3)
     rows = []
     start = time.monotonic()
     for name in families:
@@ -109,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "run_id": run_id, "command": "python -m dynkernels.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "sweep": sweep, "families": families, "elapsed_s": round(elapsed, 1), "environment": env,
-        "timing": vars(cfg.timing), "input_sets": cfg.input_sets,
+        "timing": vars(cfg.timing), "input_sets": cfg.input_sets, "rounds": runner.rounds,
         "cudnn_benchmark": torch.backends.cudnn.benchmark, "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
         "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }

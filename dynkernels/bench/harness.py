@@ -18,7 +18,7 @@ import torch
 
 from . import accounting, results
 from .progress import Progress
-from .timing import TimingSettings, measure
+from .timing import TimingSettings, measure_interleaved
 
 
 class Unavailable(Exception):
@@ -31,7 +31,7 @@ class Variant:
     build: Callable[[], Callable]  # -> fn(*inputs) returning the output; may raise Unavailable
     backend: str = "pytorch"  # "pytorch" for baselines, else the dynkernels backend that runs
     work: str = "sparse"  # which cost it executes: "dense" (every FLOP) or "sparse" (only the active work)
-    compare_to: Optional[str] = None  # name of an earlier variant whose output this one must match
+    compare_to: Optional[str] = None  # name of the variant whose output this one must match
     shared_key: Optional[tuple] = None  # timing independent of density: timed once per key
     executed_bytes: Optional[float] = None  # bytes it moves, where neither the dense nor the sparse count fits
 
@@ -98,8 +98,14 @@ def _reason(e: BaseException) -> str:
 
 
 class Runner:
-    def __init__(self, device: torch.device, settings: TimingSettings, env: Dict[str, object], run_id: str):
+    def __init__(self, device: torch.device, settings: TimingSettings, env: Dict[str, object], run_id: str,
+                 reuse_timings: bool = True, rounds: int = 1):
+        """reuse_timings: time variants with a shared_key once per key (saves GPU time). On a noisy
+        shared CPU, timing the baseline again next to each case's other variants is fairer.
+        rounds: on the CPU, time a case's variants in this many alternating rounds."""
         self.device = torch.device(device)
+        self.reuse_timings = reuse_timings
+        self.rounds = rounds
         self.settings = settings
         self.env = env
         self.run_id = run_id
@@ -132,9 +138,11 @@ class Runner:
         rows = []
         # Variants others are checked against run first; rows keep the listed order.
         order = sorted(range(len(st.variants)), key=lambda i: st.variants[i].name not in referenced)
-        results = {}
+        results, fns = {}, {}
         for i in order:
-            results[i] = self._run_variant(st.variants[i], st, outputs, referenced, rtol)
+            results[i], fns[i] = self._prepare(st.variants[i], st, outputs, referenced, rtol)
+        outputs.clear()
+        self._time(st, results, fns)
         for i, v in enumerate(st.variants):
             row = self._row(
                 case, variant=v.name, backend=v.backend, dense_flops=st.dense_flops, sparse_flops=st.sparse_flops,
@@ -146,17 +154,19 @@ class Runner:
         self._derive(case, st, rows)
         return rows
 
-    def _run_variant(self, v: Variant, st: Setup, outputs, referenced, rtol) -> Dict[str, object]:
+    def _prepare(self, v: Variant, st: Setup, outputs, referenced, rtol):
+        """Build the variant and call it once (availability, compilation, output check).
+        Returns its row fields so far and the callable to time (None if it cannot run)."""
         try:
             fn = v.build()
-            out = fn(*st.input_sets[0])  # first call: availability, compilation, output check
+            out = fn(*st.input_sets[0])
             _sync(self.device)
         except (Unavailable, NotImplementedError) as e:
-            return {"status": "skipped", "reason": _reason(e) if isinstance(e, NotImplementedError) else str(e)}
+            return {"status": "skipped", "reason": _reason(e) if isinstance(e, NotImplementedError) else str(e)}, None
         except Exception as e:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return {"status": "error", "reason": _reason(e) + _where(e)}
+            return {"status": "error", "reason": _reason(e) + _where(e)}, None
         result: Dict[str, object] = {"status": "ok", "reason": None}
         if v.name in referenced:
             outputs[v.name] = out
@@ -168,19 +178,32 @@ class Runner:
                 result["max_rel_err"] = err
                 if not err <= rtol:
                     result.update(status="mismatch", reason=f"output differs from {v.compare_to}: max rel err {err:.3g} > {rtol:g}")
-        del out
-        try:
-            if v.shared_key is not None and v.shared_key in self._shared:
-                timing = self._shared[v.shared_key]
-                result["reason"] = result["reason"] or "timed once for every density of this configuration"
+        return result, fn
+
+    def _time(self, st: Setup, results, fns) -> None:
+        """Time every variant that ran (reusing shared timings where allowed) into its result."""
+        todo = []
+        for i, fn in fns.items():
+            v = st.variants[i]
+            if fn is None:
+                continue
+            if self.reuse_timings and v.shared_key is not None and v.shared_key in self._shared:
+                results[i]["reason"] = results[i]["reason"] or "timed once for every density of this configuration"
+                self._set_timing(results[i], self._shared[v.shared_key])
             else:
-                timing = measure(fn, st.input_sets, self.device, self.settings)
-                if v.shared_key is not None:
-                    self._shared[v.shared_key] = timing
-        except Exception as e:
-            return {"status": "error", "reason": "while timing: " + _reason(e)}
-        result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, runs=timing.runs, timer=timing.timer)
-        return result
+                todo.append(i)
+        timings = measure_interleaved([fns[i] for i in todo], st.input_sets, self.device, self.settings, self.rounds)
+        for i, t in zip(todo, timings):
+            if isinstance(t, Exception):
+                results[i].update(status="error", reason="while timing: " + _reason(t))
+                continue
+            self._set_timing(results[i], t)
+            if st.variants[i].shared_key is not None:
+                self._shared[st.variants[i].shared_key] = t
+
+    @staticmethod
+    def _set_timing(result, t) -> None:
+        result.update(median_ms=t.median_ms, p20_ms=t.p20_ms, p80_ms=t.p80_ms, runs=t.runs, timer=t.timer)
 
     @staticmethod
     def _derive(case: Case, st: Setup, rows: List[Dict[str, object]]) -> None:

@@ -242,7 +242,10 @@ def write_report(out_dir: str, rows, meta, plots: bool = True) -> str:
         f"(CUDA kernels compiled: {env['cuda_kernels']})",
         f"- Timing: {', '.join(f'{k}={v}' for k, v in meta['timing'].items())}; inputs rotated over {meta['input_sets']} sets; "
         + ("CUDA events via `triton.testing.do_bench` (L2 flushed before each run)" if env["device"] == "cuda"
-           else "**CPU timings** with `time.perf_counter` (not GPU numbers)"),
+           else f"**CPU timings** with `time.perf_counter` (not GPU numbers), each case's variants timed in "
+                f"{meta.get('rounds', 1)} interleaved rounds so that load from other processes hits them alike"),
+        ("- Density-independent baselines (dense, masked, copy) are timed once per configuration"
+         if env["device"] == "cuda" else "- Every case times its baseline again, next to its other variants"),
         f"- cuDNN benchmark mode {meta['cudnn_benchmark']}, cuDNN TF32 {meta['cudnn_allow_tf32']}, matmul TF32 {meta['matmul_allow_tf32']}",
         "",
         "Reading the tables: each cell is the median time and the speedup over the configuration's baseline "

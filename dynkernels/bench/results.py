@@ -79,7 +79,8 @@ def load_rows(out_dir: str) -> List[Dict[str, object]]:
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return json.load(f)["rows"]
+        data = json.load(f)
+    return [dict(zip(data["fields"], values)) for values in data["rows"]]
 
 
 def merge(old: Iterable[Dict], new: List[Dict]) -> List[Dict]:
@@ -97,7 +98,9 @@ def write(out_dir: str, rows: List[Dict[str, object]], meta: Dict[str, object]) 
         w.writeheader()
         for r in rows:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
-    with open(os.path.join(out_dir, "results.json"), "w") as f:  # one row per line: small, diffable
+    # JSON rows are value lists in the order of "fields" (a full GPU sweep has thousands of rows),
+    # one per line so that the file stays small and diffable.
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
         f.write('{"meta": ' + json.dumps(meta) + ',\n "fields": ' + json.dumps(FIELDS) + ',\n "rows": [\n')
-        f.write(",\n".join(json.dumps(r) for r in rows))
+        f.write(",\n".join(json.dumps([r[k] for k in FIELDS]) for r in rows))
         f.write("\n]}\n")

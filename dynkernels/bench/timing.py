@@ -7,9 +7,10 @@ for GPU ones. The callable is given one input set per run, cycling through sever
 that no run finds its inputs already in a cache the previous run warmed.
 """
 import itertools
+import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, List, Sequence, Union
 
 import torch
 
@@ -55,12 +56,17 @@ def _rotating(fn: Callable, input_sets: Sequence[tuple]) -> Callable[[], object]
 
 
 def _cpu(call, s: TimingSettings) -> Timing:
-    call()  # first call: lazy initialisation, allocator growth
-    start = time.perf_counter()
-    while True:
-        call()
-        if (time.perf_counter() - start) * 1e3 >= s.warmup_ms:
-            break
+    return summarize(_cpu_times(call, s), "cpu perf_counter")
+
+
+def _cpu_times(call, s: TimingSettings, warmup: bool = True) -> List[float]:
+    if warmup:
+        call()  # first call: lazy initialisation, allocator growth
+        start = time.perf_counter()
+        while True:
+            call()
+            if (time.perf_counter() - start) * 1e3 >= s.warmup_ms:
+                break
     times = []
     total = 0.0
     while len(times) < s.max_runs and (len(times) < s.min_runs or total < s.rep_ms):
@@ -69,7 +75,7 @@ def _cpu(call, s: TimingSettings) -> Timing:
         dt = (time.perf_counter() - t0) * 1e3
         times.append(dt)
         total += dt
-    return summarize(times, "cpu perf_counter")
+    return times
 
 
 def _cuda_events(call, s: TimingSettings) -> Timing:
@@ -116,3 +122,37 @@ def measure(fn: Callable, input_sets: Sequence[tuple], device: torch.device, set
             return _cuda_events(call, settings)
         return _do_bench(call, settings)
     return _cpu(call, settings)
+
+
+def measure_interleaved(
+    fns: Sequence[Callable], input_sets: Sequence[tuple], device: torch.device, settings: TimingSettings, rounds: int = 3
+) -> List[Union[Timing, Exception]]:
+    """Time several callables of one case; a callable that raises gets its exception back.
+
+    On the CPU they are timed in alternating rounds (a b c a b c ...), so that a burst of load
+    from other processes on a shared machine hits them alike instead of one of them; on a GPU
+    (or with rounds=1) one after the other with `measure`.
+    """
+    out: List[Union[Timing, Exception]] = []
+    if torch.device(device).type == "cuda" or rounds <= 1:
+        for fn in fns:
+            try:
+                out.append(measure(fn, input_sets, device, settings))
+            except Exception as e:  # recorded by the caller, the other callables still run
+                out.append(e)
+        return out
+    per_round = TimingSettings(
+        warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms / rounds,
+        min_runs=math.ceil(settings.min_runs / rounds), max_runs=max(1, settings.max_runs // rounds),
+    )
+    calls = [_rotating(fn, input_sets) for fn in fns]
+    times: List[Union[List[float], Exception]] = [[] for _ in fns]
+    for r in range(rounds):
+        for i, call in enumerate(calls):
+            if isinstance(times[i], Exception):
+                continue
+            try:
+                times[i] += _cpu_times(call, per_round, warmup=r == 0)
+            except Exception as e:
+                times[i] = e
+    return [t if isinstance(t, Exception) else summarize(t, f"cpu perf_counter ({rounds} interleaved rounds)") for t in times]

@@ -60,7 +60,7 @@ def resolved(op: str, backend: str, device: torch.device) -> str:
 
 def backend_variants(
     op: str, device: torch.device, make: Callable[[str], Callable], compare_to: str,
-    backends: Sequence[str] = OUR_BACKENDS, prefix: str = "",
+    backends: Sequence[str] = OUR_BACKENDS,
 ) -> List[Variant]:
     """One variant per dynkernels backend; make(backend) returns the fn(*inputs) to time.
 
@@ -82,7 +82,7 @@ def backend_variants(
             resolved(op, b, device)
             return make(b)
 
-        name = prefix + BACKEND_VARIANT[b]
+        name = BACKEND_VARIANT[b]
         variants.append(Variant(name, build, backend=label, compare_to=None if name == compare_to else compare_to))
     return variants
 
@@ -94,7 +94,13 @@ def nn_modules():
     return dynkernels.nn
 
 
-def seeded(seed: int) -> torch.Generator:
-    g = torch.Generator()
+def seeded(seed: int, device="cpu") -> torch.Generator:
+    g = torch.Generator(device=device)
     g.manual_seed(seed)
     return g
+
+
+def randn(shape, device, dtype, generator: torch.Generator) -> torch.Tensor:
+    """Normal random data made on the device itself (generator on that device): made on the
+    CPU and copied over, a full sweep's inputs would take longer than timing them."""
+    return torch.randn(shape, device=device, dtype=dtype, generator=generator)

@@ -16,7 +16,7 @@ import dynkernels
 from .. import accounting
 from ..harness import Case, Setup, Unavailable, Variant
 from . import _common
-from ._common import DTYPES, RunConfig, backend_variants, exact_gate, seeded
+from ._common import DTYPES, RunConfig, backend_variants, exact_gate, randn, seeded
 
 NAME = "channel_sparse_conv"
 
@@ -96,11 +96,11 @@ def _case(cfg: RunConfig, shape, dtype, batch, fmt, mode, d) -> Case:
     def setup():
         dt, dev = DTYPES[dtype], cfg.device
         mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
-        g = seeded(4)
-        weight = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dev, dt).contiguous(memory_format=mf)
+        g, gd = seeded(4), seeded(4, dev)
+        weight = (randn((cout, cin, k, k), dev, dt, gd) / (cin * k * k) ** 0.5).contiguous(memory_format=mf)
         sets = []
         for _ in range(cfg.input_sets):
-            x = torch.randn(batch, cin, hw, hw, generator=g).to(dev, dt)
+            x = randn((batch, cin, hw, hw), dev, dt, gd)
             og = exact_gate(batch, cout, d, dev, dtype=dt, generator=g)
             ig = exact_gate(batch, cin, d, dev, dtype=dt, generator=g) if mode == "in+out" else None
             if ig is not None:

@@ -11,7 +11,7 @@ from typing import Dict, List
 import torch
 
 from ..harness import RTOL, Case, Setup, Unavailable, Variant
-from ._common import DTYPES, OUR_BACKENDS, RunConfig, resolved, seeded
+from ._common import DTYPES, OUR_BACKENDS, RunConfig, randn, resolved, seeded
 
 NAME = "models"
 
@@ -71,10 +71,10 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, d) -> Setup:
     if ctor is None:
         raise Unavailable(f"dynkernels.models.blockdrop.{name} is not available in this build")
     base = _built(ctor, name, dtype, dev, "masked", "auto")
-    g = seeded(6)
+    g, gd = seeded(6), seeded(6, dev)
     sets = []
     for _ in range(cfg.input_sets):
-        x = torch.randn(batch, 3, size, size, generator=g).to(dev, dt)
+        x = randn((batch, 3, size, size), dev, dt, gd)
         policy = (torch.rand(batch, base.num_blocks, generator=g) < d).to(dev, dt)
         sets.append((x, policy))
     policy = sets[0][1]
@@ -121,8 +121,8 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, d) -> Setup:
     kwargs = {density_arg: d}
     torch.manual_seed(7)
     base = ctor(execution="masked", **kwargs).to(dev, dt).eval()
-    g = seeded(7)
-    sets = [(torch.randn(batch, 3, size, size, generator=g).to(dev, dt),) for _ in range(cfg.input_sets)]
+    gd = seeded(7, dev)
+    sets = [(randn((batch, 3, size, size), dev, dt, gd),) for _ in range(cfg.input_sets)]
 
     def sparse(b):
         def build():

@@ -13,7 +13,7 @@ import dynkernels
 from dynkernels import reference
 
 from ..harness import Case, Setup, Variant
-from ._common import DTYPES, RunConfig, active_count, backend_variants, exact_gate, sample_gate, seeded
+from ._common import DTYPES, RunConfig, active_count, backend_variants, exact_gate, randn, sample_gate, seeded
 
 NAME = "sample_gating"
 
@@ -45,10 +45,10 @@ def _gather_case(cfg: RunConfig, n, row, dtype, d) -> Case:
 
     def setup():
         dt, dev = DTYPES[dtype], cfg.device
-        g = seeded(1)
+        g, gd = seeded(1), seeded(1, dev)
         sets = []
         for _ in range(cfg.input_sets):
-            x = torch.randn((n,) + row, generator=g).to(dev, dt)
+            x = randn((n,) + row, dev, dt, gd)
             gate = sample_gate(n, d, dev, generator=g)
             idx, count = reference.compact(gate)
             sets.append((x, gate, idx, count))
@@ -75,11 +75,11 @@ def _scatter_case(cfg: RunConfig, n, row, dtype, d) -> Case:
 
     def setup():
         dt, dev = DTYPES[dtype], cfg.device
-        g = seeded(2)
+        g, gd = seeded(2), seeded(2, dev)
         sets = []
         for _ in range(cfg.input_sets):
-            base = torch.randn((n,) + row, generator=g).to(dev, dt)
-            y = torch.randn((n,) + row, generator=g).to(dev, dt)
+            base = randn((n,) + row, dev, dt, gd)
+            y = randn((n,) + row, dev, dt, gd)
             gate = sample_gate(n, d, dev, dtype=dt, generator=g)
             idx, count = reference.compact(gate)
             sets.append((base, y, gate, idx, count))
