@@ -18,7 +18,9 @@ def compact(gate: torch.Tensor, threshold: float = 0.0) -> Tuple[torch.Tensor, t
 
     Returns idx (gate's shape, int32) and count ([1] for a 1-D gate, [B] for [B, N]).
     """
-    active = gate > threshold
+    # Compare exactly (in float64), like the kernels: `gate > threshold` in the gate's dtype
+    # would round the threshold first (an fp32 gate of 0.1 against 0.1 would count as active).
+    active = gate.to(torch.float64) > threshold
     # A stable sort on "is inactive" keeps both groups in increasing position order.
     idx = torch.sort((~active).to(torch.int8), dim=-1, stable=True).indices.to(torch.int32)
     count = active.sum(dim=-1, dtype=torch.int32).reshape(-1)
