@@ -134,10 +134,13 @@ def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.T
 
 def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
     """out = base with the kept rows replaced by the compact results y (exactly: the kept rows
-    of base are zeroed, then y is added into them)."""
+    of base are zeroed, then y is added into them; a non-finite value in a kept row of base
+    gives NaN, as in the masked execution)."""
     if row.all_kept:
         return y
-    cleared = base.masked_fill(_row_mask(row.keep, base), 0)
+    # A multiply by a [N, 1, ...] 0/1 mask: on the CPU about 8x faster than masked_fill with
+    # the same broadcast bool mask, and exact (r * 0 = +-0, and +-0 + y = y).
+    cleared = base * _row_mask((~row.keep).to(base.dtype), base)
     return ops.scatter_add_rows(cleared, y, row.idx, row.count, backend=backend)
 
 
