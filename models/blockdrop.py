@@ -197,6 +197,11 @@ class BlockDropResNet(nn.Module):
                 m = keep[:, t].view(-1, 1, 1, 1)
                 x = F.relu(residual + branch(x)) * m + residual * (1 - m)
         else:
+            if self.capacity is not None and self.training:
+                raise RuntimeError(
+                    "BlockDropResNet: a fixed capacity pads each block's compact batch with zero rows, which "
+                    "would enter BatchNorm's batch statistics in training mode; use eval() or capacity=None"
+                )
             plan = SkipPlan(policy, capacity=self.capacity, backend=self.backend)
             for t, s, j, branch in self._stages():
                 residual = self.ds[s](x) if j == 0 else x
