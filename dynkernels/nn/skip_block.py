@@ -4,16 +4,21 @@ A batch of N samples passes a residual block; a gate [N] says which samples keep
 papers (BlockDrop, SkipNet, LC-Net) compute the block on all N samples and multiply by the
 gate ("masked" execution). Here ("sparse" execution) the kept samples are compacted into a
 batch of their own (`compact` -> `gather_rows`), the block runs densely on that smaller
-batch, and the results are put back in place (`scatter_add_rows`). No per-sample loops.
+batch, and the results are put back in place (`scatter_add_rows`: plain blocks replace the
+kept rows exactly, scaled ones add s * F with the scale fused). No per-sample loops.
 
 Host synchronisations (reading a device value on the host; free on CPU tensors, a stall of
 the launch queue on a GPU). The block is a dense module, so the number of rows it runs on
 must be known on the host:
 
-    execution="masked"                       0 per forward
-    SkipBlock, sparse, capacity=None         1 per block (reads its kept count)
-    SkipPlan / SkipSequential, capacity=None 1 per forward, for all B blocks (one count.tolist())
-    sparse with capacity=C (any of the above) 0 (block runs on C rows: no saving for C = N)
+    execution="masked"                        0 per forward
+    SkipBlock alone, sparse, capacity=None    1 per block (reads its kept count)
+    SkipPlan / SkipSequential / BlockDrop     1 per forward for all B blocks (one count.tolist())
+      models, sparse, capacity=None
+    any of these, sparse, capacity=C          0 (each block runs on C rows: no saving for C = N)
+
+These counts are for the compiled and Triton backends, which read `count` on the device;
+backend="torch" (the reference) also reads it in every gather_rows / scatter_add_rows.
 
 With capacity=C the launches are sized by C and the kernels read `count` on the device, so
 the whole forward can be captured in a CUDA graph; it only saves work when the caller can
@@ -165,8 +170,9 @@ class SkipBlock(nn.Module):
                                                      fused into scatter_add_rows)
 
     shortcut=None means the block's own `downsample` module when it has one that is not None
-    (torchvision blocks; it is called, not re-registered), else identity. The shortcut runs on all N samples (BlockDrop always
-    computes the downsample shortcut). A bool gate acts as 0/1.
+    (torchvision blocks; it is called, not re-registered), else identity. The shortcut runs
+    on all N samples (BlockDrop always computes the downsample shortcut). A bool gate acts
+    as 0/1.
 
     execution="masked" is the papers' dense-times-mask computation (plain:
     block(x) * m + shortcut(x) * (1 - m) with m = [g > 0]); execution="sparse" runs the block
