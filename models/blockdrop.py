@@ -84,7 +84,8 @@ class BlockDropResNet(nn.Module):
 
     forward(x, policy=None): policy [N, num_blocks] (float or bool, binarised as > 0), None =
     every block kept (the plain dense ResNet). execution="masked" computes every block on
-    every sample and mixes with the mask (the release's FlatResNet.forward);
+    every sample and mixes with the mask (the release's FlatResNet.forward, without its
+    skip of a block that no sample keeps, which costs a host sync per block);
     execution="sparse" runs each block on its kept samples only, planned for the whole
     network with one compact call and one host sync per forward (capacity=None), or none
     with a fixed capacity (blocks then run on `capacity` rows: see dynkernels.nn.skip_block).
@@ -106,6 +107,8 @@ class BlockDropResNet(nn.Module):
         capacity: Optional[int] = None,
     ):
         super().__init__()
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"BlockDropResNet: stem must be 'cifar' or 'imagenet', got {stem!r}")
         if stem == "cifar":
             self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
             inplanes = widths[0]
@@ -197,6 +200,11 @@ class BlockDropResNet(nn.Module):
                 m = keep[:, t].view(-1, 1, 1, 1)
                 x = F.relu(residual + branch(x)) * m + residual * (1 - m)
         else:
+            if self.capacity is not None and self.training:
+                raise RuntimeError(
+                    "BlockDropResNet: a fixed capacity pads each block's compact batch with zero rows, which "
+                    "would enter BatchNorm's batch statistics in training mode; use eval() or capacity=None"
+                )
             plan = SkipPlan(policy, capacity=self.capacity, backend=self.backend)
             for t, s, j, branch in self._stages():
                 residual = self.ds[s](x) if j == 0 else x

@@ -119,6 +119,9 @@ def test_capacity_mode_equals_masked():
     x = torch.randn(n, 3, 32, 32)
     sparse, masked = logits_both(model, x, policies(n, 15, "random"))
     assert_close(sparse, masked, rtol=RTOL)
+    model.execution = "sparse"
+    with pytest.raises(RuntimeError, match="zero rows, which would enter BatchNorm"):
+        model.train()(x, policies(n, 15, "random"))
 
 
 # ----------------------------------------------------------------------------- the release's naming

@@ -275,3 +275,16 @@ def test_plan_host_syncs_on_gpu(capacity, syncs):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     assert sum("synchroniz" in str(w.message) for w in caught) == syncs
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
+def test_half_precision_sparse_equals_masked(dtype, scaled):
+    torch.manual_seed(5)
+    block = TorchvisionBasicBlock(8, 8) if not scaled else branch(8)
+    skip = SkipBlock(randomize_bn(block).eval().to(dtype), scaled=scaled, backend="cpu")
+    x = torch.randn(7, 8, 5, 5, dtype=dtype)
+    gate = gates(7, "random").to(dtype)
+    sparse, masked = run_both(skip, x, gate)
+    assert sparse.dtype == dtype
+    assert_close(sparse, masked)
