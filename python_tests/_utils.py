@@ -1,5 +1,6 @@
 """Helpers for the tests: which (device, backend) pairs to run, and tolerances per dtype."""
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -17,6 +18,11 @@ def device_backends(include_torch: bool = True):
     marker, and on the CPU they run under TRITON_INTERPRET=1 (set by conftest.py).
     """
     no_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+    # Triton on CPU tensors needs the interpreter, which conftest.py switches on only on a
+    # machine without a GPU (on a GPU machine Triton runs on the CUDA tensors instead).
+    no_interpreter = pytest.mark.skipif(
+        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+    )
     no_cuda_kernels = pytest.mark.skipif(
         not dynkernels.cuda_kernels_compiled(), reason="this build has no CUDA kernels"
     )
@@ -25,7 +31,7 @@ def device_backends(include_torch: bool = True):
         params.append(pytest.param("cpu", "torch", id="cpu-torch"))
     params += [
         pytest.param("cpu", "cpu", id="cpu-cpp"),
-        pytest.param("cpu", "triton", id="cpu-triton", marks=[pytest.mark.triton, no_triton]),
+        pytest.param("cpu", "triton", id="cpu-triton", marks=[pytest.mark.triton, no_triton, no_interpreter]),
         pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.cuda, no_cuda_kernels]),
         pytest.param("cuda", "triton", id="cuda-triton", marks=[pytest.mark.cuda, pytest.mark.triton, no_triton]),
     ]

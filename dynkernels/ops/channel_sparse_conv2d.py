@@ -164,6 +164,8 @@ def channel_sparse_conv2d(
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
     b = resolve("channel_sparse_conv2d", backend, x.device)
+    if backend == "auto" and b == "cuda" and x.dtype == torch.float64:
+        b = "torch"  # the CUDA kernel is tensor-core only (fp32/fp16/bf16); float64 runs the reference
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation))
