@@ -14,7 +14,7 @@ import torch
 import dynkernels
 from dynkernels import reference
 
-from _utils import assert_close, rand_gate
+from _utils import assert_close, rand_gate, skip_cuda_throws
 
 pytestmark = [
     pytest.mark.cuda,
@@ -186,6 +186,7 @@ def test_no_host_synchronisation():
     check(y, x, weight, bias, out_gate, in_gate, 1, 1, 1)
 
 
+@skip_cuda_throws
 def test_bad_arguments_are_named():
     op = torch.ops.dynkernels.channel_sparse_conv2d
     x = torch.randn(2, 8, 6, 6, device="cuda")

@@ -11,7 +11,7 @@ import dynkernels
 from dynkernels import reference
 from dynkernels.ops.sample_gating import _triton
 
-from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate
+from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate, skip_cuda_throws
 
 ALL = device_backends()
 KERNELS = device_backends(include_torch=False)
@@ -301,7 +301,7 @@ def _cpp_bad_inputs(device):
     return cases
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, skip_cuda_throws])])
 def test_cpp_op_errors(device):
     if device == "cuda" and not dynkernels.cuda_kernels_compiled():
         pytest.skip("this build has no CUDA kernels")
@@ -320,9 +320,17 @@ def test_wrong_device_errors_on_gpu():
         dynkernels.scatter_add_rows(x, x, idx.cuda(), count.cuda(), torch.ones(5))
     with pytest.raises(ValueError, match=r"backend='cpu' needs CPU tensors"):
         dynkernels.compact(x[:, 0], backend="cpu")
-    if dynkernels.cuda_kernels_compiled():
-        with pytest.raises(RuntimeError, match=r"gather_rows: idx \(on cpu\) and count \(on cpu\) must be on x's device cuda"):
-            torch.ops.dynkernels.gather_rows(x, idx, count, 5)
+
+
+@pytest.mark.cuda
+@skip_cuda_throws
+def test_wrong_device_errors_from_cuda_kernel():
+    if not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    x = torch.randn(5, 3, device="cuda")
+    idx, count = reference.compact(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
+    with pytest.raises(RuntimeError, match=r"gather_rows: idx \(on cpu\) and count \(on cpu\) must be on x's device cuda"):
+        torch.ops.dynkernels.gather_rows(x, idx, count, 5)
 
 
 # ----------------------------------------------------------------------------- GPU properties

@@ -145,6 +145,19 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- public op
+def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
+    """Limits of the hand-written CUDA kernel, checked here rather than by its own TORCH_CHECKs:
+    on the H100 test machine (torch 2.11+cu130) an error thrown inside the nvcc-compiled
+    extension crashed the process instead of raising (see README, "Known issues")."""
+    if x.dtype == torch.float64:
+        if backend == "auto":
+            return "torch"  # the CUDA kernel is fp32/fp16/bf16 only; float64 runs the reference
+        raise TypeError("channel_sparse_conv2d: backend='cuda' supports float32, float16 and bfloat16 x, got float64 (use backend='torch' or 'auto')")
+    if x.shape[0] > 65535:
+        raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most 65535 samples, got {x.shape[0]}")
+    return "cuda"
+
+
 def channel_sparse_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -164,8 +177,8 @@ def channel_sparse_conv2d(
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
     b = resolve("channel_sparse_conv2d", backend, x.device)
-    if backend == "auto" and b == "cuda" and x.dtype == torch.float64:
-        b = "torch"  # the CUDA kernel is tensor-core only (fp32/fp16/bf16); float64 runs the reference
+    if b == "cuda":
+        b = _check_cuda_kernel_args(x, backend)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation))
