@@ -384,6 +384,8 @@ def test_conv_family_runs_with_a_gated_conv(monkeypatch):
 
 
 def test_models_family_runs_and_records_missing_models(monkeypatch):
+    import dynkernels.models  # noqa: F401  (the real package first: its __init__ imports blockdrop)
+
     built = []
 
     def resnet110_cifar(**kw):
@@ -404,4 +406,4 @@ def test_models_family_runs_and_records_missing_models(monkeypatch):
     assert len(built) == 4  # masked base + sparse torch/cpu/auto, built once for both densities
     fbs = next(c for c in cases if c.op == "fbs_resnet18")
     (row,) = r.run_case(fbs)
-    assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"]
+    assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"], row["reason"]
