@@ -11,7 +11,9 @@ positions of n's output list:
   - the reduction runs over kh*kw taps times n's active input channels only, BLOCK_CI at a
     time, each step one tl.dot of an im2col tile [BLOCK_P, BLOCK_CI] (gathered from x through
     its strides, so NCHW, channels_last and other strided inputs need no copy) and a weight
-    tile [BLOCK_CI, BLOCK_CO] (gathered from the weight repacked as [kh*kw, Cin, Cout]);
+    tile [BLOCK_CI, BLOCK_CO] (rows of the weight repacked as [Cout, kh, kw, Cin]); without an
+    in_gate the input channels are a plain range, so both tiles load as contiguous vectors
+    along Cin for channels_last x;
   - the epilogue adds the bias, multiplies by the gate and writes exact zeros for the
     list positions past the active count, so every output channel is written exactly once.
 The per-step loop is one flat loop over (tap, input-channel block), which Triton software-
@@ -42,7 +44,7 @@ def _channel_sparse_conv2d_kernel(
     syn, syc, syh, syw,
     sgn, sgc,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_GATE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
@@ -63,14 +65,20 @@ def _channel_sparse_conv2d_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     if pid_co * BLOCK_CO < out_cnt:  # else the whole tile is inactive: zeros only
-        in_cnt = tl.load(in_cnt_ptr + n)
+        if HAS_IN_GATE:
+            in_cnt = tl.load(in_cnt_ptr + n)
+        else:
+            in_cnt = Cin
         ci_blocks = tl.cdiv(in_cnt, BLOCK_CI)
         x_n = x_ptr + n * sxn
         for step in range(0, KH * KW * ci_blocks):
             tap = step // ci_blocks
             k = (step % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
             k_mask = k < in_cnt
-            ci = tl.load(in_idx_ptr + n * Cin + k, mask=k_mask, other=0)
+            if HAS_IN_GATE:
+                ci = tl.load(in_idx_ptr + n * Cin + k, mask=k_mask, other=0)
+            else:  # every input channel: contiguous indices, so the loads vectorise
+                ci = k
             ky = tap // KW
             kx = tap % KW
             ih = oh * stride_h - pad_h + ky * dil_h
@@ -82,7 +90,7 @@ def _channel_sparse_conv2d_kernel(
                 other=0.0,
             )
             b = tl.load(
-                w_ptr + (tap * Cin + ci[:, None]) * Cout + co[None, :],
+                w_ptr + co[None, :] * (KH * KW * Cin) + tap * Cin + ci[:, None],
                 mask=k_mask[:, None] & j_mask[None, :],
                 other=0.0,
             )
@@ -143,11 +151,8 @@ def _empty_output(x, weight, stride, padding, dilation) -> torch.Tensor:
     return torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
 
 
-def _channel_lists(gate: Optional[torch.Tensor], n: int, c: int, device: torch.device):
+def _channel_lists(gate: torch.Tensor, n: int, c: int, device: torch.device):
     """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. No host sync."""
-    if gate is None:
-        idx = torch.arange(c, device=device, dtype=torch.int32).expand(n, c).contiguous()
-        return idx, torch.full((n,), c, device=device, dtype=torch.int32)
     idx, count = reference.compact(gate, 0.0)
     return idx.contiguous(), count  # the kernel reads rows at n * c
 
@@ -170,9 +175,10 @@ def channel_sparse_conv2d_triton(
     if y.numel() == 0:
         return y
     out_idx, out_cnt = _channel_lists(out_gate, n, cout, x.device)
-    in_idx, in_cnt = _channel_lists(in_gate, n, cin, x.device)
-    # [kh*kw, Cin, Cout]: a weight tile's output channels lie along contiguous memory.
-    w_packed = weight.permute(2, 3, 1, 0).contiguous()
+    in_idx, in_cnt = _channel_lists(in_gate, n, cin, x.device) if in_gate is not None else (out_idx, out_cnt)
+    # [Cout, kh, kw, Cin]: a weight tile's rows are gathered output channels, each a
+    # contiguous run of input channels (like channels_last x), so loads vectorise along Cin.
+    w_packed = weight.permute(0, 2, 3, 1).contiguous()
     gate = out_gate if out_gate.dtype.is_floating_point else out_gate.to(x.dtype)
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
     if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
@@ -186,7 +192,7 @@ def channel_sparse_conv2d_triton(
         *x.stride(), *y.stride(), *gate.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
-    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision)
+    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_IN_GATE=in_gate is not None, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision)
     if triton_interpret() and not x.is_cuda:
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(ho * wo, blocks["BLOCK_P"]), triton.cdiv(cout, blocks["BLOCK_CO"]), n)
