@@ -144,6 +144,8 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
   const int64_t pitch = shifted ? Wp : g.Wo;  // row pitch of the GEMM result
   const int64_t xpad_len = Hp * Wp + (g.kw - 1) * g.dw;  // last tap's window ends here
+  const Tensor w_taps = shifted ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
+  const scalar_t* wtp = shifted ? w_taps.const_data_ptr<scalar_t>() : nullptr;
 
   // Samples are the unit of parallel work (the nested GEMMs run single-threaded).
   at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
@@ -169,13 +171,18 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
           for (int64_t h = 0; h < g.H; ++h)
             for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
         }
-        // wg [taps, kout, kin]: the weights of the active (output, input) channel pairs per tap.
+        // wg [taps, kout, kin]: the weights of the active (output, input) channel pairs per tap,
+        // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels).
         wg_buf.resize(taps * kout * kin);
-        for (int64_t j = 0; j < kout; ++j) {
-          const scalar_t* wrow = wp + static_cast<int64_t>(co[j]) * Cin * taps;
-          for (int64_t i = 0; i < kin; ++i) {
-            const scalar_t* wsrc = wrow + static_cast<int64_t>(ci[i]) * taps;
-            for (int64_t r = 0; r < taps; ++r) wg_buf[(r * kout + j) * kin + i] = wsrc[r];
+        for (int64_t r = 0; r < taps; ++r) {
+          for (int64_t j = 0; j < kout; ++j) {
+            const scalar_t* wsrc = wtp + (r * Cout + co[j]) * Cin;
+            scalar_t* dst = wg_buf.data() + (r * kout + j) * kin;
+            if (kin == Cin) {
+              std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
+            } else {
+              for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
+            }
           }
         }
         Tensor out_t = at::from_blob(out, {kout, P}, opts);

@@ -31,7 +31,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import reference
 from .._extension import triton_interpret
 
 
@@ -110,6 +109,23 @@ def _channel_sparse_conv2d_kernel(
     )
 
 
+@triton.jit
+def _compact_rows_kernel(gate_ptr, idx_ptr, cnt_ptr, C, sgn, sgc, BLOCK_C: tl.constexpr):
+    """Row n of a [N, C] gate -> idx[n]: its active positions (gate > 0), then the inactive
+    ones, each in increasing order; cnt[n]: the number of active ones. One program per row."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    in_row = c < C
+    g = tl.load(gate_ptr + n * sgn + c * sgc, mask=in_row, other=0).to(tl.float32)
+    active = (g > 0) & in_row
+    act = active.to(tl.int32)
+    before = tl.cumsum(act, axis=0) - act  # active positions before c
+    count = tl.sum(act, axis=0)
+    pos = tl.where(active, before, count + (c - before))
+    tl.store(idx_ptr + n * C + pos, c.to(tl.int32), mask=in_row)
+    tl.store(cnt_ptr + n, count)
+
+
 def _gpu_configs():
     configs = []
     for bp, bco, bci, warps, stages in [
@@ -151,10 +167,14 @@ def _empty_output(x, weight, stride, padding, dilation) -> torch.Tensor:
     return torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
 
 
-def _channel_lists(gate: torch.Tensor, n: int, c: int, device: torch.device):
-    """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. No host sync."""
-    idx, count = reference.compact(gate, 0.0)
-    return idx.contiguous(), count  # the kernel reads rows at n * c
+def _channel_lists(gate: torch.Tensor):
+    """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. One
+    kernel launch, no host sync (the same result as dynkernels.compact(gate) row by row)."""
+    n, c = gate.shape
+    idx = torch.empty((n, c), device=gate.device, dtype=torch.int32)
+    count = torch.empty((n,), device=gate.device, dtype=torch.int32)
+    wrap_triton(_compact_rows_kernel)[(n,)](gate, idx, count, c, *gate.stride(), BLOCK_C=triton.next_power_of_2(c))
+    return idx, count
 
 
 @triton_op("dynkernels::channel_sparse_conv2d_triton", mutates_args=())
@@ -174,12 +194,15 @@ def channel_sparse_conv2d_triton(
     ho, wo = y.shape[2:]
     if y.numel() == 0:
         return y
-    out_idx, out_cnt = _channel_lists(out_gate, n, cout, x.device)
-    in_idx, in_cnt = _channel_lists(in_gate, n, cin, x.device) if in_gate is not None else (out_idx, out_cnt)
+    gate = out_gate if out_gate.dtype.is_floating_point else out_gate.to(x.dtype)
+    out_idx, out_cnt = _channel_lists(gate)
+    if in_gate is not None:
+        in_idx, in_cnt = _channel_lists(in_gate if in_gate.dtype.is_floating_point else in_gate.to(x.dtype))
+    else:  # unused by the kernel (HAS_IN_GATE=False)
+        in_idx, in_cnt = out_idx, out_cnt
     # [Cout, kh, kw, Cin]: a weight tile's rows are gathered output channels, each a
     # contiguous run of input channels (like channels_last x), so loads vectorise along Cin.
     w_packed = weight.permute(0, 2, 3, 1).contiguous()
-    gate = out_gate if out_gate.dtype.is_floating_point else out_gate.to(x.dtype)
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
     if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
         precision = "tf32"
