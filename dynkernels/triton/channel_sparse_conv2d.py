@@ -3,9 +3,9 @@
 torch.ops.dynkernels.channel_sparse_conv2d_triton(x, weight, bias, out_gate, in_gate, stride,
 padding, dilation) follows the contract of dynkernels.channel_sparse_conv2d (DESIGN.md).
 
-How the work shrinks: each sample's gates are compacted on the device (no host sync) into a
-channel list that holds its active channels first, then the inactive ones, plus the active
-count. A program owns one sample n, a tile of BLOCK_P output pixels and a tile of BLOCK_CO
+How the work shrinks: each sample's gates are compacted on the device (_compact_rows_kernel,
+one launch per gate, no host sync) into a channel list that holds its active channels first,
+then the inactive ones, plus the active count. A program owns one sample n, a tile of BLOCK_P output pixels and a tile of BLOCK_CO
 positions of n's output list:
   - a tile that starts past n's active output count only writes zeros (no reduction);
   - the reduction runs over kh*kw taps times n's active input channels only, BLOCK_CI at a
@@ -215,7 +215,10 @@ def channel_sparse_conv2d_triton(
         *x.stride(), *y.stride(), *gate.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
-    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_IN_GATE=in_gate is not None, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision)
+    meta = dict(
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_IN_GATE=in_gate is not None,
+        ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+    )
     if triton_interpret() and not x.is_cuda:
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(ho * wo, blocks["BLOCK_P"]), triton.cdiv(cout, blocks["BLOCK_CO"]), n)
