@@ -171,26 +171,25 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
           for (int64_t h = 0; h < g.H; ++h)
             for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
         }
-        // wg [taps, kout, kin]: the weights of the active (output, input) channel pairs per tap,
-        // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels).
-        wg_buf.resize(taps * kout * kin);
-        for (int64_t r = 0; r < taps; ++r) {
-          for (int64_t j = 0; j < kout; ++j) {
-            const scalar_t* wsrc = wtp + (r * Cout + co[j]) * Cin;
-            scalar_t* dst = wg_buf.data() + (r * kout + j) * kin;
-            if (kin == Cin) {
-              std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
-            } else {
-              for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
-            }
-          }
-        }
+        // Per tap r: wg [kout, kin], the weights of the active (output, input) channel pairs,
+        // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels)
+        // just before its GEMM, so a sample's working set stays small (xpad, one wg, out).
+        wg_buf.resize(kout * kin);
         Tensor out_t = at::from_blob(out, {kout, P}, opts);
         Tensor xpad_t = at::from_blob(in_buf.data(), {kin, xpad_len}, opts);
+        Tensor wg_t = at::from_blob(wg_buf.data(), {kout, kin}, opts);
         for (int64_t ky = 0; ky < g.kh; ++ky) {
           for (int64_t kx = 0; kx < g.kw; ++kx) {
             const int64_t r = ky * g.kw + kx;
-            Tensor wg_t = at::from_blob(wg_buf.data() + r * kout * kin, {kout, kin}, opts);
+            for (int64_t j = 0; j < kout; ++j) {
+              const scalar_t* wsrc = wtp + (r * Cout + co[j]) * Cin;
+              scalar_t* dst = wg_buf.data() + j * kin;
+              if (kin == Cin) {
+                std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
+              } else {
+                for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
+              }
+            }
             Tensor window = xpad_t.narrow(1, ky * g.dh * Wp + kx * g.dw, P);
             if (r == 0)
               at::mm_out(out_t, wg_t, window);
