@@ -7,7 +7,8 @@
 // active channels, then one GEMM); then add the bias and scale by the gate while writing the
 // active output channels. Inactive output channels are written as exact zeros.
 // FLOPs: about kout * kin * kh * kw * Ho * Wo per sample (stride 1: times Wp / Wo).
-// Samples run in parallel (at::parallel_for), each GEMM single-threaded inside its task.
+// Samples run in parallel (claimed one by one by the threads of at::parallel_for), each GEMM
+// single-threaded inside its task.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -18,6 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -147,10 +149,13 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const Tensor w_taps = shifted ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
   const scalar_t* wtp = shifted ? w_taps.const_data_ptr<scalar_t>() : nullptr;
 
-  // Samples are the unit of parallel work (the nested GEMMs run single-threaded).
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+  // Samples are the unit of parallel work (the nested GEMMs run single-threaded). Each
+  // thread takes the next unclaimed sample, so uneven gate densities and a core shared with
+  // another process do not leave a thread idle behind a static split.
+  std::atomic<int64_t> next_sample{0};
+  at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
     std::vector<scalar_t> in_buf, wg_buf, out_buf;
-    for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t n = next_sample++; n < N; n = next_sample++) {
       const auto& co = out_lists[n];
       const auto& ci = in_lists[n];
       const int64_t kout = static_cast<int64_t>(co.size()), kin = static_cast<int64_t>(ci.size());
@@ -168,8 +173,13 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
         for (int64_t i = 0; i < kin; ++i) {
           const scalar_t* src = xs + static_cast<int64_t>(ci[i]) * sxc;
           scalar_t* dst = in_buf.data() + i * xpad_len + g.ph * Wp + g.pw;
-          for (int64_t h = 0; h < g.H; ++h)
-            for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
+          for (int64_t h = 0; h < g.H; ++h) {
+            if (sxw == 1) {
+              std::memcpy(dst + h * Wp, src + h * sxh, g.W * sizeof(scalar_t));
+            } else {
+              for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
+            }
+          }
         }
         // Per tap r: wg [kout, kin], the weights of the active (output, input) channel pairs,
         // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels)
@@ -219,9 +229,17 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
         const opmath_t bc = bp ? bp[c] : opmath_t(0);
         const scalar_t* src = out + j * P;
         scalar_t* dst = yp + n * syn + c * syc;
-        for (int64_t oh = 0; oh < g.Ho; ++oh)
-          for (int64_t ow = 0; ow < g.Wo; ++ow)
-            dst[oh * syh + ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(src[oh * pitch + ow]) + bc) * s);
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const scalar_t* srow = src + oh * pitch;
+          scalar_t* drow = dst + oh * syh;
+          if (syw == 1) {  // NCHW: unit stride, so the compiler vectorises this loop
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              drow[ow] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
+          } else {
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              drow[ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
+          }
+        }
       }
     }
   });
