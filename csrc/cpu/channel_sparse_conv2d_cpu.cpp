@@ -125,7 +125,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
                    const ConvGeometry& g, Tensor& y) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0);
-  const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo;
+  const int64_t taps = g.kh * g.kw;
   const Tensor w = weight.contiguous();
   const Tensor gate = out_gate.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
   const Tensor b = bias.defined() ? bias.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
