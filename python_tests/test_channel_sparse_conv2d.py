@@ -252,3 +252,18 @@ def test_compiled_op_checks_shapes_itself():
     with pytest.raises(RuntimeError, match="out_gate must be"):
         torch.ops.dynkernels.channel_sparse_conv2d(kw["x"], kw["weight"], kw["bias"], torch.ones(3, 4), None,
                                                   [1, 1], [1, 1], [1, 1])
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_triton_channel_lists_match_compact(device):
+    """The Triton kernel's on-device compaction equals dynkernels.reference.compact row by row."""
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    gate = rand_gate((5, 37), 0.4, device)
+    gate[1] = 0
+    gate[2] = 1
+    idx, count = _triton()._channel_lists(gate.t().contiguous().t())  # strided rows too
+    want_idx, want_count = reference.compact(gate)
+    assert torch.equal(idx.cpu(), want_idx.cpu()) and torch.equal(count.cpu(), want_count.cpu())

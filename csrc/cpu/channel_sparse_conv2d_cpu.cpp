@@ -1,12 +1,14 @@
 // CPU kernel for channel_sparse_conv2d (contract: DESIGN.md).
 //
 // Per sample n: list its active input channels (in_gate > 0, all when there is no in_gate)
-// and active output channels (out_gate > 0); im2col only the active input channels into
-// cols [kin*kh*kw, Ho*Wo]; gather the weight rows of the active output channels and the
-// columns of the active input channels into wg [kout, kin*kh*kw]; one GEMM wg @ cols; then
-// add the bias and scale by the gate while writing the active output channels. Inactive
-// output channels are written as exact zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
-// Samples run in parallel (at::parallel_for), each GEMM single-threaded inside its task.
+// and active output channels (out_gate > 0); gather the weights of the active (output,
+// input) channel pairs; multiply them with only the active input channels (stride 1: kh*kw
+// shifted GEMMs over a zero-padded copy, see conv_cpu_impl; other strides: im2col of the
+// active channels, then one GEMM); then add the bias and scale by the gate while writing the
+// active output channels. Inactive output channels are written as exact zeros.
+// FLOPs: about kout * kin * kh * kw * Ho * Wo per sample (stride 1: times Wp / Wo).
+// Samples run in parallel (claimed one by one by the threads of at::parallel_for), each GEMM
+// single-threaded inside its task.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -17,7 +19,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <vector>
 
@@ -123,7 +125,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
                    const ConvGeometry& g, Tensor& y) {
   using opmath_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0);
-  const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo;
+  const int64_t taps = g.kh * g.kw;
   const Tensor w = weight.contiguous();
   const Tensor gate = out_gate.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
   const Tensor b = bias.defined() ? bias.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
@@ -135,21 +137,81 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
   const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  const char* budget_env = std::getenv("DKCS_COLS");
-  const int64_t cols_budget = budget_env ? std::atoll(budget_env) : (int64_t(256) << 10) / int64_t(sizeof(scalar_t));
+  // Stride 1: "shifted GEMMs" over a zero-padded copy of the active input channels, no
+  // im2col. With the padded rows flattened (pitch Wp), tap (ky, kx) of every output pixel
+  // reads the same contiguous window shifted by ky*dh*Wp + kx*dw, so the conv is kh*kw
+  // accumulating GEMMs [kout, kin] @ xpad[:, shift : shift + Ho*Wp]; the (Wp - Wo) extra
+  // columns per output row are computed and dropped. Other strides: im2col + one GEMM.
+  const bool shifted = g.sh == 1 && g.sw == 1;
+  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
+  const int64_t pitch = shifted ? Wp : g.Wo;  // row pitch of the GEMM result
+  const int64_t xpad_len = Hp * Wp + (g.kw - 1) * g.dw;  // last tap's window ends here
+  const Tensor w_taps = shifted ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
+  const scalar_t* wtp = shifted ? w_taps.const_data_ptr<scalar_t>() : nullptr;
 
-  // One GEMM per sample; a sample's GEMM is big enough to keep one core busy, so samples
-  // are the unit of parallel work (nested BLAS calls run single-threaded).
-  at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
-    std::vector<scalar_t> cols_buf, wg_buf, out_buf;
-    for (int64_t n = n0; n < n1; ++n) {
+  // Samples are the unit of parallel work (the nested GEMMs run single-threaded). Each
+  // thread takes the next unclaimed sample, so uneven gate densities and a core shared with
+  // another process do not leave a thread idle behind a static split.
+  std::atomic<int64_t> next_sample{0};
+  at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
+    std::vector<scalar_t> in_buf, wg_buf, out_buf;
+    for (int64_t n = next_sample++; n < N; n = next_sample++) {
       const auto& co = out_lists[n];
       const auto& ci = in_lists[n];
       const int64_t kout = static_cast<int64_t>(co.size()), kin = static_cast<int64_t>(ci.size());
       write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
       if (kout == 0) continue;
-      const int64_t K = kin * taps;
-      if (K > 0) {
+      const int64_t P = g.Ho * pitch;
+      out_buf.resize(kout * P);
+      scalar_t* out = out_buf.data();
+      if (kin == 0) {
+        std::fill(out, out + kout * P, scalar_t(0));
+      } else if (shifted) {
+        // xpad [kin, xpad_len]: the active input channels, zero-padded.
+        in_buf.assign(kin * xpad_len, scalar_t(0));
+        const scalar_t* xs = xp + n * sxn;
+        for (int64_t i = 0; i < kin; ++i) {
+          const scalar_t* src = xs + static_cast<int64_t>(ci[i]) * sxc;
+          scalar_t* dst = in_buf.data() + i * xpad_len + g.ph * Wp + g.pw;
+          for (int64_t h = 0; h < g.H; ++h) {
+            if (sxw == 1) {
+              std::memcpy(dst + h * Wp, src + h * sxh, g.W * sizeof(scalar_t));
+            } else {
+              for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
+            }
+          }
+        }
+        // Per tap r: wg [kout, kin], the weights of the active (output, input) channel pairs,
+        // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels)
+        // just before its GEMM, so a sample's working set stays small (xpad, one wg, out).
+        wg_buf.resize(kout * kin);
+        Tensor out_t = at::from_blob(out, {kout, P}, opts);
+        Tensor xpad_t = at::from_blob(in_buf.data(), {kin, xpad_len}, opts);
+        Tensor wg_t = at::from_blob(wg_buf.data(), {kout, kin}, opts);
+        for (int64_t ky = 0; ky < g.kh; ++ky) {
+          for (int64_t kx = 0; kx < g.kw; ++kx) {
+            const int64_t r = ky * g.kw + kx;
+            for (int64_t j = 0; j < kout; ++j) {
+              const scalar_t* wsrc = wtp + (r * Cout + co[j]) * Cin;
+              scalar_t* dst = wg_buf.data() + j * kin;
+              if (kin == Cin) {
+                std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
+              } else {
+                for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
+              }
+            }
+            Tensor window = xpad_t.narrow(1, ky * g.dh * Wp + kx * g.dw, P);
+            if (r == 0)
+              at::mm_out(out_t, wg_t, window);
+            else
+              out_t.addmm_(wg_t, window);
+          }
+        }
+      } else {
+        // cols [kin*taps, Ho*Wo] and wg [kout, kin*taps]: one GEMM.
+        const int64_t K = kin * taps;
+        in_buf.resize(K * P);
+        im2col_active(xp + n * sxn, sxc, sxh, sxw, ci, g, 0, g.Ho, in_buf.data());
         wg_buf.resize(kout * K);
         for (int64_t j = 0; j < kout; ++j) {
           const scalar_t* wrow = wp + static_cast<int64_t>(co[j]) * Cin * taps;
@@ -157,37 +219,25 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
           for (int64_t i = 0; i < kin; ++i)
             std::memcpy(dst + i * taps, wrow + static_cast<int64_t>(ci[i]) * taps, taps * sizeof(scalar_t));
         }
+        Tensor out_t = at::from_blob(out, {kout, P}, opts);
+        at::mm_out(out_t, at::from_blob(wg_buf.data(), {kout, K}, opts), at::from_blob(in_buf.data(), {K, P}, opts));
       }
-      // Output rows in chunks whose im2col block stays in the core's cache while the GEMM reads it.
-      const int64_t chunk = std::clamp<int64_t>(cols_budget / std::max<int64_t>(K * g.Wo, 1), 1, g.Ho);
-      for (int64_t oh0 = 0; oh0 < g.Ho; oh0 += chunk) {
-        const int64_t oh1 = std::min(oh0 + chunk, g.Ho), Pc = (oh1 - oh0) * g.Wo;
-        out_buf.resize(kout * Pc);
-        scalar_t* out = out_buf.data();
-        if (K == 0) {
-          std::fill(out, out + kout * Pc, scalar_t(0));
-        } else {
-          cols_buf.resize(K * Pc);
-          im2col_active(xp + n * sxn, sxc, sxh, sxw, ci, g, oh0, oh1, cols_buf.data());
-          Tensor wg_t = at::from_blob(wg_buf.data(), {kout, K}, opts);
-          Tensor cols_t = at::from_blob(cols_buf.data(), {K, Pc}, opts);
-          Tensor out_t = at::from_blob(out, {kout, Pc}, opts);
-          at::mm_out(out_t, wg_t, cols_t);
-        }
-        // Epilogue: bias and gate scale, written into the sample's active output channels.
-        for (int64_t j = 0; j < kout; ++j) {
-          const int64_t c = co[j];
-          const opmath_t s = gp[n * Cout + c];
-          const opmath_t bc = bp ? bp[c] : opmath_t(0);
-          const scalar_t* src = out + j * Pc;
-          scalar_t* dst = yp + n * syn + c * syc + oh0 * syh;
-          if (syw == 1 && syh == g.Wo) {
-            for (int64_t p = 0; p < Pc; ++p) dst[p] = static_cast<scalar_t>((static_cast<opmath_t>(src[p]) + bc) * s);
+      // Epilogue: bias and gate scale, written into the sample's active output channels.
+      for (int64_t j = 0; j < kout; ++j) {
+        const int64_t c = co[j];
+        const opmath_t s = gp[n * Cout + c];
+        const opmath_t bc = bp ? bp[c] : opmath_t(0);
+        const scalar_t* src = out + j * P;
+        scalar_t* dst = yp + n * syn + c * syc;
+        for (int64_t oh = 0; oh < g.Ho; ++oh) {
+          const scalar_t* srow = src + oh * pitch;
+          scalar_t* drow = dst + oh * syh;
+          if (syw == 1) {  // NCHW: unit stride, so the compiler vectorises this loop
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              drow[ow] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
           } else {
-            for (int64_t oh = 0; oh < oh1 - oh0; ++oh)
-              for (int64_t ow = 0; ow < g.Wo; ++ow)
-                dst[oh * syh + ow * syw] =
-                    static_cast<scalar_t>((static_cast<opmath_t>(src[oh * g.Wo + ow]) + bc) * s);
+            for (int64_t ow = 0; ow < g.Wo; ++ow)
+              drow[ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
           }
         }
       }

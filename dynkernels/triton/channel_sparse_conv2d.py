@@ -3,15 +3,17 @@
 torch.ops.dynkernels.channel_sparse_conv2d_triton(x, weight, bias, out_gate, in_gate, stride,
 padding, dilation) follows the contract of dynkernels.channel_sparse_conv2d (DESIGN.md).
 
-How the work shrinks: each sample's gates are compacted on the device (no host sync) into a
-channel list that holds its active channels first, then the inactive ones, plus the active
-count. A program owns one sample n, a tile of BLOCK_P output pixels and a tile of BLOCK_CO
+How the work shrinks: each sample's gates are compacted on the device (_compact_rows_kernel,
+one launch per gate, no host sync) into a channel list that holds its active channels first,
+then the inactive ones, plus the active count. A program owns one sample n, a tile of BLOCK_P output pixels and a tile of BLOCK_CO
 positions of n's output list:
   - a tile that starts past n's active output count only writes zeros (no reduction);
   - the reduction runs over kh*kw taps times n's active input channels only, BLOCK_CI at a
     time, each step one tl.dot of an im2col tile [BLOCK_P, BLOCK_CI] (gathered from x through
     its strides, so NCHW, channels_last and other strided inputs need no copy) and a weight
-    tile [BLOCK_CI, BLOCK_CO] (gathered from the weight repacked as [kh*kw, Cin, Cout]);
+    tile [BLOCK_CI, BLOCK_CO] (rows of the weight repacked as [Cout, kh, kw, Cin]); without an
+    in_gate the input channels are a plain range, so both tiles load as contiguous vectors
+    along Cin for channels_last x;
   - the epilogue adds the bias, multiplies by the gate and writes exact zeros for the
     list positions past the active count, so every output channel is written exactly once.
 The per-step loop is one flat loop over (tap, input-channel block), which Triton software-
@@ -29,7 +31,6 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
-from .. import reference
 from .._extension import triton_interpret
 
 
@@ -42,7 +43,7 @@ def _channel_sparse_conv2d_kernel(
     syn, syc, syh, syw,
     sgn, sgc,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_GATE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
@@ -63,14 +64,20 @@ def _channel_sparse_conv2d_kernel(
 
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     if pid_co * BLOCK_CO < out_cnt:  # else the whole tile is inactive: zeros only
-        in_cnt = tl.load(in_cnt_ptr + n)
+        if HAS_IN_GATE:
+            in_cnt = tl.load(in_cnt_ptr + n)
+        else:
+            in_cnt = Cin
         ci_blocks = tl.cdiv(in_cnt, BLOCK_CI)
         x_n = x_ptr + n * sxn
         for step in range(0, KH * KW * ci_blocks):
             tap = step // ci_blocks
             k = (step % ci_blocks) * BLOCK_CI + tl.arange(0, BLOCK_CI)
             k_mask = k < in_cnt
-            ci = tl.load(in_idx_ptr + n * Cin + k, mask=k_mask, other=0)
+            if HAS_IN_GATE:
+                ci = tl.load(in_idx_ptr + n * Cin + k, mask=k_mask, other=0)
+            else:  # every input channel: contiguous indices, so the loads vectorise
+                ci = k
             ky = tap // KW
             kx = tap % KW
             ih = oh * stride_h - pad_h + ky * dil_h
@@ -82,7 +89,7 @@ def _channel_sparse_conv2d_kernel(
                 other=0.0,
             )
             b = tl.load(
-                w_ptr + (tap * Cin + ci[:, None]) * Cout + co[None, :],
+                w_ptr + co[None, :] * (KH * KW * Cin) + tap * Cin + ci[:, None],
                 mask=k_mask[:, None] & j_mask[None, :],
                 other=0.0,
             )
@@ -100,6 +107,23 @@ def _channel_sparse_conv2d_kernel(
         out.to(y_ptr.dtype.element_ty),
         mask=p_mask[:, None] & j_mask[None, :],
     )
+
+
+@triton.jit
+def _compact_rows_kernel(gate_ptr, idx_ptr, cnt_ptr, C, sgn, sgc, BLOCK_C: tl.constexpr):
+    """Row n of a [N, C] gate -> idx[n]: its active positions (gate > 0), then the inactive
+    ones, each in increasing order; cnt[n]: the number of active ones. One program per row."""
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK_C)
+    in_row = c < C
+    g = tl.load(gate_ptr + n * sgn + c * sgc, mask=in_row, other=0).to(tl.float32)
+    active = (g > 0) & in_row
+    act = active.to(tl.int32)
+    before = tl.cumsum(act, axis=0) - act  # active positions before c
+    count = tl.sum(act, axis=0)
+    pos = tl.where(active, before, count + (c - before))
+    tl.store(idx_ptr + n * C + pos, c.to(tl.int32), mask=in_row)
+    tl.store(cnt_ptr + n, count)
 
 
 def _gpu_configs():
@@ -143,13 +167,14 @@ def _empty_output(x, weight, stride, padding, dilation) -> torch.Tensor:
     return torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
 
 
-def _channel_lists(gate: Optional[torch.Tensor], n: int, c: int, device: torch.device):
-    """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. No host sync."""
-    if gate is None:
-        idx = torch.arange(c, device=device, dtype=torch.int32).expand(n, c).contiguous()
-        return idx, torch.full((n,), c, device=device, dtype=torch.int32)
-    idx, count = reference.compact(gate, 0.0)
-    return idx.contiguous(), count  # the kernel reads rows at n * c
+def _channel_lists(gate: torch.Tensor):
+    """(idx [n, c] int32, count [n] int32): each row's active channels, then the rest. One
+    kernel launch, no host sync (the same result as dynkernels.compact(gate) row by row)."""
+    n, c = gate.shape
+    idx = torch.empty((n, c), device=gate.device, dtype=torch.int32)
+    count = torch.empty((n,), device=gate.device, dtype=torch.int32)
+    wrap_triton(_compact_rows_kernel)[(n,)](gate, idx, count, c, *gate.stride(), BLOCK_C=triton.next_power_of_2(c))
+    return idx, count
 
 
 @triton_op("dynkernels::channel_sparse_conv2d_triton", mutates_args=())
@@ -169,11 +194,15 @@ def channel_sparse_conv2d_triton(
     ho, wo = y.shape[2:]
     if y.numel() == 0:
         return y
-    out_idx, out_cnt = _channel_lists(out_gate, n, cout, x.device)
-    in_idx, in_cnt = _channel_lists(in_gate, n, cin, x.device)
-    # [kh*kw, Cin, Cout]: a weight tile's output channels lie along contiguous memory.
-    w_packed = weight.permute(2, 3, 1, 0).contiguous()
     gate = out_gate if out_gate.dtype.is_floating_point else out_gate.to(x.dtype)
+    out_idx, out_cnt = _channel_lists(gate)
+    if in_gate is not None:
+        in_idx, in_cnt = _channel_lists(in_gate if in_gate.dtype.is_floating_point else in_gate.to(x.dtype))
+    else:  # unused by the kernel (HAS_IN_GATE=False)
+        in_idx, in_cnt = out_idx, out_cnt
+    # [Cout, kh, kw, Cin]: a weight tile's rows are gathered output channels, each a
+    # contiguous run of input channels (like channels_last x), so loads vectorise along Cin.
+    w_packed = weight.permute(0, 2, 3, 1).contiguous()
     acc_dtype = tl.float64 if x.dtype == torch.float64 else tl.float32
     if x.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and x.is_cuda:
         precision = "tf32"
@@ -186,7 +215,10 @@ def channel_sparse_conv2d_triton(
         *x.stride(), *y.stride(), *gate.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
-    meta = dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision)
+    meta = dict(
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_IN_GATE=in_gate is not None,
+        ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
+    )
     if triton_interpret() and not x.is_cuda:
         blocks = _INTERPRETER_BLOCKS
         grid = (triton.cdiv(ho * wo, blocks["BLOCK_P"]), triton.cdiv(cout, blocks["BLOCK_CO"]), n)
