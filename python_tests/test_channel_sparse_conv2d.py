@@ -259,6 +259,8 @@ def test_compiled_op_checks_shapes_itself():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_triton_channel_lists_match_compact(device):
     """The Triton kernel's on-device compaction equals dynkernels.reference.compact row by row."""
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     from dynkernels.ops.channel_sparse_conv2d import _triton
 
     gate = rand_gate((5, 37), 0.4, device)
