@@ -1,4 +1,5 @@
 """Loading the compiled kernels (dynkernels._C) and describing the build."""
+import functools
 import importlib.util
 import os
 
@@ -54,6 +55,7 @@ def cuda_kernels_compiled() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("dynkernels::gather_rows", "CUDA")
 
 
+@functools.lru_cache(maxsize=None)
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -269,22 +269,24 @@ class SkipBlock(nn.Module):
         m = _row_mask(active(gate, False).to(y.dtype), y)
         return y * m + base * (1 - m)
 
-    def _plain_sparse(self, x, plan):
+    def _run_kept(self, x, plan):
+        """(shortcut(x), the block on the compact batch of kept samples, or None if none kept)."""
         base = self._shortcut(x)
         if plan.none_kept:
-            return base
+            return base, None
         y = self.block(gather_kept(x, plan, self.backend))
         if y.shape[1:] != base.shape[1:]:
             raise _shape_error(y.shape[1:], base.shape[1:], self._shortcut_name())
-        return merge_kept(base, y, plan, self.backend)
+        return base, y
+
+    def _plain_sparse(self, x, plan):
+        base, y = self._run_kept(x, plan)
+        return base if y is None else merge_kept(base, y, plan, self.backend)
 
     def _scaled_sparse(self, x, gate, plan):
-        base = self._shortcut(x)
-        if plan.none_kept:
+        base, y = self._run_kept(x, plan)
+        if y is None:
             return base
-        y = self.block(gather_kept(x, plan, self.backend))
-        if y.shape[1:] != base.shape[1:]:
-            raise _shape_error(y.shape[1:], base.shape[1:], self._shortcut_name())
         scale = gate.to(y.dtype) if gate.dtype == torch.bool else gate
         return ops.scatter_add_rows(base, y, plan.idx, plan.count, scale, backend=self.backend)
 

@@ -1,6 +1,6 @@
 """CPU timing of sample-sparse execution against the papers' masked execution (issue 4 s.6).
 
-    python tools/time_skip_blocks_cpu.py [--threads 1] [--pairs-chain 30] [--pairs-r110 10] [--extra]
+    python bench/targets/time_skip_blocks_cpu.py [--threads 1] [--pairs-chain 30] [--pairs-r110 10] [--extra]
 
 Cases (fp32, eval mode, no_grad unless said):
   chain:  4 basic blocks (64 channels, 16x16, batch 64), each block kept by exactly half the

@@ -1,10 +1,10 @@
 """Timing of channel_sparse_conv2d against the dense nn.Conv2d, for the numbers in issue 3.
 
-CPU:  python tools/time_channel_sparse_conv2d.py --device cpu [--threads 2] [--rounds 40]
+CPU:  python bench/targets/time_channel_sparse_conv2d.py --device cpu [--threads 2] [--rounds 40]
       batch 32, 128 -> 128 channels, 3x3, pad 1, 16x16, fp32, NCHW, random per-sample gates.
       The cases run interleaved round after round (so machine load hits them alike); each
       number is the median of the rounds after 3 warm-up calls. Same torch.get_num_threads().
-GPU:  python tools/time_channel_sparse_conv2d.py --device cuda [--backend triton] [--dtype bf16]
+GPU:  python bench/targets/time_channel_sparse_conv2d.py --device cuda [--backend triton] [--dtype bf16]
       3x3 and 1x1 layer shapes of ResNet-18/50, batch 64 and 128, channels_last, against
       cuDNN dense in the same dtype; triton.testing.do_bench medians (ms).
 The dense model is nn.Conv2d with bias; the gated call is dynkernels.channel_sparse_conv2d.
