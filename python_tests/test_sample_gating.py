@@ -4,6 +4,10 @@ Backends come from _utils.device_backends(): the reference and the C++ kernels o
 the Triton kernels on CPU tensors under TRITON_INTERPRET=1, and the CUDA / Triton kernels on
 a GPU (marked `cuda`, skipped without one). Interpreter cases are kept small.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -403,13 +407,25 @@ def test_cuda_kernels_registered_when_built():
 # ----------------------------------------------------------------------------- Triton for the GPU
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-def test_triton_kernels_compile_for_hopper():
+def test_triton_kernels_compile_for_hopper(tmp_path):
     """Compile the Triton kernels for sm_90 ahead of time, with the dtypes the interpreter cannot
-    run (bf16): a machine without a GPU still catches what would fail to compile on one."""
+    run (bf16): a machine without a GPU still catches what would fail to compile on one.
+
+    In a subprocess without TRITON_INTERPRET (under the interpreter even triton.language's own
+    helpers, e.g. tl.sum's combine function, are interpreted and cannot be compiled) and with
+    an empty Triton cache, so the kernels really are compiled, not read back from an earlier run.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    code = "import test_sample_gating as t; t.compile_triton_kernels_for_hopper()"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(__file__), env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def compile_triton_kernels_for_hopper():
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import JITFunction
 
     sg = _triton()
     ptrs = lambda **kw: {k: f"*{v}" for k, v in kw.items()}  # noqa: E731
@@ -422,8 +438,7 @@ def test_triton_kernels_compile_for_hopper():
     for dt, acc, has_scale in (("bf16", "fp32", True), ("fp16", "fp32", False), ("fp64", "fp64", True)):
         sig = {**ptrs(base_ptr=dt, y_ptr=dt, idx_ptr="i32", count_ptr="i32", inv_ptr="i32", scale_ptr=acc, out_ptr=dt), "N": "i32", "limit": "i32", "row_elems": "i32"}
         cases.append((sg._scatter_add_rows_kernel, sig, {"HAS_SCALE": has_scale, "FP64": dt == "fp64", "BLOCK": 2048}))
-    for kernel, sig, constexprs in cases:
-        fn = JITFunction(kernel.fn) if hasattr(kernel, "fn") and not isinstance(kernel, JITFunction) else kernel  # interpreted kernels wrap fn
+    for fn, sig, constexprs in cases:
         sig = {**sig, **{name: "constexpr" for name in constexprs}}
         names = list(sig)
         assert names == fn.arg_names, f"{fn.__name__}: signature {names} != {fn.arg_names}"
