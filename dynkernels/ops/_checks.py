@@ -26,13 +26,6 @@ def same_device(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.T
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}; they must be on one device")
 
 
-def row_layout(x: torch.Tensor) -> torch.memory_format:
-    """Layout of outputs made from x's rows (the same rule as the C++ kernels)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def gate(op: str, name: str, g, dims=(1, 2), shape="[N] or [B, N]"):
     tensor(op, name, g, dims, shape)
     if not (g.dtype.is_floating_point or g.dtype == torch.bool):

@@ -19,6 +19,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import reference
+from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
 
@@ -76,18 +77,10 @@ def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
 
 
 # ----------------------------------------------------------------------------- fake kernel
-def _output_shape(x, weight, stride, padding, dilation):
-    n, _, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return (n, cout, ho, wo)
-
-
 @torch.library.register_fake("dynkernels::channel_sparse_conv2d")
 def _channel_sparse_conv2d_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
-    shape = _output_shape(x, weight, stride, padding, dilation)
-    return x.new_empty(shape).contiguous(memory_format=_checks.row_layout(x))
+    shape = conv2d_output_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(shape).contiguous(memory_format=row_layout(x))
 
 
 # ----------------------------------------------------------------------------- autograd

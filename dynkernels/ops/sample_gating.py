@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import reference
+from .._layout import row_layout
 from . import _checks
 from ._backend import resolve
 
@@ -28,12 +29,12 @@ def _compact_fake(gate, threshold):
 
 @torch.library.register_fake("dynkernels::gather_rows")
 def _gather_rows_fake(x, idx, count, capacity):
-    return x.new_empty((capacity,) + tuple(x.shape[1:])).contiguous(memory_format=_checks.row_layout(x))
+    return x.new_empty((capacity,) + tuple(x.shape[1:])).contiguous(memory_format=row_layout(x))
 
 
 @torch.library.register_fake("dynkernels::scatter_add_rows")
 def _scatter_add_rows_fake(base, y, idx, count, scale):
-    return torch.empty_like(base, memory_format=_checks.row_layout(base))
+    return torch.empty_like(base, memory_format=row_layout(base))
 
 
 # ----------------------------------------------------------------------------- autograd

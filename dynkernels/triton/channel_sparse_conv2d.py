@@ -32,6 +32,7 @@ import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
 from .._extension import triton_interpret
+from .._layout import conv2d_output_shape, row_layout
 
 
 @triton.jit
@@ -152,19 +153,9 @@ _autotuned_kernel = triton.autotune(
 _INTERPRETER_BLOCKS = {"BLOCK_P": 16, "BLOCK_CO": 16, "BLOCK_CI": 16}
 
 
-def _output_layout(x: torch.Tensor) -> torch.memory_format:
-    # The rule of dynkernels/ops/_checks.py::row_layout, which every backend follows.
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 def _empty_output(x, weight, stride, padding, dilation) -> torch.Tensor:
-    n, _, h, w = x.shape
-    cout, _, kh, kw = weight.shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return torch.empty((n, cout, ho, wo), device=x.device, dtype=x.dtype, memory_format=_output_layout(x))
+    shape = conv2d_output_shape(x, weight, stride, padding, dilation)
+    return torch.empty(shape, device=x.device, dtype=x.dtype, memory_format=row_layout(x))
 
 
 def _channel_lists(gate: torch.Tensor):

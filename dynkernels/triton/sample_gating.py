@@ -17,15 +17,9 @@ import triton
 import triton.language as tl
 from torch.library import triton_op, wrap_triton
 
+from .._layout import row_layout
+
 _MAX_GRID_Y = 65535
-
-
-def _row_layout(x: torch.Tensor) -> torch.memory_format:
-    """channels_last only for channels_last-only 4-D tensors (the rule of the C++ kernels and
-    dynkernels.ops._checks.row_layout; the backends layer does not import the ops layer)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 def _float64_bits(v: float) -> int:
@@ -109,7 +103,7 @@ def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, 
     torch._check(capacity >= 0, lambda: f"gather_rows: capacity must be >= 0, got {capacity}")
     torch._check(idx.dim() == 1 and idx.shape[0] == x.shape[0], lambda: "gather_rows: idx must be [x.shape[0]]")
     torch._check(count.numel() == 1, lambda: "gather_rows: count must have one element")
-    fmt = _row_layout(x)
+    fmt = row_layout(x)
     xc = x.contiguous(memory_format=fmt)
     y = torch.empty((capacity,) + tuple(x.shape[1:]), dtype=x.dtype, device=x.device, memory_format=fmt)
     row_elems = math.prod(x.shape[1:])
@@ -175,7 +169,7 @@ def scatter_add_rows_triton(
     torch._check(idx.dim() == 1 and idx.shape[0] == n_rows, lambda: "scatter_add_rows: idx must be [base.shape[0]]")
     torch._check(count.numel() == 1, lambda: "scatter_add_rows: count must have one element")
     torch._check(scale is None or (scale.dim() == 1 and scale.shape[0] == n_rows), lambda: "scatter_add_rows: scale must be [base.shape[0]]")
-    fmt = _row_layout(base)
+    fmt = row_layout(base)
     bc = base.contiguous(memory_format=fmt)
     yc = y.contiguous(memory_format=fmt)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
