@@ -1,6 +1,6 @@
-// Argument checks and layout rules shared by the CPU and CUDA kernels of compact,
+// Argument checks shared by the CPU and CUDA kernels of compact,
 // gather_rows and scatter_add_rows, so every backend rejects the same inputs with the same
-// messages and makes outputs in the same layout. Contract: DESIGN.md.
+// messages (output layouts: layout.h). Contract: DESIGN.md.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +9,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+
+#include "layout.h"
 
 namespace dynkernels {
 
@@ -58,22 +60,6 @@ inline void check_scatter_args(const at::Tensor& base, const at::Tensor& y, cons
     TORCH_CHECK(scale->device() == base.device(), "scatter_add_rows: scale is on ", scale->device(),
                 " but base is on ", base.device());
   }
-}
-
-// Layout of outputs made from x's rows: channels_last only when x is channels_last and not
-// also plain contiguous (the same rule as dynkernels/ops/_checks.py::row_layout). Either way
-// each dim-0 row is one contiguous block, so kernels copy rows as flat blocks.
-inline at::MemoryFormat row_layout(const at::Tensor& x) {
-  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-    return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
-
-// Elements in one dim-0 row.
-inline int64_t row_numel(const at::Tensor& x) {
-  int64_t n = 1;
-  for (int64_t d = 1; d < x.dim(); ++d) n *= x.size(d);
-  return n;
 }
 
 }  // namespace dynkernels

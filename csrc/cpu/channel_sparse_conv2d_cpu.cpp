@@ -23,17 +23,12 @@
 #include <cstring>
 #include <vector>
 
+#include "../layout.h"
+
 namespace dynkernels {
 namespace {
 
 using at::Tensor;
-
-// Output layout: channels_last when x is channels_last and not also plain contiguous
-// (the rule of dynkernels/ops/_checks.py::row_layout, which the fake kernel uses too).
-at::MemoryFormat output_layout(const Tensor& x) {
-  if (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) return at::MemoryFormat::ChannelsLast;
-  return at::MemoryFormat::Contiguous;
-}
 
 // Active positions (gate > 0) of each row of a [N, C] gate, as per-row index lists.
 std::vector<std::vector<int32_t>> active_lists(const Tensor& gate) {
@@ -278,7 +273,7 @@ Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const st
 
   // Every element is written by the kernel: the active channels by the GEMM epilogue, the
   // inactive ones with zeros.
-  Tensor y = at::empty({N, Cout, g.Ho, g.Wo}, x.options(), output_layout(x));
+  Tensor y = at::empty({N, Cout, g.Ho, g.Wo}, x.options(), row_layout(x));
   if (N == 0 || Cout == 0) return y;
   const auto out_lists = active_lists(out_gate);
   std::vector<std::vector<int32_t>> in_lists;

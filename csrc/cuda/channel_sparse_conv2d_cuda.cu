@@ -20,8 +20,8 @@
 // Includes: the stream comes from c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h,
 // which pulls in the cuBLAS/cuSPARSE headers that a bare CUDA toolkit may not have.
 //
-// Output layout: channels_last when x is channels_last and not also plain contiguous (the rule
-// of dynkernels/ops/_checks.py::row_layout), else contiguous NCHW.
+// Output layout: row_layout(x) (csrc/layout.h): channels_last when x is channels_last and not
+// also plain contiguous, else contiguous NCHW.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -35,6 +35,7 @@
 #include <optional>
 #include <utility>
 
+#include "../layout.h"
 #include "channel_sparse_conv2d_gemm.cuh"
 
 namespace dynkernels {
@@ -205,9 +206,7 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const auto fmt = (!x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast))
-                       ? at::MemoryFormat::ChannelsLast
-                       : at::MemoryFormat::Contiguous;
+  const auto fmt = row_layout(x);
   Tensor y = at::empty({N, Cout, Ho, Wo}, x.options().memory_format(fmt));
   if (y.numel() == 0) return y;
 
