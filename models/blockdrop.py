@@ -25,7 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynkernels.nn.skip_block import SkipPlan, check_execution, gather_kept, merge_kept
-from dynkernels.ops import BACKENDS
+from dynkernels.ops import check_backend
 from dynkernels.ops import _checks
 
 
@@ -138,9 +138,7 @@ class BlockDropResNet(nn.Module):
         self.num_blocks = sum(layers)
         self.input_size = input_size
         self.execution = execution
-        if backend not in BACKENDS:
-            raise ValueError(f"BlockDropResNet: backend must be one of {BACKENDS}, got {backend!r}")
-        self.backend = backend
+        self.backend = check_backend("BlockDropResNet", backend)
         self.capacity = None if capacity is None else _checks.capacity("BlockDropResNet", capacity)
         self._flops_cache = {}
         for m in self.modules():  # the release's initialisation

@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..ops import BACKENDS, channel_sparse_conv2d
+from ..ops import channel_sparse_conv2d, check_backend
 
 
 class GatedConv2d(nn.Conv2d):
@@ -34,9 +34,7 @@ class GatedConv2d(nn.Conv2d):
 
     @backend.setter
     def backend(self, value: str):
-        if value not in BACKENDS:
-            raise ValueError(f"GatedConv2d: backend must be one of {BACKENDS}, got {value!r}")
-        self._backend = value
+        self._backend = check_backend("GatedConv2d", value)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, backend: str = "auto") -> "GatedConv2d":
@@ -101,8 +99,7 @@ def convert(
     dtype and training mode are kept (the parameters are the same objects). A model that is
     itself an nn.Conv2d is returned converted. Returns the model.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"convert: backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend("convert", backend)
 
     def wanted(name: str, m: nn.Module) -> bool:
         if type(m) is not nn.Conv2d:  # exact type: subclasses (and GatedConv2d) have their own forward

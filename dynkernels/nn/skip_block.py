@@ -41,12 +41,6 @@ def check_execution(owner: str, execution) -> str:
     return execution
 
 
-def _check_backend(owner: str, backend) -> str:
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"{owner}: backend must be one of {ops.BACKENDS}, got {backend!r}")
-    return backend
-
-
 def active(gate: torch.Tensor, scaled: bool) -> torch.Tensor:
     """Which gate entries run the block: gate > 0 (plain), gate != 0 (scaled: any non-zero
     scale, also a negative one from a leaky ReLU-1, changes the output)."""
@@ -99,7 +93,7 @@ class SkipPlan:
         _checks.tensor("SkipPlan", "policy", policy, (2,), "[N, B] (samples x blocks)")
         if not (policy.dtype.is_floating_point or policy.dtype == torch.bool):
             raise TypeError(f"SkipPlan: policy must be a floating or bool tensor, got {policy.dtype}")
-        _check_backend("SkipPlan", backend)
+        ops.check_backend("SkipPlan", backend)
         n = policy.shape[0]
         if capacity is not None:
             capacity = _checks.capacity("SkipPlan", capacity)
@@ -208,7 +202,7 @@ class SkipBlock(nn.Module):
         self._use_block_downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
         self.scaled = bool(scaled)
         self.execution = check_execution("SkipBlock", execution)
-        self.backend = _check_backend("SkipBlock", backend)
+        self.backend = ops.check_backend("SkipBlock", backend)
         self.capacity = None if capacity is None else _checks.capacity("SkipBlock", capacity)
 
     def extra_repr(self) -> str:

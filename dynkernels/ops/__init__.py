@@ -1,7 +1,7 @@
 """The functional contract (DESIGN.md), registered as torch.ops.dynkernels.* with fake
 kernels and autograd, each function taking backend="auto" | "cuda" | "cpu" | "triton" | "torch"."""
-from ._backend import BACKENDS
+from ._backend import BACKENDS, check_backend
 from .channel_sparse_conv2d import channel_sparse_conv2d
 from .sample_gating import compact, gather_rows, scatter_add_rows
 
-__all__ = ["BACKENDS", "compact", "gather_rows", "scatter_add_rows", "channel_sparse_conv2d"]
+__all__ = ["BACKENDS", "check_backend", "compact", "gather_rows", "scatter_add_rows", "channel_sparse_conv2d"]

@@ -12,9 +12,15 @@ from .._extension import cuda_kernels_compiled, triton_available, triton_interpr
 BACKENDS = ("auto", "cuda", "cpu", "triton", "torch")
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
+def check_backend(owner: str, backend) -> str:
+    """backend itself, if it is one of BACKENDS; else a ValueError naming `owner`."""
     if backend not in BACKENDS:
-        raise ValueError(f"{op}: backend must be one of {BACKENDS}, got {backend!r}")
+        raise ValueError(f"{owner}: backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    check_backend(op, backend)
     if backend == "auto":
         if device.type == "cuda":
             if cuda_kernels_compiled():
