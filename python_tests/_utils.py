@@ -10,6 +10,17 @@ import dynkernels
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA_GPU = torch.cuda.is_available()
 
+# Triton on CPU tensors needs the interpreter, which conftest.py switches on only on a machine
+# without a GPU (on a GPU machine Triton runs on the CUDA tensors instead).
+needs_interpreter = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
+)
+
+
+def triton_devices():
+    """pytest params for the device of a Triton test: CPU tensors under the interpreter, CUDA."""
+    return [pytest.param("cpu", marks=needs_interpreter), pytest.param("cuda", marks=pytest.mark.cuda)]
+
 
 def device_backends(include_torch: bool = True):
     """pytest params (device, backend) for every backend that can run here or on a GPU.
@@ -18,11 +29,6 @@ def device_backends(include_torch: bool = True):
     marker, and on the CPU they run under TRITON_INTERPRET=1 (set by conftest.py).
     """
     no_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-    # Triton on CPU tensors needs the interpreter, which conftest.py switches on only on a
-    # machine without a GPU (on a GPU machine Triton runs on the CUDA tensors instead).
-    no_interpreter = pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"
-    )
     no_cuda_kernels = pytest.mark.skipif(
         not dynkernels.cuda_kernels_compiled(), reason="this build has no CUDA kernels"
     )
@@ -31,7 +37,7 @@ def device_backends(include_torch: bool = True):
         params.append(pytest.param("cpu", "torch", id="cpu-torch"))
     params += [
         pytest.param("cpu", "cpu", id="cpu-cpp"),
-        pytest.param("cpu", "triton", id="cpu-triton", marks=[pytest.mark.triton, no_triton, no_interpreter]),
+        pytest.param("cpu", "triton", id="cpu-triton", marks=[pytest.mark.triton, no_triton, needs_interpreter]),
         pytest.param("cuda", "cuda", id="cuda-cuda", marks=[pytest.mark.cuda, no_cuda_kernels]),
         pytest.param("cuda", "triton", id="cuda-triton", marks=[pytest.mark.cuda, pytest.mark.triton, no_triton]),
     ]

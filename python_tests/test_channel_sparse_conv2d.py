@@ -1,5 +1,4 @@
 """channel_sparse_conv2d on every backend against dynkernels.reference (contract: DESIGN.md)."""
-import os
 
 import pytest
 import torch
@@ -8,7 +7,7 @@ import torch.nn.functional as F
 import dynkernels
 from dynkernels import reference
 
-from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate
+from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_gate, triton_devices
 
 
 def skip_float64_on_cuda_kernel(backend):
@@ -177,10 +176,8 @@ def test_opcheck_compiled_op():
 
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", triton_devices())
 def test_opcheck_triton_op(device):
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     from dynkernels.ops.channel_sparse_conv2d import _triton
 
     utils = None  # every check
@@ -256,11 +253,9 @@ def test_compiled_op_checks_shapes_itself():
 
 @pytest.mark.triton
 @pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("device", triton_devices())
 def test_triton_channel_lists_match_compact(device):
     """The Triton kernel's on-device compaction equals dynkernels.reference.compact row by row."""
-    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("Triton on CPU tensors needs TRITON_INTERPRET=1")
     from dynkernels.ops.channel_sparse_conv2d import _triton
 
     gate = rand_gate((5, 37), 0.4, device)

@@ -1,13 +1,12 @@
 """SkipBlock / SkipPlan / SkipSequential: sparse execution equals the masked (papers')
 execution, in outputs and gradients; one compact and one host read for a whole plan."""
 import importlib.util
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _utils import HAS_TRITON, assert_close
+from _utils import HAS_TRITON, assert_close, needs_interpreter
 
 import dynkernels
 from dynkernels.nn import SkipBlock, SkipPlan, SkipSequential
@@ -25,7 +24,7 @@ BACKENDS = [
         marks=[
             pytest.mark.triton,
             pytest.mark.skipif(not HAS_TRITON_GATING, reason="Triton sample-gating kernels not in this build"),
-            pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="Triton on CPU tensors needs TRITON_INTERPRET=1"),
+            needs_interpreter,
         ],
     ),
     pytest.param("cuda", "auto", id="cuda-auto", marks=pytest.mark.cuda),
