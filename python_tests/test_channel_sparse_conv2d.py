@@ -25,6 +25,7 @@ CASES = [
     (1, 3, 4, 8, 8, 7, 1, 3, 1, True, True),
     (2, 4, 5, 8, 9, 3, 1, 2, 2, True, False),
     (2, 3, 4, 7, 8, 3, (1, 2), (0, 1), (2, 1), False, True),
+    (2, 4, 3, 6, 9, 3, 1, (2, 0), (1, 3), True, True),  # stride 1, per-axis padding and dilation
 ]
 
 

@@ -2,11 +2,11 @@
 //
 // Per sample n: list its active input channels (in_gate > 0, all when there is no in_gate)
 // and active output channels (out_gate > 0); gather the weights of the active (output,
-// input) channel pairs; multiply them with only the active input channels (stride 1: kh*kw
-// shifted GEMMs over a zero-padded copy, see conv_cpu_impl; other strides: im2col of the
-// active channels, then one GEMM); then add the bias and scale by the gate while writing the
-// active output channels. Inactive output channels are written as exact zeros.
-// FLOPs: about kout * kin * kh * kw * Ho * Wo per sample (stride 1: times Wp / Wo).
+// input) channel pairs; multiply them with only the active input channels (stride 1: kh
+// GEMMs over a buffer of horizontally shifted input rows, see conv_cpu_impl; other strides:
+// im2col of the active channels, then one GEMM); then add the bias and scale by the gate
+// while writing the active output channels. Inactive output channels are written as exact
+// zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
 // Samples run in parallel (claimed one by one by the threads of at::parallel_for), each GEMM
 // single-threaded inside its task.
 #include <ATen/Dispatch.h>
@@ -132,17 +132,17 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
   const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);
   const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  // Stride 1: "shifted GEMMs" over a zero-padded copy of the active input channels, no
-  // im2col. With the padded rows flattened (pitch Wp), tap (ky, kx) of every output pixel
-  // reads the same contiguous window shifted by ky*dh*Wp + kx*dw, so the conv is kh*kw
-  // accumulating GEMMs [kout, kin] @ xpad[:, shift : shift + Ho*Wp]; the (Wp - Wo) extra
-  // columns per output row are computed and dropped. Other strides: im2col + one GEMM.
-  const bool shifted = g.sh == 1 && g.sw == 1;
-  const int64_t Hp = g.H + 2 * g.ph, Wp = g.W + 2 * g.pw;
-  const int64_t pitch = shifted ? Wp : g.Wo;  // row pitch of the GEMM result
-  const int64_t xpad_len = Hp * Wp + (g.kw - 1) * g.dw;  // last tap's window ends here
-  const Tensor w_taps = shifted ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
-  const scalar_t* wtp = shifted ? w_taps.const_data_ptr<scalar_t>() : nullptr;
+  // Stride 1: kh accumulating GEMMs over a "row-shift" buffer instead of a full im2col.
+  // rows [kw * kin, Hp * Wo] holds, for each horizontal tap kx and active input channel i,
+  // the zero-padded input rows (Hp = H + 2*ph of them) already shifted by kx*dw - pw, one
+  // output-width row each. For the vertical tap ky, every output pixel (oh, ow) then reads
+  // rows[:, (oh + ky*dh) * Wo + ow]: one contiguous window of Ho*Wo columns starting at
+  // ky*dh*Wo, so the conv is kh GEMMs [kout, kw*kin] @ window, with no wasted columns and
+  // kw times less buffer than an im2col. Other strides: im2col + one GEMM.
+  const bool row_shift = g.sh == 1 && g.sw == 1;
+  const int64_t Hp = g.H + 2 * g.ph;
+  const Tensor w_taps = row_shift ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
+  const scalar_t* wtp = row_shift ? w_taps.const_data_ptr<scalar_t>() : nullptr;
 
   // Samples are the unit of parallel work (the nested GEMMs run single-threaded). Each
   // thread takes the next unclaimed sample, so uneven gate densities and a core shared with
@@ -156,51 +156,61 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
       const int64_t kout = static_cast<int64_t>(co.size()), kin = static_cast<int64_t>(ci.size());
       write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
       if (kout == 0) continue;
-      const int64_t P = g.Ho * pitch;
+      const int64_t P = g.Ho * g.Wo;
       out_buf.resize(kout * P);
       scalar_t* out = out_buf.data();
       if (kin == 0) {
         std::fill(out, out + kout * P, scalar_t(0));
-      } else if (shifted) {
-        // xpad [kin, xpad_len]: the active input channels, zero-padded.
-        in_buf.assign(kin * xpad_len, scalar_t(0));
+      } else if (row_shift) {
+        const int64_t K = g.kw * kin;
+        const int64_t plane = Hp * g.Wo;
+        in_buf.resize(K * plane);
         const scalar_t* xs = xp + n * sxn;
-        for (int64_t i = 0; i < kin; ++i) {
-          const scalar_t* src = xs + static_cast<int64_t>(ci[i]) * sxc;
-          scalar_t* dst = in_buf.data() + i * xpad_len + g.ph * Wp + g.pw;
-          for (int64_t h = 0; h < g.H; ++h) {
-            if (sxw == 1) {
-              std::memcpy(dst + h * Wp, src + h * sxh, g.W * sizeof(scalar_t));
-            } else {
-              for (int64_t w = 0; w < g.W; ++w) dst[h * Wp + w] = src[h * sxh + w * sxw];
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          int64_t ow_lo, ow_hi;  // output columns whose input column ow + kx*dw - pw is inside
+          valid_range(g.W, g.Wo, 1, g.pw, kx * g.dw, ow_lo, ow_hi);
+          const int64_t shift = kx * g.dw - g.pw;
+          for (int64_t i = 0; i < kin; ++i) {
+            const scalar_t* src = xs + static_cast<int64_t>(ci[i]) * sxc;
+            scalar_t* dst = in_buf.data() + (kx * kin + i) * plane;
+            std::fill(dst, dst + g.ph * g.Wo, scalar_t(0));
+            std::fill(dst + (g.ph + g.H) * g.Wo, dst + plane, scalar_t(0));
+            for (int64_t h = 0; h < g.H; ++h) {
+              scalar_t* drow = dst + (g.ph + h) * g.Wo;
+              const scalar_t* srow = src + h * sxh + shift * sxw;
+              std::fill(drow, drow + ow_lo, scalar_t(0));
+              if (sxw == 1) {
+                std::memcpy(drow + ow_lo, srow + ow_lo, (ow_hi - ow_lo) * sizeof(scalar_t));
+              } else {
+                for (int64_t ow = ow_lo; ow < ow_hi; ++ow) drow[ow] = srow[ow * sxw];
+              }
+              std::fill(drow + ow_hi, drow + g.Wo, scalar_t(0));
             }
           }
         }
-        // Per tap r: wg [kout, kin], the weights of the active (output, input) channel pairs,
-        // gathered from w_taps [taps, Cout, Cin] (rows are contiguous runs of input channels)
-        // just before its GEMM, so a sample's working set stays small (xpad, one wg, out).
-        wg_buf.resize(kout * kin);
+        // Per vertical tap ky: wg [kout, kw*kin], wg[j, kx*kin + i] = weight[co[j], ci[i], ky, kx],
+        // gathered from w_taps (rows are contiguous runs of input channels) just before its GEMM.
+        wg_buf.resize(kout * K);
         Tensor out_t = at::from_blob(out, {kout, P}, opts);
-        Tensor xpad_t = at::from_blob(in_buf.data(), {kin, xpad_len}, opts);
-        Tensor wg_t = at::from_blob(wg_buf.data(), {kout, kin}, opts);
+        Tensor rows_t = at::from_blob(in_buf.data(), {K, plane}, opts);
+        Tensor wg_t = at::from_blob(wg_buf.data(), {kout, K}, opts);
         for (int64_t ky = 0; ky < g.kh; ++ky) {
-          for (int64_t kx = 0; kx < g.kw; ++kx) {
-            const int64_t r = ky * g.kw + kx;
-            for (int64_t j = 0; j < kout; ++j) {
-              const scalar_t* wsrc = wtp + (r * Cout + co[j]) * Cin;
-              scalar_t* dst = wg_buf.data() + j * kin;
+          for (int64_t j = 0; j < kout; ++j) {
+            for (int64_t kx = 0; kx < g.kw; ++kx) {
+              const scalar_t* wsrc = wtp + ((ky * g.kw + kx) * Cout + co[j]) * Cin;
+              scalar_t* dst = wg_buf.data() + j * K + kx * kin;
               if (kin == Cin) {
                 std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
               } else {
                 for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
               }
             }
-            Tensor window = xpad_t.narrow(1, ky * g.dh * Wp + kx * g.dw, P);
-            if (r == 0)
-              at::mm_out(out_t, wg_t, window);
-            else
-              out_t.addmm_(wg_t, window);
           }
+          Tensor window = rows_t.narrow(1, ky * g.dh * g.Wo, P);
+          if (ky == 0)
+            at::mm_out(out_t, wg_t, window);
+          else
+            out_t.addmm_(wg_t, window);
         }
       } else {
         // cols [kin*taps, Ho*Wo] and wg [kout, kin*taps]: one GEMM.
@@ -225,7 +235,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
         const scalar_t* src = out + j * P;
         scalar_t* dst = yp + n * syn + c * syc;
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          const scalar_t* srow = src + oh * pitch;
+          const scalar_t* srow = src + oh * g.Wo;
           scalar_t* drow = dst + oh * syh;
           if (syw == 1) {  // NCHW: unit stride, so the compiler vectorises this loop
             for (int64_t ow = 0; ow < g.Wo; ++ow)
