@@ -71,3 +71,54 @@ def test_forcing_cuda_without_a_toolkit_is_an_error(tmp_path):
     assert proc.returncode != 0
     assert "DYNKERNELS_WITH_CUDA=1 but the CUDA kernels cannot be built" in proc.stderr + proc.stdout
     assert not (tmp_path / "dynkernels" / "_build_config.py").exists()
+
+
+# Errors thrown by TORCH_CHECKs inside the nvcc-compiled host code of the CUDA kernels must
+# raise, like those of the C++ CPU kernels. On the H100 test machine of 2026-11-22 they crashed
+# the process instead (README, "Known issues"). The argument checks come before any CUDA call,
+# so redispatching each CUDA kernel to CPU tensors reaches them without a GPU: this runs in CI
+# (the CUDA kernels are compiled there) and, on a GPU machine, once more after the CUDA context
+# exists. A subprocess, so that a crash fails this test instead of killing the test run.
+_CUDA_KERNEL_THROWS = r"""
+import sys
+import torch
+import dynkernels
+
+if sys.argv[1] == "gpu":
+    torch.zeros(1, device="cuda")  # the CUDA context exists before the throw
+cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
+ops = torch.ops.dynkernels
+idx = torch.arange(4, dtype=torch.int32)
+count = torch.tensor([2], dtype=torch.int32)
+cases = [
+    (ops.compact.default, (torch.zeros(2, 2, 2), 0.0)),
+    (ops.gather_rows.default, (torch.zeros(4, 3), idx.long(), count, 4)),
+    (ops.scatter_add_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count, None)),
+    (ops.channel_sparse_conv2d.default,
+     (torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), None, torch.ones(1, 3), None, [1, 1], [1, 1], [1, 1])),
+]
+for op, args in cases:
+    try:
+        op.redispatch(cuda_key, *args)
+    except RuntimeError as e:
+        print("raised:", str(e).splitlines()[0], flush=True)
+    else:
+        print("no error:", op, flush=True)
+"""
+
+
+@pytest.mark.parametrize("context", ["cpu", pytest.param("gpu", marks=pytest.mark.cuda)])
+def test_cuda_kernel_argument_errors_raise(context):
+    if not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    proc = subprocess.run([sys.executable, "-c", _CUDA_KERNEL_THROWS, context], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (
+        f"a TORCH_CHECK thrown in the CUDA extension's host code ended the process (exit code {proc.returncode}) "
+        f"instead of raising; output so far:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    )
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 4 and all(line.startswith("raised:") for line in lines), proc.stdout
+    assert "compact: gate must be [N] or [B, N]" in lines[0]
+    assert "gather_rows: idx must be a 1-D int32 tensor" in lines[1]
+    assert "scatter_add_rows" in lines[2]
+    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[3]
