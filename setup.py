@@ -83,9 +83,19 @@ def write_build_config(with_cuda, reason, arch_list):
 def extension(with_cuda):
     sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     cxx_flags = ["-O3"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for runs its loop body on OpenMP threads only in code compiled with
+        # OpenMP; without it the CPU kernels' per-sample loops run on one thread (and the GEMMs
+        # inside them open a thread team per call). libgomp.so.1 is the runtime torch itself
+        # loads, so the extension shares torch's thread pool.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     macros = []
     if not with_cuda:
-        return CppExtension("dynkernels._C", sources, extra_compile_args={"cxx": cxx_flags})
+        return CppExtension(
+            "dynkernels._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags
+        )
     sources += sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
     macros.append(("WITH_CUDA", None))
     nvcc_flags = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
@@ -94,6 +104,7 @@ def extension(with_cuda):
         sources,
         define_macros=macros,
         extra_compile_args={"cxx": cxx_flags + ["-DWITH_CUDA"], "nvcc": nvcc_flags},
+        extra_link_args=link_flags,
     )
 
 
