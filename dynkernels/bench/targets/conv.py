@@ -65,10 +65,10 @@ def measure_config(t: Target, label: str, cin: int, cout: int, hw: int, k: int, 
     import dynkernels
 
     dev, pad = t.device, k // 2
-    g = torch.Generator().manual_seed(3)
+    g, gd = torch.Generator().manual_seed(3), torch.Generator(dev).manual_seed(3)  # gates on the CPU, data on the device
     cl = torch.channels_last
-    x = torch.randn(n, cin, hw, hw, generator=g).to(dev, dtype).contiguous(memory_format=cl)
-    w = (torch.randn(cout, cin, k, k, generator=g) / (cin * k * k) ** 0.5).to(dev, dtype).contiguous(memory_format=cl)
+    x = torch.randn(n, cin, hw, hw, generator=gd, device=dev, dtype=dtype).contiguous(memory_format=cl)
+    w = (torch.randn(cout, cin, k, k, generator=gd, device=dev, dtype=dtype) / (cin * k * k) ** 0.5).contiguous(memory_format=cl)
     gates = {d: exact_gate(n, cout, d, dev, dtype, g) for d in (0.5, 1.0)}
     in_gate = exact_gate(n, cin, 0.5, dev, dtype, g)
     x_io = (x * (in_gate > 0).to(dtype)[:, :, None, None]).contiguous(memory_format=cl)
