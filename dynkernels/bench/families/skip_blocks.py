@@ -107,7 +107,7 @@ def _skipblock_variant(name, block, execution, backend, device, compare_to, with
             resolved("gather_rows", backend, device)
         m = cls(block, execution=execution, backend=backend).eval()
         if with_plan:
-            return lambda x, gate, plan: m(x, gate, plan)
+            return lambda x, gate, plan: m(x, gate, plan=plan)
         return lambda x, gate, plan: m(x, gate)
 
     label = "pytorch" if execution == "masked" else backend

@@ -137,7 +137,7 @@ def measure_block(t: Target, label: str, channels: int, hw: int, n: int, dtype) 
             plan = SkipPlan(gate.unsqueeze(1), backend=b)[0]  # built once, outside the timed call
             variants = [
                 ("SkipBlock", lambda: sb(x, gate), False, "one host sync per call (own plan)"),
-                ("SkipBlock+plan", lambda: sb(x, gate, plan), True, None),
+                ("SkipBlock+plan", lambda: sb(x, gate, plan=plan), True, None),
             ]
             for name, fn, graph, note in variants:
                 try:
