@@ -471,7 +471,8 @@ def test_targets_smoke_runs_every_step_and_the_summary(tmp_path):
     assert 1.2 < sparse["ideal"] < 33 / 25
     assert "FlopCounterMode" in bd["notes"][0]
     text = (tmp_path / "targets.md").read_text()
-    for title in ("## Issue 3: channel_sparse_conv2d", "## Issue 4: one ResNet-101 bottleneck", "## Issue 4: BlockDrop ResNet-101"):
+    for title in ("## Headline", "## Issue 3: channel_sparse_conv2d", "## Issue 4: one ResNet-101 bottleneck",
+                  "## Issue 4: BlockDrop ResNet-101"):
         assert title in text
     assert "smoke run" in text and "did not finish" not in text and "**wrong output**" not in text
 
@@ -510,4 +511,4 @@ def test_gpu_suite_targets_phase_on_the_cpu(tmp_path):
                                        "targets_skip_block.json"]
     log = (out / "suite.log").read_text()
     assert "timeout --kill-after=10 170" in log and "done (status 0)" in log
-    assert "## Issue 4: BlockDrop ResNet-101" in proc.stdout  # the summary is printed at the end
+    assert "Issue 4, BlockDrop ResNet-101 end to end" in proc.stdout  # the headline is printed at the end

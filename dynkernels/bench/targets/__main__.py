@@ -14,23 +14,28 @@ DEFAULT_BUDGET_S = {"conv": 150, "skip_block": 55, "blockdrop": 100}  # as in be
 
 def write_summary(out_dir: str) -> str:
     """targets.md from the targets_<step>.json files found in out_dir."""
-    lines = ["# dynkernels: the GPU speed targets of issues 3 and 4", ""]
+    top, body = [], []
     found = False
     for name, module in STEPS.items():
         data = load(out_dir, name)
         if data is None:
-            lines += [f"## {name}: no results (targets_{name}.json is missing: the step did not start)", ""]
+            body += [f"## {name}: no results (targets_{name}.json is missing: the step did not start)", ""]
             continue
         found = True
-        try:
+        try:  # a broken renderer must not hide the other steps
+            top += module.headline(data)
+            if not data["meta"].get("finished"):
+                top += [f"(the {name} step did not finish: see its section)", ""]
             section = module.render(data)
-        except Exception as e:  # a broken renderer must not hide the other steps
+        except Exception as e:
             section = [f"## {name}: could not render targets_{name}.json ({error_text(e)})", ""]
-        lines += section[:2] + header(data) + [""] + section[2:]
+        body += section[:2] + header(data) + [""] + section[2:]
+    lines = ["# dynkernels: the GPU speed targets of issues 3 and 4", "", "## Headline", ""] + top + body
     lines += ["## How the timings were taken", "", TIMING_NOTE, ""]
     path = os.path.join(out_dir, "targets.md")
     with open(path, "w") as f:
         f.write("\n".join(lines))
+    print("\n".join(["targets headline:", ""] + top), flush=True)
     if not found:
         print(f"targets summary: no step results in {out_dir}", file=sys.stderr)
     return path

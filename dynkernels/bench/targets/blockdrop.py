@@ -168,6 +168,14 @@ def run(t: Target) -> None:
                 return
 
 
+def headline(data: dict) -> List[str]:
+    rows = [r for r in data["rows"] if r.get("median_ms") is not None]
+    table = [[r["config"], r["variant"], f"{fmt(r['median_ms'])} ms", f"{fmt(r['speedup'])}x", f"{fmt(r['ideal'])}x",
+              fmt(r.get("efficiency")), "wrong output" if r["status"] == "mismatch" else ""] for r in rows]
+    return ["Issue 4, BlockDrop ResNet-101 end to end (speedup over the dense ResNet-101, ideal = FLOP ratio):", ""] + md_table(
+        ["configuration", "variant", "median", "speedup", "ideal", "efficiency", "check"], table) + [""]
+
+
 def render(data: dict) -> List[str]:
     rows = data["rows"]
     lines = [

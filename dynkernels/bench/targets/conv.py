@@ -126,6 +126,31 @@ def run(t: Target) -> None:
                     return
 
 
+def _summary_rows(rows) -> List[List[str]]:
+    targets = {v[0]: v[4] for v in VARIANTS}
+    out = []
+    for col, target in targets.items():
+        ok = [r for r in rows if r["variant"] == col and r["status"] == "ok"]
+        if not ok:
+            out.append([col, "-", "-", "-", f"{target:.2f}x", "0"])
+            continue
+        sp = [r["speedup"] for r in ok]
+        met = sum(s >= target for s in sp)
+        out.append([col, f"{fmt(geomean(sp))}x", f"{fmt(min(sp))}x", f"{fmt(max(sp))}x", f"{target:.2f}x", f"{met} of {len(ok)}"])
+    return out
+
+
+SUMMARY_HEADERS = ["variant", "geomean speedup", "min", "max", "target", "configs meeting it"]
+
+
+def headline(data: dict) -> List[str]:
+    """The target verdicts in a few lines (top of targets.md)."""
+    rows = data["rows"]
+    n = len({r["config"] for r in rows if r["variant"] == "dense"})
+    return [f"Issue 3, channel_sparse_conv2d vs cuDNN over {n} layer configurations:", ""] + md_table(
+        SUMMARY_HEADERS, _summary_rows(rows)) + [""]
+
+
 def render(data: dict) -> List[str]:
     """The Markdown section: one row per configuration, one column per variant, then the summary."""
     rows = data["rows"]
@@ -162,18 +187,8 @@ def render(data: dict) -> List[str]:
         "",
     ]
     lines += md_table(["configuration", "dense"] + columns, table) + [""]
-    summary = []
-    for col in columns:
-        ok = [r for r in rows if r["variant"] == col and r["status"] == "ok"]
-        if not ok:
-            summary.append([col, "-", "-", "-", f"{targets[col]:.2f}x", "0"])
-            continue
-        sp = [r["speedup"] for r in ok]
-        met = sum(s >= targets[col] for s in sp)
-        summary.append([col, f"{fmt(geomean(sp))}x", f"{fmt(min(sp))}x", f"{fmt(max(sp))}x", f"{targets[col]:.2f}x",
-                        f"{met} of {len(ok)}"])
     lines += ["Summary over the configurations that ran (wrong outputs and errors excluded):", ""]
-    lines += md_table(["variant", "geomean speedup", "min", "max", "target", "configs meeting it"], summary) + [""]
+    lines += md_table(SUMMARY_HEADERS, _summary_rows(rows)) + [""]
     problems = [r for r in rows if r["status"] in ("error", "mismatch", "skipped")]
     if problems:
         lines += ["Problems:", ""] + [f"- {r['config']} / {r['variant']}: {r['status']}: {r.get('reason')}" for r in problems] + [""]

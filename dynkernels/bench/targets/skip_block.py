@@ -158,6 +158,21 @@ def run(t: Target) -> None:
                 return
 
 
+def headline(data: dict) -> List[str]:
+    """The SkipBlock rows of the headline block (the first one measured) against their targets."""
+    rows = [r for r in data["rows"] if r.get("median_ms") is not None]
+    if not rows:
+        return ["Issue 4, ResNet-101 bottleneck: nothing measured.", ""]
+    first = rows[0]["config"]
+    table = [[r["variant"], fmt(r["keep"]), f"{fmt(r['speedup'])}x", f"{r['target']:.2f}x",
+              "met" if r["speedup"] >= r["target"] else "miss",
+              f"{fmt(r['graph_speedup'])}x" if r.get("graph_speedup") else "-",
+              "wrong output" if r["status"] == "mismatch" else ""]
+             for r in rows if r["config"] == first and r.get("target") is not None]
+    return [f"Issue 4, {first} (speedup over the dense block):", ""] + md_table(
+        ["variant", "keep", "speedup", "target", "verdict", "CUDA-graph speedup", "check"], table) + [""]
+
+
 def render(data: dict) -> List[str]:
     rows = data["rows"]
     lines = [
