@@ -34,7 +34,7 @@ PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(build test bench)
 cd "$(dirname "$0")/.."
 LOG="$OUT_DIR/suite.log"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the first one on PATH
 STATUS=0
 
 say() { echo "[gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*" | tee -a "$LOG"; }
