@@ -19,7 +19,6 @@ network for the BlockDrop row). Sparse outputs are checked against masked.
 from typing import List
 
 import torch
-import torch.nn as nn
 
 from ..families._common import bounded_residual_init
 from ..timing import TimingSettings
