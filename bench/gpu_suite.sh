@@ -12,14 +12,20 @@
 #   bench-FAMILY          one family only (sample_gating, channel_sparse_conv, skip_blocks, models);
 #                         results of earlier families in the same OUT_DIR are kept, so the
 #                         report covers all families run into it
+#   targets               the GPU speed targets of issues 3 and 4 in exactly their configuration
+#                         (python -m dynkernels.bench.targets): channel_sparse_conv2d vs cuDNN,
+#                         a ResNet-101 bottleneck under SkipBlock, BlockDrop ResNet-101 25/33 end to
+#                         end; each step in its own process under a time limit (about 6 minutes in
+#                         all on an H100), then targets.md from the steps' targets_<step>.json
 # OUT_DIR gets at most 8 files: suite.log (every phase appends to it), report.md,
-# results.csv, results.json and one plot_<family>.png per family.
+# results.csv, results.json and one plot_<family>.png per family; the targets phase writes
+# targets.md and targets_{conv,skip_block,blockdrop}.json (run it into its own OUT_DIR).
 # Nothing is downloaded: torch, Triton, pytest, numpy and matplotlib must be installed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 if [ $# -lt 1 ]; then
-    sed -n '2,19p' "$0"
+    sed -n '2,23p' "$0"
     exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -28,7 +34,7 @@ PHASES=("$@")
 [ ${#PHASES[@]} -eq 0 ] && PHASES=(build test bench)
 cd "$(dirname "$0")/.."
 LOG="$OUT_DIR/suite.log"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the first one on PATH
 STATUS=0
 
 say() { echo "[gpu_suite $(date -u +%Y-%m-%dT%H:%M:%SZ)] $*" | tee -a "$LOG"; }
@@ -54,8 +60,8 @@ run_pytest() {  # like run, but pytest's "no tests selected" (exit status 5) is 
 
 for phase in "${PHASES[@]}"; do
     case "$phase" in
-    build | test | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models) ;;
-    *) echo "gpu_suite: unknown phase '$phase' (expected build, test, bench or bench-FAMILY)" >&2; exit 2 ;;
+    build | test | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models | targets) ;;
+    *) echo "gpu_suite: unknown phase '$phase' (expected build, test, bench, bench-FAMILY or targets)" >&2; exit 2 ;;
     esac
 done
 
@@ -84,6 +90,17 @@ for phase in "${PHASES[@]}"; do
         ;;
     bench-*)
         run "$PYTHON" -m dynkernels.bench --full --device cuda --out "$OUT_DIR" --only "${phase#bench-}"
+        ;;
+    targets)
+        # step:own budget:hard limit (s). The step stops starting measurements past its own
+        # budget; `timeout` ends it (its JSON keeps what it measured) if one measurement hangs.
+        for spec in conv:150:170 skip_block:55:70 blockdrop:100:120; do
+            IFS=: read -r step budget limit <<<"$spec"
+            # TARGETS_DEVICE=cpu TARGETS_ARGS=--smoke: the same phase as a tiny CPU run (to check it)
+            run timeout --kill-after=10 "$limit" "$PYTHON" -m dynkernels.bench.targets "$step" \
+                --device "${TARGETS_DEVICE:-cuda}" ${TARGETS_ARGS:-} --out "$OUT_DIR" --budget-s "$budget"
+        done
+        run "$PYTHON" -m dynkernels.bench.targets summary --out "$OUT_DIR"  # prints the headline tables
         ;;
     esac
 done

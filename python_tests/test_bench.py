@@ -1,7 +1,8 @@
 """The benchmark harness (dynkernels.bench) on tiny cases: timing, FLOP/byte arithmetic,
 result rows and files, skips, the report and plots, the CLI, and the families' code paths
-(SkipBlock, GatedConv2d and BlockDrop models stand in as small fakes where the real ones
-are not in this build)."""
+(GatedConv2d and BlockDrop models stand in as small fakes where noted). The issue-target
+measurements (dynkernels.bench.targets, bench/gpu_suite.sh's targets phase) run in their
+CPU smoke mode: the GPU steps' Python on tiny CPU tensors."""
 import csv
 import json
 import sys
@@ -324,7 +325,7 @@ class FakeSkipBlock(nn.Module):
         super().__init__()
         self.block, self.execution, self.backend = block, execution, backend
 
-    def forward(self, x, gate):
+    def forward(self, x, gate, plan=None):
         if self.execution == "masked":
             return x + gate.view(-1, 1, 1, 1) * self.block(x)
         idx, count = dynkernels.compact(gate, backend=self.backend)
@@ -358,16 +359,21 @@ class FakeBlockDrop(nn.Module):
         return 100.0 + 50.0 * policy.sum(1)
 
 
-def test_skip_blocks_family_runs_with_a_skipblock(monkeypatch):
-    monkeypatch.setattr(dynkernels.nn, "SkipBlock", FakeSkipBlock, raising=False)
+def test_skip_blocks_family_runs_skipblock_with_and_without_a_plan():
     cfg = RunConfig(CPU, False, FAST, 2)
     case = skip_blocks.cases(cfg)[1]  # R110 stage 1 block, N=16, density 0.25
     rows = {r["variant"]: r for r in runner().run_case(case)}
-    for v in ("dense", "masked", "naive", "SkipBlock-masked", "SkipBlock-torch", "SkipBlock-cpu", "SkipBlock-auto"):
+    for v in ("dense", "masked", "naive", "SkipBlock-masked", "SkipBlock-torch", "SkipBlock-cpu", "SkipBlock-auto",
+              "SkipBlock-cpu+plan"):
         assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
-    assert rows["SkipBlock-cpu"]["max_rel_err"] < 1e-4 and rows["naive"]["max_rel_err"] < 1e-4
+    for v in ("SkipBlock-cpu", "SkipBlock-cpu+plan", "naive"):
+        assert rows[v]["max_rel_err"] < 1e-4, v
     assert rows["SkipBlock-triton"]["status"] == "skipped"
+    assert not any(v.endswith("+plan") and v != "SkipBlock-cpu+plan" for v in rows)  # GPU backends: GPU runs only
     assert rows["dense"]["ideal_speedup"] == pytest.approx(4.0)
+    block = skip_blocks.basic_block(4).eval()  # a whole residual block: relu(x + F(x))
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(block(x), torch.relu(x + block.branch(x)))
 
 
 def test_conv_family_runs_with_a_gated_conv(monkeypatch):
@@ -407,3 +413,102 @@ def test_models_family_runs_and_records_missing_models(monkeypatch):
     fbs = next(c for c in cases if c.op == "fbs_resnet18")
     (row,) = r.run_case(fbs)
     assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"], row["reason"]
+
+
+# ----------------------------------------------------------------------------- issue targets (smoke mode)
+def test_bounded_residual_init_keeps_resnet110_finite_in_fp16():
+    from dynkernels.bench.families._common import bounded_residual_init
+    from dynkernels.models.blockdrop import resnet110_cifar
+
+    torch.manual_seed(0)
+    m = resnet110_cifar(execution="masked").eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        grown = m.features(x).abs().max()
+        bounded_residual_init(m, torch.Generator().manual_seed(0))
+        bounded = m.features(x).abs().max()
+    last = [branch.bn2.weight for stage in m.blocks for branch in stage]
+    assert all(((w >= 0.1) & (w < 0.3)).all() for w in last)
+    assert grown > 1e5  # the release's init: far past what fp16 can hold after a few more layers
+    assert bounded < 1e3  # fp16 keeps it
+
+
+def test_targets_smoke_runs_every_step_and_the_summary(tmp_path):
+    """The GPU target steps (conv, skip_block, blockdrop) on tiny CPU tensors: the CUDA rows run
+    the C++ CPU kernels through the same calls, the Triton rows the interpreter (conftest)."""
+    from dynkernels.bench.targets.__main__ import main as targets_main
+    from dynkernels.bench.targets.common import load
+
+    threads = torch.get_num_threads()
+    try:
+        assert targets_main(["all", "--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    triton = dynkernels.build_info()["triton"] is not None
+    for step, variants in {
+        "conv": {"dense", "cuda out 0.5", "triton out 0.5", "cuda in+out 0.5", "triton in+out 0.5", "auto 1.0"},
+        "skip_block": {"dense", "masked", "SkipBlock (cuda)", "SkipBlock+plan (cuda)", "SkipBlock (triton)",
+                       "SkipBlock+plan (triton)"},
+        "blockdrop": {"dense ResNet-101", "masked", "sparse (cuda)", "sparse (triton)", "BlockDrop: policy net + sparse (cuda)"},
+    }.items():
+        data = load(str(tmp_path), step)
+        assert data["meta"]["finished"] and data["meta"]["smoke"]
+        rows = data["rows"]
+        assert {r["variant"] for r in rows} == variants, step
+        for r in rows:
+            if not triton and "triton" in r["variant"]:
+                assert r["status"] == "skipped"
+                continue
+            assert r["status"] == "ok", (step, r["variant"], r.get("reason"))
+            assert r["median_ms"] > 0 and r["timer"] == "cpu perf_counter"
+            if r.get("max_rel_err") is not None:
+                assert r["max_rel_err"] < 1e-3, (step, r["variant"])
+    conv = load(str(tmp_path), "conv")["rows"]
+    assert {r["backend"] for r in conv if r["variant"].startswith("cuda")} == {"cpu"}  # "cuda" -> C++ kernels on the CPU
+    bd = load(str(tmp_path), "blockdrop")
+    sparse = next(r for r in bd["rows"] if r["variant"] == "sparse (cuda)")
+    # FlopCounterMode ideal: below 33/25 (the stem, shortcuts and fc always run), well above 1
+    assert 1.2 < sparse["ideal"] < 33 / 25
+    assert "FlopCounterMode" in bd["notes"][0]
+    text = (tmp_path / "targets.md").read_text()
+    for title in ("## Headline", "## Issue 3: channel_sparse_conv2d", "## Issue 4: one ResNet-101 bottleneck",
+                  "## Issue 4: BlockDrop ResNet-101"):
+        assert title in text
+    assert "smoke run" in text and "did not finish" not in text and "**wrong output**" not in text
+
+
+def test_targets_summary_reports_missing_and_unfinished_steps(tmp_path):
+    from dynkernels.bench.targets.__main__ import write_summary
+    from dynkernels.bench.targets.common import Target, run_guarded
+
+    t = Target("conv", CPU, True, str(tmp_path), budget_s=0, argv=["conv"])
+    assert run_guarded(t, "some shape", lambda: None) is False  # budget spent: recorded, the step stops
+    t2 = Target("skip_block", CPU, True, str(tmp_path), budget_s=60, argv=["skip_block"])
+    assert run_guarded(t2, "broken", lambda: 1 / 0) is True  # an error is a row; the step goes on
+    t2.finish()
+    text = open(write_summary(str(tmp_path))).read()
+    assert "did not finish" in text  # conv never called finish()
+    assert "time budget of 0 s used up" in text and "ZeroDivisionError" in text
+    assert "## blockdrop: no results" in text
+
+
+def test_gpu_suite_targets_phase_on_the_cpu(tmp_path):
+    """bench/gpu_suite.sh's targets phase, as it will run on a GPU, with the device swapped for
+    the CPU smoke run (TARGETS_DEVICE / TARGETS_ARGS): the loop, time limits and summary."""
+    import os
+    import shutil
+    import subprocess
+
+    if not (shutil.which("bash") and shutil.which("timeout")):
+        pytest.skip("needs bash and timeout")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TARGETS_DEVICE="cpu", TARGETS_ARGS="--smoke", PYTHON=sys.executable, TRITON_INTERPRET="0")
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(repo, "bench", "gpu_suite.sh"), str(out), "targets"], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(os.listdir(out)) == ["suite.log", "targets.md", "targets_blockdrop.json", "targets_conv.json",
+                                       "targets_skip_block.json"]
+    log = (out / "suite.log").read_text()
+    assert "timeout --kill-after=10 170" in log and "done (status 0)" in log
+    assert "Issue 4, BlockDrop ResNet-101 end to end" in proc.stdout  # the headline is printed at the end

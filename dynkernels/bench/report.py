@@ -26,9 +26,13 @@ FAMILY_NOTES = {
     "channel_sparse_conv": "Ideal = 1/d for output gating (`out`), 1/d^2 for input and output gating (`in+out`). "
     "`masked` = conv then multiply by the gate (FBS's code); `naive` = one dense conv per sample on its active input "
     "channels and weight rows (gates read on the host once per call).",
-    "skip_blocks": "`dense` = x + F(x) for every sample; `masked` = x + g * F(x) (BlockDrop's code); `naive` = "
-    "index_select -> F -> index_add (one host sync). `SkipBlock-*` is dynkernels.nn.SkipBlock, masked and sparse per "
-    "backend, each sparse one checked against SkipBlock-masked.",
+    "skip_blocks": "A block is a whole residual block relu(x + F(x)) in eval mode. `dense` = the block on every "
+    "sample; `masked` = block(x) * m + x * (1 - m) (BlockDrop's code); `naive` = index_select -> block -> index_copy "
+    "(one host sync). `SkipBlock-*` is dynkernels.nn.SkipBlock, masked and sparse per backend: `SkipBlock-<backend>` "
+    "compacts its own gate in every call (one host sync per call, which on a GPU also exposes the launch latency of "
+    "the kernels after it); `SkipBlock-<backend>+plan` gets the row of a SkipPlan built outside the timed call, as "
+    "BlockDrop's models do once per forward for all blocks (no sync). Each sparse one is checked against "
+    "SkipBlock-masked. Every variant, dense included, is timed the same way (see Timing above).",
     "models": "Random BlockDrop policies (each sample keeps each block with probability d). Ideal = model.flops(all "
     "ones) / model.flops(policy): it includes the parts that always run (stem, downsampling shortcuts, classifier). "
     "`sparse-*` outputs are checked against `masked`.",
@@ -241,7 +245,9 @@ def write_report(out_dir: str, rows, meta, plots: bool = True) -> str:
         f"- Versions: torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, dynkernels {env['dynkernels']} "
         f"(CUDA kernels compiled: {env['cuda_kernels']})",
         f"- Timing: {', '.join(f'{k}={v}' for k, v in meta['timing'].items())}; inputs rotated over {meta['input_sets']} sets; "
-        + ("CUDA events via `triton.testing.do_bench` (L2 flushed before each run)" if env["device"] == "cuda"
+        + ("CUDA events via `triton.testing.do_bench`, every variant (baselines too) the same way: one call per timed "
+           "run, L2 flushed before each run, so a call's own host syncs and the launch latency that the flush does not "
+           "hide are included (eager PyTorch as a user runs it)" if env["device"] == "cuda"
            else f"**CPU timings** with `time.perf_counter` (not GPU numbers), each case's variants timed in "
                 f"{meta.get('rounds', 1)} interleaved rounds so that load from other processes hits them alike"),
         ("- Density-independent baselines (dense, masked, copy) are timed once per configuration"

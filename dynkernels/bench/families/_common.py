@@ -104,3 +104,22 @@ def randn(shape, device, dtype, generator: torch.Generator) -> torch.Tensor:
     """Normal random data made on the device itself (generator on that device): made on the
     CPU and copied over, a full sweep's inputs would take longer than timing them."""
     return torch.randn(shape, device=device, dtype=dtype, generator=generator)
+
+
+def bounded_residual_init(model: torch.nn.Module, generator: torch.Generator, low: float = 0.1, high: float = 0.3) -> None:
+    """Draw the last BatchNorm scale of every residual branch (model.blocks: stages of
+    branches, as in BlockDrop's ResNets) from [low, high).
+
+    With the release's initialisation (every BN scale 1) each residual block roughly doubles
+    the activations' variance, so a randomly initialised ResNet-110 overflows fp16 (54 blocks:
+    NaN outputs). A small last scale (as torchvision's zero_init_residual, but not zero, so
+    that the branches still change the output) keeps activations bounded, as in a trained net;
+    it changes no shape and so no timing.
+    """
+    with torch.no_grad():
+        for stage in getattr(model, "blocks", []):
+            for branch in stage if isinstance(stage, torch.nn.ModuleList) else [stage]:
+                bns = [m for m in branch.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+                if bns:
+                    w = bns[-1].weight
+                    w.copy_((torch.rand(w.shape, generator=generator) * (high - low) + low).to(w.device, w.dtype))
