@@ -1,10 +1,11 @@
 """Timing of channel_sparse_conv2d against the dense nn.Conv2d, for the numbers in issue 3.
 
-CPU:  python bench/targets/time_channel_sparse_conv2d.py --device cpu [--threads 2] [--rounds 40]
+CPU:  python bench/targets/time_channel_sparse_conv2d.py --device cpu [--threads 2] [--rounds 40] [--density-sweep]
       batch 32, 128 -> 128 channels, 3x3, pad 1, 16x16, fp32, NCHW, random per-sample gates.
       The cases run interleaved round after round (so machine load hits them alike); each
       number is the median of the rounds after 3 warm-up calls. Same torch.get_num_threads().
-      The dense model is nn.Conv2d with bias; the gated call is dynkernels.channel_sparse_conv2d.
+      The dense model is nn.Conv2d with bias; the gated one is GatedConv2d.from_conv of it
+      (backend="auto"). --density-sweep times the C++ kernel itself at densities 0.5 .. 1.0.
 GPU:  python bench/targets/time_channel_sparse_conv2d.py --device cuda [--out DIR]
       = python -m dynkernels.bench.targets conv --device cuda --out DIR (issue 3's GPU target:
       bf16, channels_last, the 3x3 and 1x1 layer shapes of ResNet-18 and ResNet-50, batch 64
@@ -18,11 +19,28 @@ import time
 import torch
 
 import dynkernels
+from dynkernels.nn import GatedConv2d
 
 
 def gate(n, c, density, device):
     keep = torch.rand(n, c, device=device) < density
     return torch.where(keep, torch.rand(n, c, device=device) + 0.1, torch.zeros((), device=device))
+
+
+def _interleaved_medians(cases, rounds):
+    """Median ms of each case over `rounds` rounds run case after case (after 3 warm-up calls
+    each), so that a change in machine load hits every case alike."""
+    times = {k: [] for k in cases}
+    with torch.no_grad():
+        for f in cases.values():
+            for _ in range(3):
+                f()
+        for _ in range(rounds):
+            for k, f in cases.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) * 1e3 for k, v in times.items()}
 
 
 def time_cpu(args):
@@ -31,33 +49,30 @@ def time_cpu(args):
     n, c, hw = 32, 128, 16
     x = torch.randn(n, c, hw, hw)
     conv = torch.nn.Conv2d(c, c, 3, padding=1)
-    w, b = conv.weight.detach(), conv.bias.detach()
+    gated = GatedConv2d.from_conv(conv)  # backend="auto": the C++ kernel, or dense for dense gates
     og, ig, ones = gate(n, c, 0.5, "cpu"), gate(n, c, 0.5, "cpu"), torch.ones(n, c)
-
-    def sparse(out_gate, in_gate):
-        return lambda: dynkernels.channel_sparse_conv2d(x, w, b, out_gate, in_gate, 1, 1, 1, backend="cpu")
-
-    cases = {
-        "dense nn.Conv2d": lambda: conv(x),
-        "out density 0.5": sparse(og, None),
-        "in+out density 0.5": sparse(og, ig),
-        "out density 1.0": sparse(ones, None),
-    }
-    times = {k: [] for k in cases}
-    with torch.no_grad():
-        for f in cases.values():
-            for _ in range(3):
-                f()
-        for _ in range(args.rounds):
-            for k, f in cases.items():
-                t0 = time.perf_counter()
-                f()
-                times[k].append(time.perf_counter() - t0)
-    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-    print(f"CPU, torch.get_num_threads() = {torch.get_num_threads()}, {args.rounds} rounds, fp32 NCHW "
-          f"[{n}, {c}, {hw}, {hw}] 3x3 pad 1 -> {c}")
+    header = (f"CPU, torch.get_num_threads() = {torch.get_num_threads()}, {args.rounds} rounds, fp32 NCHW "
+              f"[{n}, {c}, {hw}, {hw}] 3x3 pad 1 -> {c}")
+    if args.density_sweep:
+        w, b = conv.weight.detach(), conv.bias.detach()
+        cases = {"dense nn.Conv2d": lambda: conv(x)}
+        for d in (0.5, 0.6, 0.7, 0.8, 0.9, 1.0):
+            g = ones if d == 1.0 else gate(n, c, d, "cpu")
+            cases[f"C++ kernel, out {d:.1f}"] = (
+                lambda g=g: dynkernels.channel_sparse_conv2d(x, w, b, g, None, 1, 1, 1, backend="cpu"))
+        med = _interleaved_medians(cases, args.rounds)
+        print(header + "; the C++ kernel (backend='cpu') at each output density against the dense conv")
+    else:
+        cases = {
+            "dense nn.Conv2d": lambda: conv(x),
+            "GatedConv2d out 0.5": lambda: gated(x, og),
+            "GatedConv2d in+out 0.5": lambda: gated(x, og, ig),
+            "GatedConv2d out 1.0": lambda: gated(x, ones),
+        }
+        med = _interleaved_medians(cases, args.rounds)
+        print(header + "; GatedConv2d.from_conv(conv) with backend='auto' against the conv itself")
     for k, v in med.items():
-        print(f"  {k:20s} {v:8.2f} ms   speedup over dense {med['dense nn.Conv2d'] / v:5.2f}x")
+        print(f"  {k:24s} {v:8.2f} ms   speedup over dense {med['dense nn.Conv2d'] / v:5.2f}x")
 
 
 def main():
@@ -65,6 +80,9 @@ def main():
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=40)
+    p.add_argument("--density-sweep", action="store_true",
+                   help="CPU: time the C++ kernel at output densities 0.5 .. 1.0 against the dense conv "
+                        "(the break-even behind ops.channel_sparse_conv2d.CPU_DENSE_ABOVE)")
     p.add_argument("--out", default="bench/out/targets", help="GPU: where targets_conv.json goes")
     args = p.parse_args()
     if args.device == "cpu":
