@@ -90,6 +90,30 @@ class RowPlan(NamedTuple):
         return self.exact and self.rows == self.keep.shape[0]
 
 
+def _check_capacity(owner: str, capacity: Optional[int], n: int) -> Optional[int]:
+    if capacity is not None:
+        capacity = _checks.capacity(owner, capacity)
+        if capacity > n:
+            raise ValueError(f"{owner}: capacity must be at most the batch size {n}, got {capacity}")
+    return capacity
+
+
+def _rows_to_run(owner: str, count: torch.Tensor, capacity: Optional[int]):
+    """(rows each block runs on, exact): the kept counts, read with one host synchronisation,
+    or (capacity=C) C for every block, without reading them (C >= every count is checked
+    where that costs no sync: on CPU tensors, or on a GPU when DYNKERNELS_CHECK_INDICES=1)."""
+    if capacity is None:
+        return count.tolist(), True
+    if count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+        most = int(count.max()) if count.numel() else 0
+        if most > capacity:
+            raise ValueError(
+                f"{owner}: capacity={capacity} but a block keeps {most} samples; capacity must "
+                "be at least the largest number of samples kept by one block"
+            )
+    return [capacity] * count.shape[0], False
+
+
 class SkipPlan:
     """The gates of B blocks for one batch, compacted with ONE `compact` call.
 
@@ -105,34 +129,24 @@ class SkipPlan:
         if not (policy.dtype.is_floating_point or policy.dtype == torch.bool):
             raise TypeError(f"SkipPlan: policy must be a floating or bool tensor, got {policy.dtype}")
         ops.check_backend("SkipPlan", backend)
-        n = policy.shape[0]
-        if capacity is not None:
-            capacity = _checks.capacity("SkipPlan", capacity)
-            if capacity > n:
-                raise ValueError(f"SkipPlan: capacity must be at most the batch size {n}, got {capacity}")
+        capacity = _check_capacity("SkipPlan", capacity, policy.shape[0])
         self.scaled = bool(scaled)
         self.keep = active(policy, self.scaled).t().contiguous()  # [B, N]: one row per block
         self.idx, self.count = ops.compact(self.keep, backend=backend)
-        if capacity is None:
-            self.rows: List[int] = self.count.tolist()  # the plan's one host synchronisation
-            self.exact = True
-        else:
-            if self.count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
-                most = int(self.count.max()) if self.count.numel() else 0
-                if most > capacity:
-                    raise ValueError(
-                        f"SkipPlan: capacity={capacity} but a block keeps {most} samples; capacity must "
-                        "be at least the largest number of samples kept by one block"
-                    )
-            self.rows = [capacity] * self.keep.shape[0]
-            self.exact = False
+        self.rows: List[int]
+        self.rows, self.exact = _rows_to_run("SkipPlan", self.count, capacity)
         self.host_syncs = 1 if capacity is None else 0
+        # Every block's row at once (three calls, not three slices per block and forward).
+        self._row_plans = [
+            RowPlan(keep, idx, count, rows, self.exact)
+            for keep, idx, count, rows in zip(self.keep.unbind(0), self.idx.unbind(0), self.count.split(1), self.rows)
+        ]
 
     def __len__(self) -> int:
         return self.keep.shape[0]
 
     def __getitem__(self, b: int) -> RowPlan:
-        return RowPlan(self.keep[b], self.idx[b], self.count[b : b + 1], self.rows[b], self.exact)
+        return self._row_plans[b]
 
 
 def _check_plan_rows(owner: str, name: str, t: torch.Tensor, row: RowPlan):
@@ -280,8 +294,13 @@ class SkipBlock(nn.Module):
         _checks.same_device("SkipBlock", "gate", gate, "x", x)
 
     def plan(self, gate: torch.Tensor) -> RowPlan:
-        """Compact this block's gate (one host sync unless capacity is set)."""
-        return SkipPlan(gate.unsqueeze(1), scaled=self.scaled, capacity=self.capacity, backend=self.backend)[0]
+        """Compact this block's gate (one host sync unless capacity is set): the RowPlan that
+        SkipPlan(gate.unsqueeze(1))[0] gives, without its [N, B] transposes and views."""
+        capacity = _check_capacity("SkipBlock", self.capacity, gate.shape[0])
+        keep = active(gate, self.scaled)
+        idx, count = ops.compact(keep, backend=self.backend)
+        (rows,), exact = _rows_to_run("SkipBlock", count, capacity)
+        return RowPlan(keep, idx, count, rows, exact)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, plan: Optional[RowPlan] = None) -> torch.Tensor:
         """x [N, ...], gate [N]; plan: this block's row of a SkipPlan built from the same gate
