@@ -452,6 +452,22 @@ def test_no_host_sync(backend):
 
 
 @pytest.mark.cuda
+def test_scatter_rows_checks_permutation_on_gpu_only_on_request(monkeypatch):
+    """On CUDA tensors the permutation check reads idx (a host sync): only with DYNKERNELS_CHECK_INDICES=1."""
+    from dynkernels.ops import _checks
+
+    x = torch.randn(5, 3, device="cuda")
+    idx = torch.tensor([0, 1, 2, 4, 4], dtype=torch.int32, device="cuda")
+    count = torch.tensor([3], dtype=torch.int32, device="cuda")
+    monkeypatch.setattr(_checks, "CHECK_INDICES_ON_GPU", True)
+    with pytest.raises(ValueError, match=r"scatter_rows: idx lists row 4 more than once"):
+        dynkernels.scatter_rows(x, x, idx, count)
+    monkeypatch.setattr(_checks, "CHECK_INDICES_ON_GPU", False)
+    out = dynkernels.scatter_rows(x, x, idx, count)  # not checked: row 3 is left unwritten
+    assert torch.equal(out[:3], x[:3]) and torch.equal(out[4], x[4])
+
+
+@pytest.mark.cuda
 def test_large_rows_on_gpu():
     """Shapes of the bandwidth target (rows of 64x56x56 bf16), smaller N, on every GPU backend."""
     x = torch.randn(12, 64, 56, 56, device="cuda", dtype=torch.bfloat16)
