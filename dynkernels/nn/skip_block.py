@@ -24,7 +24,8 @@ must be known on the host:
     any of these, sparse, capacity=C          0 (each block runs on C rows: no saving for C = N)
 
 These counts are for the compiled and Triton backends, which read `count` on the device;
-backend="torch" (the reference) also reads it in every gather_rows / scatter_add_rows.
+backend="torch" (the reference) also reads it in every gather_rows / scatter_rows /
+scatter_add_rows.
 
 With capacity=C the launches are sized by C and the kernels read `count` on the device, so
 the whole forward can be captured in a CUDA graph; it only saves work when the caller can
