@@ -1,5 +1,5 @@
 // Argument checks shared by the CPU and CUDA kernels of compact,
-// gather_rows and scatter_add_rows, so every backend rejects the same inputs with the same
+// gather_rows, scatter_add_rows and scatter_rows, so every backend rejects the same inputs with the same
 // messages (output layouts: layout.h). Contract: DESIGN.md.
 #pragma once
 
@@ -60,6 +60,19 @@ inline void check_scatter_args(const at::Tensor& base, const at::Tensor& y, cons
     TORCH_CHECK(scale->device() == base.device(), "scatter_add_rows: scale is on ", scale->device(),
                 " but base is on ", base.device());
   }
+}
+
+// scatter_rows is a copy: any dtype, y's rows shaped like base's. That idx is a permutation
+// is checked by the CPU kernel only (on a GPU it would cost a host sync).
+inline void check_scatter_rows_args(const at::Tensor& base, const at::Tensor& y, const at::Tensor& idx,
+                                    const at::Tensor& count) {
+  TORCH_CHECK(base.dim() >= 1, "scatter_rows: base must have at least one dimension");
+  TORCH_CHECK(y.dim() == base.dim() && y.sizes().slice(1) == base.sizes().slice(1),
+              "scatter_rows: y must be [capacity, ", base.sizes().slice(1), "] like base's rows, got ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == base.scalar_type(), "scatter_rows: y must have base's dtype ", base.scalar_type(),
+              ", got ", y.scalar_type());
+  TORCH_CHECK(y.device() == base.device(), "scatter_rows: y is on ", y.device(), " but base is on ", base.device());
+  check_index_args("scatter_rows", idx, count, base.size(0), "base", base);
 }
 
 }  // namespace dynkernels

@@ -10,6 +10,9 @@ TORCH_LIBRARY(dynkernels, m) {
   m.def("gather_rows(Tensor x, Tensor idx, Tensor count, int capacity) -> Tensor");
   // out = base; out[idx[i]] += scale[idx[i]] * y[i] for i < count.
   m.def("scatter_add_rows(Tensor base, Tensor y, Tensor idx, Tensor count, Tensor? scale) -> Tensor");
+  // The overwrite merge, one pass: out[idx[i]] = y[i] for i < count, else base[idx[i]];
+  // idx is a permutation of base's rows (as compact returns).
+  m.def("scatter_rows(Tensor base, Tensor y, Tensor idx, Tensor count) -> Tensor");
 
   // Channel gating: conv2d that computes only the active (sample, channel) pairs.
   m.def(

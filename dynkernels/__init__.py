@@ -8,7 +8,7 @@ from ._version import __version__
 from ._extension import build_info, cuda_kernels_compiled, triton_available
 from . import reference
 from . import ops
-from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows
+from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows, scatter_rows
 
 __all__ = [
     "__version__",
@@ -20,5 +20,6 @@ __all__ = [
     "compact",
     "gather_rows",
     "scatter_add_rows",
+    "scatter_rows",
     "channel_sparse_conv2d",
 ]

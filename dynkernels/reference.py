@@ -2,7 +2,7 @@
 
 These are the `backend="torch"` implementations, the ground truth in the tests and a
 baseline in the benchmarks. They favour clarity over speed, and (unlike the kernels)
-`gather_rows` and `scatter_add_rows` read `count` on the host: one device synchronisation
+`gather_rows`, `scatter_add_rows` and `scatter_rows` read `count` on the host: one device synchronisation
 each on a GPU. Contract: DESIGN.md, "Functional contract".
 """
 from typing import Optional, Sequence, Tuple, Union
@@ -62,6 +62,20 @@ def scatter_add_rows(
         update = update * scale[rows].to(acc).reshape((n,) + (1,) * (y.dim() - 1))
     out = base.clone()
     out[rows] = (base[rows].to(acc) + update).to(base.dtype)
+    return out
+
+
+def scatter_rows(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """The overwrite merge: out[idx[i]] = y[i] for i < count, base[idx[i]] for the other i.
+
+    idx is a permutation of base's N rows whose first count entries are the rows that y
+    replaces (exactly what `compact` returns), so every output row comes from one source:
+    the kept rows from y (a non-finite base value there does not matter), the others from base.
+    count is clamped to [0, min(y.shape[0], N)].
+    """
+    rows = _active_rows(idx, count, min(y.shape[0], base.shape[0]))
+    out = base.clone()
+    out[rows] = y[: rows.numel()]
     return out
 
 

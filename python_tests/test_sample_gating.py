@@ -1,4 +1,4 @@
-"""compact, gather_rows and scatter_add_rows on every backend, against dynkernels.reference.
+"""compact, gather_rows, scatter_add_rows and scatter_rows on every backend, against dynkernels.reference.
 
 Backends come from _utils.device_backends(): the reference and the C++ kernels on the CPU,
 the Triton kernels on CPU tensors under TRITON_INTERPRET=1, and the CUDA / Triton kernels on
@@ -19,7 +19,7 @@ from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_g
 
 ALL = device_backends()
 KERNELS = device_backends(include_torch=False)
-OPS = ("compact", "gather_rows", "scatter_add_rows")
+OPS = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
 
 
 def kernel_op(backend: str, name: str):
@@ -166,6 +166,48 @@ def test_scatter_add_rows_matches_reference(device, backend):
                     assert out.data_ptr() != base.data_ptr(), where
 
 
+# ----------------------------------------------------------------------------- scatter_rows
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scatter_rows_matches_reference(device, backend):
+    for dtype in dtypes_for(device, backend):
+        for name, base in row_cases(device, dtype):
+            n = base.shape[0]
+            for plan, idx, count in plans(n, device):
+                active = int(count)
+                # y with fewer rows than count (the rest stay base), exactly count, N and more
+                for rows in sorted({active, max(active - 1, 0), n, n + 1}):
+                    y = torch.randn((rows,) + tuple(base.shape[1:]), device=device).to(dtype)
+                    if y.dim() == 2 and rows > 1:
+                        y = y.t().contiguous().t()  # same values, non-contiguous
+                    out = dynkernels.scatter_rows(base, y, idx, count, backend=backend)
+                    ref = reference.scatter_rows(base, y, idx, count)
+                    where = f"{name}, plan {plan}, y rows {rows}, {dtype}"
+                    assert out.shape == ref.shape and out.dtype == ref.dtype, where
+                    assert torch.equal(out.cpu(), ref.cpu()), where  # a copy: exact
+                    check_layout(out, base, backend)
+                    assert out.data_ptr() != base.data_ptr(), where
+    # a copy: any dtype works, integers too
+    base = torch.arange(21, device=device).view(7, 3)
+    idx, count = reference.compact(rand_gate((7,), 0.5, device))
+    y = -torch.arange(15, device=device).view(5, 3)
+    assert torch.equal(dynkernels.scatter_rows(base, y, idx, count, backend=backend).cpu(), reference.scatter_rows(base, y, idx, count).cpu())
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scatter_rows_is_the_masked_merge(device, backend):
+    """scatter_rows(base, y, compact(g)) = where(g > 0, y at its place, base), and the kept rows of
+    base are never read: a NaN or inf there does not reach the output."""
+    gate = torch.tensor([0.0, 1.0, 0.5, 0.0, 2.0, 0.0, 0.3], device=device)
+    idx, count = dynkernels.compact(gate, backend="torch")
+    kept = gate > 0
+    full = torch.randn(7, 3, 4, device=device)  # the block's output on every sample
+    base = torch.randn(7, 3, 4, device=device)
+    base[1], base[4] = float("nan"), float("inf")  # kept rows
+    out = dynkernels.scatter_rows(base, full[kept], idx, count, backend=backend)
+    assert torch.equal(out, torch.where(kept.view(-1, 1, 1), full, base))
+    assert torch.isfinite(out).all()
+
+
 @pytest.mark.parametrize("device,backend", [p for p in KERNELS if p.id != "cpu-cpp"])
 def test_out_of_range_entries_are_skipped(device, backend):
     """The kernels never read or write out of bounds: the CUDA and Triton kernels do not check
@@ -183,6 +225,11 @@ def test_out_of_range_entries_are_skipped(device, backend):
     expected[4] += y[0]
     expected[0] += y[3]
     assert_close(out, expected)
+    # scatter_rows: positions 1 (row 5) and 2 (row -1) are skipped, so rows 2 and 3, which no
+    # valid entry lists, are left unwritten; the listed rows are right.
+    count = torch.tensor([2], dtype=torch.int32, device=device)
+    out = kernel_op(backend, "scatter_rows")(x, y, idx, count)
+    assert torch.equal(out[4], y[0]) and torch.equal(out[0], x[0]) and torch.equal(out[1], x[1])
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -199,6 +246,23 @@ def test_gradcheck(device, backend):
     fn = lambda b, y, s: dynkernels.scatter_add_rows(b, y, idx, count, s, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (base, y, scale))
     assert torch.autograd.gradcheck(lambda b, y: fn(b, y, None), (base, y))
+    for rows in (2, 3, 4):  # y with fewer rows than count, exactly count, more
+        y = torch.randn(rows, 3, **opts, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda b, y: dynkernels.scatter_rows(b, y, idx, count, backend=backend), (base, y))
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scatter_rows_gradients(device, backend):
+    """grad_base = grad_out with the kept rows zeroed; grad_y = grad_out's kept rows, zero past count."""
+    gate = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0], device=device)
+    idx, count = dynkernels.compact(gate, backend="torch")
+    base = torch.randn(5, 2, 3, device=device, requires_grad=True)
+    y = torch.randn(4, 2, 3, device=device, requires_grad=True)  # capacity 4 > count 3
+    grad_out = torch.randn(5, 2, 3, device=device)
+    dynkernels.scatter_rows(base, y, idx, count, backend=backend).backward(grad_out)
+    kept = (gate > 0).view(-1, 1, 1)
+    assert torch.equal(base.grad, torch.where(kept, torch.zeros_like(grad_out), grad_out))
+    assert torch.equal(y.grad[:3], grad_out[[0, 2, 4]]) and torch.equal(y.grad[3], torch.zeros_like(y.grad[3]))
 
 
 # ----------------------------------------------------------------------------- opcheck
@@ -214,6 +278,11 @@ def test_opcheck(device, backend):
         "scatter_add_rows": [
             (t(5, 3, grad=True), t(3, 3, grad=True), idx, count, torch.rand(5, device=device, requires_grad=True)),
             (t(5, 3, grad=True), t(2, 3, grad=True), idx, count, None),
+        ],
+        "scatter_rows": [
+            (t(5, 3, grad=True), t(3, 3, grad=True), idx, count),
+            (t(5, 2, 3, 4, grad=True), t(4, 2, 3, 4, grad=True), idx, count),
+            (t(5, 2, 3, 4).contiguous(memory_format=torch.channels_last), t(3, 2, 3, 4), idx, count),
         ],
     }
     # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel itself, which
@@ -267,6 +336,20 @@ def _bad_inputs():
         ("scatter-scale-rank", lambda: dk.scatter_add_rows(x, x, idx, count, torch.rand(5, 1)), ValueError, r"scatter_add_rows: scale must be a 1-D tensor"),
         ("scatter-scale-int", lambda: dk.scatter_add_rows(x, x, idx, count, torch.ones(5, dtype=torch.int32)), TypeError, r"scatter_add_rows: scale must be a floating tensor"),
         ("scatter-repeated-rows-cpu", lambda: dk.scatter_add_rows(x, x, repeated, count, backend="cpu"), RuntimeError, r"scatter_add_rows: idx repeats row 1 among its first count entries"),
+        ("scatter-rows-0d-base", lambda: dk.scatter_rows(torch.tensor(1.0), x, idx, count), ValueError, r"scatter_rows: base must have at least one dimension"),
+        ("scatter-rows-y-type", lambda: dk.scatter_rows(x, x.tolist(), idx, count), TypeError, r"scatter_rows: y must be a torch.Tensor"),
+        ("scatter-rows-y-shape", lambda: dk.scatter_rows(x, torch.randn(3, 4), idx, count), ValueError, r"scatter_rows: y must be \[capacity, 3\] like base's rows"),
+        ("scatter-rows-y-dtype", lambda: dk.scatter_rows(x, x.double(), idx, count), TypeError, r"scatter_rows: y must have base's dtype torch.float32"),
+        ("scatter-rows-y-device", lambda: dk.scatter_rows(x, torch.empty(3, 3, device="meta"), idx, count), ValueError, r"scatter_rows: y is on meta but base is on cpu"),
+        ("scatter-rows-mismatched-n", lambda: dk.scatter_rows(torch.randn(4, 3), x, idx, count), ValueError, r"scatter_rows: idx has 5 entries but base has 4 rows"),
+        ("scatter-rows-idx-int64", lambda: dk.scatter_rows(x, x, i64, count), TypeError, r"scatter_rows: idx must be int32"),
+        ("scatter-rows-count-float", lambda: dk.scatter_rows(x, x, idx, count.float()), TypeError, r"scatter_rows: count must be an int32 tensor"),
+        ("scatter-rows-idx-out-of-range", lambda: dk.scatter_rows(x, x, out_of_range, count), IndexError, r"scatter_rows: idx\[1\] = 5 is out of range for base with 5 rows"),
+        # past count too: every entry of idx is checked, not only the first count
+        ("scatter-rows-tail-out-of-range", lambda: dk.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, 7], dtype=torch.int32), count), IndexError, r"scatter_rows: idx\[4\] = 7 is out of range"),
+        ("scatter-rows-repeated", lambda: dk.scatter_rows(x, x, repeated, count), ValueError, r"scatter_rows: idx lists row 1 more than once; idx must be a permutation of base's 5 rows"),
+        ("scatter-rows-tail-repeated", lambda: dk.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32), count), ValueError, r"scatter_rows: idx lists row 3 more than once"),
+        ("scatter-rows-backend", lambda: dk.scatter_rows(x, x, idx, count, backend="cudnn"), ValueError, r"scatter_rows: backend must be one of"),
     ]
 
 
@@ -292,6 +375,10 @@ def _cpp_bad_inputs(device):
         ("scatter-y-dtype", lambda: ops.scatter_add_rows(x, x.double(), idx, count, None), r"scatter_add_rows: y must have base's dtype Float"),
         ("scatter-base-int", lambda: ops.scatter_add_rows(x.int(), x.int(), idx, count, None), r"scatter_add_rows: base must be a floating tensor"),
         ("scatter-scale", lambda: ops.scatter_add_rows(x, x, idx, count, torch.ones(4, device=device)), r"scatter_add_rows: scale must be a 1-D floating tensor with 5 entries"),
+        ("scatter-rows-y-shape", lambda: ops.scatter_rows(x, x[:, :2], idx, count), r"scatter_rows: y must be \[capacity, \[3\]\] like base's rows"),
+        ("scatter-rows-y-dtype", lambda: ops.scatter_rows(x, x.double(), idx, count), r"scatter_rows: y must have base's dtype Float"),
+        ("scatter-rows-0d", lambda: ops.scatter_rows(x[0, 0], x, idx, count), r"scatter_rows: base must have at least one dimension"),
+        ("scatter-rows-mismatched-n", lambda: ops.scatter_rows(x[:4], x, idx, count), r"scatter_rows: idx has 5 entries but base has 4 rows"),
     ]
     # (a device mismatch is tested in test_wrong_device_errors_on_gpu: with one CPU and one meta
     # tensor the dispatcher picks the meta kernel, which does not check devices)
@@ -301,6 +388,8 @@ def _cpp_bad_inputs(device):
         cases += [
             ("gather-idx-out-of-range", lambda: ops.gather_rows(x, bad, count, 5), r"gather_rows: idx\[1\] = 7 is out of range for 5 rows"),
             ("scatter-repeated-rows", lambda: ops.scatter_add_rows(x, x, rep, count, None), r"scatter_add_rows: idx repeats row 2"),
+            ("scatter-rows-not-a-permutation", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 4, 4], dtype=torch.int32), count), r"scatter_rows: idx lists row 4 twice; idx must be a permutation of the 5 rows"),
+            ("scatter-rows-out-of-range", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32), count), r"scatter_rows: idx\[4\] = -1 is out of range for 5 rows"),
         ]
     return cases
 
@@ -351,6 +440,7 @@ def test_no_host_sync(backend):
     def run():
         idx, count = dynkernels.compact(gate, backend=backend)
         y = dynkernels.gather_rows(x, idx, count, 48, backend=backend)
+        dynkernels.scatter_rows(x, y, idx, count, backend=backend)
         return dynkernels.scatter_add_rows(x, y, idx, count, gate, backend=backend)
 
     run()  # compile / load kernels first
@@ -359,6 +449,22 @@ def test_no_host_sync(backend):
         run()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.cuda
+def test_scatter_rows_checks_permutation_on_gpu_only_on_request(monkeypatch):
+    """On CUDA tensors the permutation check reads idx (a host sync): only with DYNKERNELS_CHECK_INDICES=1."""
+    from dynkernels.ops import _checks
+
+    x = torch.randn(5, 3, device="cuda")
+    idx = torch.tensor([0, 1, 2, 4, 4], dtype=torch.int32, device="cuda")
+    count = torch.tensor([3], dtype=torch.int32, device="cuda")
+    monkeypatch.setattr(_checks, "CHECK_INDICES_ON_GPU", True)
+    with pytest.raises(ValueError, match=r"scatter_rows: idx lists row 4 more than once"):
+        dynkernels.scatter_rows(x, x, idx, count)
+    monkeypatch.setattr(_checks, "CHECK_INDICES_ON_GPU", False)
+    out = dynkernels.scatter_rows(x, x, idx, count)  # not checked: row 3 is left unwritten
+    assert torch.equal(out[:3], x[:3]) and torch.equal(out[4], x[4])
 
 
 @pytest.mark.cuda
@@ -373,6 +479,9 @@ def test_large_rows_on_gpu():
         assert torch.equal(y, reference.gather_rows(x, idx, count, 8))
         out = dynkernels.scatter_add_rows(x, y, idx, count, backend=backend)
         assert_close(out, reference.scatter_add_rows(x, y, idx, count))
+        for base in (x, x.contiguous(memory_format=torch.channels_last)):
+            out = dynkernels.scatter_rows(base, y, idx, count, backend=backend)
+            assert torch.equal(out, reference.scatter_rows(base, y, idx, count))
 
 
 @pytest.mark.cuda
@@ -387,14 +496,14 @@ def test_triton_ops_under_torch_compile():
     def step(gate, x):
         idx, count = sg.compact_triton(gate, 0.0)
         y = sg.gather_rows_triton(x, idx, count, 20)
-        return sg.scatter_add_rows_triton(x, y * 2, idx, count, gate)
+        return sg.scatter_rows_triton(sg.scatter_add_rows_triton(x, y * 2, idx, count, gate), y, idx, count)
 
     compiled = torch.compile(step, fullgraph=True)
     assert_close(compiled(gate, x), step(gate, x))
 
 
 def test_cuda_kernels_registered_when_built():
-    """setup.py records whether it compiled the CUDA kernels; then all three must be registered."""
+    """setup.py records whether it compiled the CUDA kernels; then all of them must be registered."""
     has_cuda = dynkernels.cuda_kernels_compiled()
     config = dynkernels._extension._config
     if config is not None:  # absent for a CMake-built library
@@ -434,6 +543,7 @@ def compile_triton_kernels_for_hopper():
         (sg._compact_kernel, {**ptrs(gate_ptr="u8", idx_ptr="i32", count_ptr="i32"), "N": "i32", "threshold_bits": "i32"}, {"BLOCK": 16}),
         (sg._gather_rows_kernel, {**ptrs(x_ptr="bf16", idx_ptr="i32", count_ptr="i32", y_ptr="bf16"), "N": "i32", "capacity": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
         (sg._inverse_index_kernel, {**ptrs(idx_ptr="i32", count_ptr="i32", inv_ptr="i32"), "N": "i32", "limit": "i32"}, {"BLOCK": 256}),
+        (sg._scatter_rows_kernel, {**ptrs(base_ptr="bf16", y_ptr="bf16", idx_ptr="i32", count_ptr="i32", out_ptr="bf16"), "N": "i32", "limit": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
     ]
     for dt, acc, has_scale in (("bf16", "fp32", True), ("fp16", "fp32", False), ("fp64", "fp64", True)):
         sig = {**ptrs(base_ptr=dt, y_ptr=dt, idx_ptr="i32", count_ptr="i32", inv_ptr="i32", scale_ptr=acc, out_ptr=dt), "N": "i32", "limit": "i32", "row_elems": "i32"}

@@ -293,3 +293,95 @@ def test_half_precision_sparse_equals_masked(dtype, scaled):
     sparse, masked = run_both(skip, x, gate)
     assert sparse.dtype == dtype
     assert_close(sparse, masked)
+
+
+class InfAt(nn.Module):
+    """A shortcut that is inf on the chosen samples (identity elsewhere)."""
+
+    def __init__(self, rows):
+        super().__init__()
+        self.rows = rows
+
+    def forward(self, x):
+        x = x.clone()
+        x[self.rows] = float("inf")
+        return x
+
+
+def test_plain_sparse_does_not_read_the_shortcut_of_kept_samples():
+    """The one-pass merge copies a kept sample's row from the block's result: an inf in the
+    shortcut there does not reach the output. Masked execution (block * m + shortcut * (1 - m))
+    gives NaN there (inf * 0): the executions differ exactly where the shortcut is not finite."""
+    torch.manual_seed(6)
+    block = nn.Conv2d(3, 3, 3, 1, 1)
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    skip = SkipBlock(block, shortcut=InfAt([0, 2]), backend="cpu")  # samples 0 and 2 are kept
+    x = torch.randn(5, 3, 4, 4)
+    sparse, masked = run_both(skip, x, gate)
+    assert torch.isfinite(sparse).all()
+    assert_close(sparse[[0, 2, 3]], block(x)[[0, 2, 3]], rtol=RTOL)
+    assert torch.equal(sparse[[1, 4]], x[[1, 4]])
+    assert torch.isnan(masked[[0, 2]]).all()
+    assert_close(sparse[[1, 3, 4]], masked[[1, 3, 4]], rtol=RTOL)
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
+def test_planned_forward_does_not_recheck_indices(device, backend, monkeypatch):
+    """A plan's idx and count come from compact: the sparse forward checks the plan's shape and
+    device (cheap) and does not validate idx / count again in every gather and merge."""
+    from dynkernels.ops import _checks
+
+    torch.manual_seed(7)
+    seq = chain(n_blocks=3, backend=backend).to(device)
+    x = torch.randn(6, 8, 5, 5, device=device)
+    policy = (torch.rand(6, 3) < 0.5).float().to(device)
+    seq.execution = "masked"
+    masked = seq(x, policy)
+    seq.execution = "sparse"
+
+    def index_args(*args, **kwargs):
+        raise AssertionError("index_args was called in a planned sparse forward")
+
+    monkeypatch.setattr(_checks, "index_args", index_args)
+    assert_close(seq(x, policy), masked, rtol=RTOL)
+    with torch.no_grad():  # below autograd: the same kernels, without torch.library's wrapper
+        assert_close(seq(x, policy), masked, rtol=RTOL)
+
+
+def test_plan_helpers_check_shapes_cheaply():
+    from dynkernels.nn import gather_kept, merge_kept
+
+    row = SkipPlan(torch.tensor([[1.0], [0.0], [1.0], [0.0], [1.0]]), backend="cpu")[0]
+    x = torch.randn(5, 3)
+    with pytest.raises(ValueError, match=r"gather_kept: x has shape \(4, 3\) on cpu, but the plan is for 5 samples on cpu"):
+        gather_kept(x[:4], row)
+    with pytest.raises(ValueError, match=r"merge_kept: the compact result must be \[3, 3\]"):
+        merge_kept(x, torch.randn(2, 3), row)
+    with pytest.raises(ValueError, match=r"merge_kept: the compact result must be \[3, 3\]"):
+        merge_kept(x, torch.randn(3, 4), row)
+    with pytest.raises(TypeError, match=r"merge_kept: the compact result must have base's dtype torch.float32"):
+        merge_kept(x, torch.randn(3, 3, dtype=torch.float64), row)
+    with pytest.raises(ValueError, match=r"merge_kept: base has shape \(6, 3\)"):
+        merge_kept(torch.randn(6, 3), torch.randn(3, 3), row)
+    y = torch.randn(3, 3)
+    out = merge_kept(x, y, row)
+    assert torch.equal(out[[0, 2, 4]], y) and torch.equal(out[[1, 3]], x[[1, 3]])
+    assert torch.equal(gather_kept(x, row), x[[0, 2, 4]])
+    skip = SkipBlock(nn.Identity())
+    meta_row = SkipPlan(torch.ones(5, 1, device="meta"), capacity=5)[0]  # a plan for another device
+    with pytest.raises(ValueError, match=r"plan must be the RowPlan of this gate \(a SkipPlan row for 5 samples on cpu\)"):
+        skip(x, torch.ones(5), plan=meta_row)
+
+
+def test_block_plan_matches_skip_plan_row():
+    gate = torch.tensor([0.0, 0.7, 0.0, 1.0, 0.2])
+    for capacity in (None, 4):
+        own = SkipBlock(nn.Identity(), capacity=capacity).plan(gate)
+        row = SkipPlan(gate.unsqueeze(1), capacity=capacity)[0]
+        for a, b in zip(own[:3], row[:3]):
+            assert torch.equal(a, b) and a.shape == b.shape
+        assert own[3:] == row[3:]
+    with pytest.raises(ValueError, match="SkipBlock: capacity must be at most the batch size 5"):
+        SkipBlock(nn.Identity(), capacity=6).plan(gate)
+    with pytest.raises(ValueError, match="SkipBlock: capacity=1 but a block keeps 3 samples"):
+        SkipBlock(nn.Identity(), capacity=1).plan(gate)

@@ -1,4 +1,4 @@
-// CPU kernels for compact, gather_rows and scatter_add_rows (contract: DESIGN.md).
+// CPU kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md).
 // Rows are the dim-0 slices; for 4-D tensors in channels_last each row is still one
 // contiguous block, so both layouts are copied block by block and keep their layout.
 #include <ATen/Dispatch.h>
@@ -34,6 +34,19 @@ void check_index_range(const char* op, const int32_t* idx, int64_t n, int64_t ro
       TORCH_CHECK(!seen[r], op, ": idx repeats row ", r, " among its first count entries; rows must be distinct");
       seen[r] = 1;
     }
+  }
+}
+
+// scatter_rows needs every one of the N rows listed exactly once: then each output row is
+// written exactly once, and none is left uninitialised.
+void check_permutation(const char* op, const int32_t* idx, int64_t rows) {
+  std::vector<char> seen(rows, 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = idx[i];
+    TORCH_CHECK(r >= 0 && r < rows, op, ": idx[", i, "] = ", r, " is out of range for ", rows, " rows");
+    TORCH_CHECK(!seen[r], op, ": idx lists row ", r, " twice; idx must be a permutation of the ", rows,
+                " rows (as compact returns)");
+    seen[r] = 1;
   }
 }
 
@@ -126,12 +139,42 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
   return out;
 }
 
+// One pass: each output row is copied once, from y (the first count positions of idx) or
+// from base (the others).
+Tensor scatter_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  check_scatter_rows_args(base, y, idx, count);
+  const int64_t N = base.size(0);
+  const auto fmt = row_layout(base);
+  const Tensor bc = base.contiguous(fmt);
+  const Tensor yc = y.contiguous(fmt);
+  Tensor out = at::empty(base.sizes(), base.options().memory_format(fmt));
+  const Tensor ic = idx.contiguous();
+  const int32_t* ip = ic.const_data_ptr<int32_t>();
+  check_permutation("scatter_rows", ip, N);
+  const int64_t n = clamped_count(count, std::min(y.size(0), N));
+
+  const int64_t row_bytes = row_numel(base) * static_cast<int64_t>(base.element_size());
+  if (row_bytes == 0) return out;
+  const char* bp = static_cast<const char*>(bc.const_data_ptr());
+  const char* yp = static_cast<const char*>(yc.const_data_ptr());
+  char* op = static_cast<char*>(out.mutable_data_ptr());
+  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = ip[i];
+      const char* src = i < n ? yp + i * row_bytes : bp + r * row_bytes;
+      std::memcpy(op + r * row_bytes, src, row_bytes);
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynkernels, CPU, m) {
   m.impl("compact", &compact_cpu);
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_add_rows", &scatter_add_rows_cpu);
+  m.impl("scatter_rows", &scatter_rows_cpu);
 }
 
 }  // namespace dynkernels

@@ -1,10 +1,11 @@
-// CUDA kernels for compact, gather_rows and scatter_add_rows (contract: DESIGN.md), with the
+// CUDA kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md), with the
 // semantics, checks and output layouts of csrc/cpu/sample_gating_cpu.cpp.
 //
 // No host synchronisation: count is read by the kernels themselves, so gather and scatter
 // launch for every row they might touch (capacity rows, N rows) and the rows past count do
 // the cheap part of the work (write zeros, copy base). An idx entry that is out of range is
-// skipped (gather writes a zero row); it never causes an out-of-bounds access.
+// skipped (gather writes a zero row; scatter_rows leaves that output row unwritten); it never
+// causes an out-of-bounds access.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -345,12 +346,75 @@ Tensor scatter_add_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& 
   return out;
 }
 
+// ----------------------------------------------------------------------------- scatter_rows
+// The overwrite merge in one pass, a pure copy like gather (raw bytes in units of Vec): the
+// thread row for position i of idx copies y[i] (i < count) or base[idx[i]] (i >= count) to
+// out[idx[i]]. idx being a permutation, every output row is written exactly once and every
+// source row read once; no inverse index is needed.
+template <typename Vec>
+__global__ void __launch_bounds__(kThreads)
+    scatter_rows_kernel(const Vec* __restrict__ base, const Vec* __restrict__ y, const int32_t* __restrict__ idx,
+                        const int32_t* __restrict__ count, Vec* __restrict__ out, int64_t N, int64_t limit,
+                        int64_t row_vecs) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (i >= N) return;
+  const int64_t r = __ldg(idx + i);
+  if (r < 0 || r >= N) return;  // out of range: skipped
+  const Vec* src = i < device_count(count, limit) ? y + i * row_vecs : base + r * row_vecs;
+  Vec* dst = out + r * row_vecs;
+  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
+  for (int64_t k = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; k < row_vecs; k += stride * kUnroll) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (k + u * stride < row_vecs) v[u] = src[k + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (k + u * stride < row_vecs) dst[k + u * stride] = v[u];
+  }
+}
+
+template <typename Vec>
+void launch_scatter_rows(const Tensor& bc, const Tensor& yc, const Tensor& idx, const Tensor& count, Tensor& out,
+                         int64_t limit, int64_t row_bytes) {
+  const int64_t row_vecs = row_bytes / int64_t(sizeof(Vec));
+  const RowLaunch l = row_launch(bc.size(0), row_vecs);
+  scatter_rows_kernel<Vec><<<l.grid, l.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      static_cast<const Vec*>(bc.const_data_ptr()), static_cast<const Vec*>(yc.const_data_ptr()),
+      idx.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(), static_cast<Vec*>(out.mutable_data_ptr()),
+      bc.size(0), limit, row_vecs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+Tensor scatter_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  check_scatter_rows_args(base, y, idx, count);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const auto fmt = row_layout(base);
+  const Tensor bc = base.contiguous(fmt);
+  const Tensor yc = y.contiguous(fmt);
+  Tensor out = at::empty(base.sizes(), base.options().memory_format(fmt));
+  const int64_t N = base.size(0);
+  const int64_t row_bytes = row_numel(base) * int64_t(base.element_size());
+  if (N == 0 || row_bytes == 0) return out;
+  const int64_t limit = std::min(y.size(0), N);
+  const Tensor ic = idx.contiguous();
+  switch (vector_bytes(row_bytes, {bc.const_data_ptr(), yc.const_data_ptr(), out.const_data_ptr()})) {
+    case 16: launch_scatter_rows<uint4>(bc, yc, ic, count, out, limit, row_bytes); break;
+    case 8: launch_scatter_rows<uint2>(bc, yc, ic, count, out, limit, row_bytes); break;
+    case 4: launch_scatter_rows<uint32_t>(bc, yc, ic, count, out, limit, row_bytes); break;
+    case 2: launch_scatter_rows<uint16_t>(bc, yc, ic, count, out, limit, row_bytes); break;
+    default: launch_scatter_rows<uint8_t>(bc, yc, ic, count, out, limit, row_bytes); break;
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynkernels, CUDA, m) {
   m.impl("compact", &compact_cuda);
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_add_rows", &scatter_add_rows_cuda);
+  m.impl("scatter_rows", &scatter_rows_cuda);
 }
 
 }  // namespace dynkernels

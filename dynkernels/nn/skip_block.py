@@ -4,8 +4,14 @@ A batch of N samples passes a residual block; a gate [N] says which samples keep
 papers (BlockDrop, SkipNet, LC-Net) compute the block on all N samples and multiply by the
 gate ("masked" execution). Here ("sparse" execution) the kept samples are compacted into a
 batch of their own (`compact` -> `gather_rows`), the block runs densely on that smaller
-batch, and the results are put back in place (`scatter_add_rows`: plain blocks replace the
-kept rows exactly, scaled ones add s * F with the scale fused). No per-sample loops.
+batch, and the results are put back in place (plain blocks: `scatter_rows`, one pass that
+copies each output row once, from the block's result or from the shortcut; scaled ones:
+`scatter_add_rows`, which adds s * F with the scale fused). No per-sample loops.
+
+Per-forward CPU cost: the gate and the plan are checked, and the backend resolved, once per
+forward; gather and merge then call the kernels without re-checking idx and count (they
+come from `compact`), since on a GPU every microsecond of Python after a host sync leaves
+the device idle.
 
 Host synchronisations (reading a device value on the host; free on CPU tensors, a stall of
 the launch queue on a GPU). The block is a dense module, so the number of rows it runs on
@@ -18,7 +24,8 @@ must be known on the host:
     any of these, sparse, capacity=C          0 (each block runs on C rows: no saving for C = N)
 
 These counts are for the compiled and Triton backends, which read `count` on the device;
-backend="torch" (the reference) also reads it in every gather_rows / scatter_add_rows.
+backend="torch" (the reference) also reads it in every gather_rows / scatter_rows /
+scatter_add_rows.
 
 With capacity=C the launches are sized by C and the kernels read `count` on the device, so
 the whole forward can be captured in a CUDA graph; it only saves work when the caller can
@@ -31,6 +38,7 @@ import torch.nn as nn
 
 from .. import ops
 from ..ops import _checks
+from ..ops import sample_gating as _gating
 
 EXECUTIONS = ("masked", "sparse")
 
@@ -47,6 +55,10 @@ def active(gate: torch.Tensor, scaled: bool) -> torch.Tensor:
     if gate.dtype == torch.bool:
         return gate
     return gate != 0 if scaled else gate > 0
+
+
+def _resolve(owner: str, backend: str, device: torch.device) -> str:
+    return _gating.resolved_backend(owner, backend, device)
 
 
 def _row_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -79,6 +91,30 @@ class RowPlan(NamedTuple):
         return self.exact and self.rows == self.keep.shape[0]
 
 
+def _check_capacity(owner: str, capacity: Optional[int], n: int) -> Optional[int]:
+    if capacity is not None:
+        capacity = _checks.capacity(owner, capacity)
+        if capacity > n:
+            raise ValueError(f"{owner}: capacity must be at most the batch size {n}, got {capacity}")
+    return capacity
+
+
+def _rows_to_run(owner: str, count: torch.Tensor, capacity: Optional[int]):
+    """(rows each block runs on, exact): the kept counts, read with one host synchronisation,
+    or (capacity=C) C for every block, without reading them (C >= every count is checked
+    where that costs no sync: on CPU tensors, or on a GPU when DYNKERNELS_CHECK_INDICES=1)."""
+    if capacity is None:
+        return count.tolist(), True
+    if count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+        most = int(count.max()) if count.numel() else 0
+        if most > capacity:
+            raise ValueError(
+                f"{owner}: capacity={capacity} but a block keeps {most} samples; capacity must "
+                "be at least the largest number of samples kept by one block"
+            )
+    return [capacity] * count.shape[0], False
+
+
 class SkipPlan:
     """The gates of B blocks for one batch, compacted with ONE `compact` call.
 
@@ -94,53 +130,75 @@ class SkipPlan:
         if not (policy.dtype.is_floating_point or policy.dtype == torch.bool):
             raise TypeError(f"SkipPlan: policy must be a floating or bool tensor, got {policy.dtype}")
         ops.check_backend("SkipPlan", backend)
-        n = policy.shape[0]
-        if capacity is not None:
-            capacity = _checks.capacity("SkipPlan", capacity)
-            if capacity > n:
-                raise ValueError(f"SkipPlan: capacity must be at most the batch size {n}, got {capacity}")
+        capacity = _check_capacity("SkipPlan", capacity, policy.shape[0])
         self.scaled = bool(scaled)
         self.keep = active(policy, self.scaled).t().contiguous()  # [B, N]: one row per block
         self.idx, self.count = ops.compact(self.keep, backend=backend)
-        if capacity is None:
-            self.rows: List[int] = self.count.tolist()  # the plan's one host synchronisation
-            self.exact = True
-        else:
-            if self.count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
-                most = int(self.count.max()) if self.count.numel() else 0
-                if most > capacity:
-                    raise ValueError(
-                        f"SkipPlan: capacity={capacity} but a block keeps {most} samples; capacity must "
-                        "be at least the largest number of samples kept by one block"
-                    )
-            self.rows = [capacity] * self.keep.shape[0]
-            self.exact = False
+        self.rows: List[int]
+        self.rows, self.exact = _rows_to_run("SkipPlan", self.count, capacity)
         self.host_syncs = 1 if capacity is None else 0
+        # Every block's row at once (three calls, not three slices per block and forward).
+        self._row_plans = [
+            RowPlan(keep, idx, count, rows, self.exact)
+            for keep, idx, count, rows in zip(self.keep.unbind(0), self.idx.unbind(0), self.count.split(1), self.rows)
+        ]
 
     def __len__(self) -> int:
         return self.keep.shape[0]
 
     def __getitem__(self, b: int) -> RowPlan:
-        return RowPlan(self.keep[b], self.idx[b], self.count[b : b + 1], self.rows[b], self.exact)
+        return self._row_plans[b]
+
+
+def _check_plan_rows(owner: str, name: str, t: torch.Tensor, row: RowPlan):
+    """t has the plan's samples, on the plan's device (cheap: no value is read)."""
+    n = row.idx.shape[0]
+    if t.dim() == 0 or t.shape[0] != n or t.device != row.idx.device:
+        raise ValueError(
+            f"{owner}: {name} has shape {tuple(t.shape)} on {t.device}, but the plan is for {n} samples on {row.idx.device}"
+        )
+
+
+def _check_compact_result(owner: str, base: torch.Tensor, y: torch.Tensor, rows: int):
+    """y: the block's result on the compact batch of `rows` rows, to be merged into base."""
+    if y.dim() != base.dim() or y.shape[0] != rows or y.shape[1:] != base.shape[1:]:
+        raise ValueError(
+            f"{owner}: the compact result must be [{rows}, {', '.join(map(str, base.shape[1:]))}] "
+            f"(the compact batch's rows, base's row shape), got {tuple(y.shape)}"
+        )
+    if y.dtype != base.dtype:
+        raise TypeError(f"{owner}: the compact result must have base's dtype {base.dtype}, got {y.dtype}")
+    if y.device != base.device:
+        raise ValueError(f"{owner}: the compact result is on {y.device} but base is on {base.device}")
 
 
 def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
-    """The compact batch: x's kept rows in order (plus zero rows up to a fixed capacity)."""
+    """The compact batch: x's kept rows in order (plus zero rows up to a fixed capacity).
+
+    row: a SkipPlan row for x's batch. Its idx and count come from `compact`, so they are not
+    checked again here; only that x has the plan's samples and device.
+    """
     if row.all_kept:
         return x
-    return ops.gather_rows(x, row.idx, row.count, row.rows, backend=backend)
+    _check_plan_rows("gather_kept", "x", x, row)
+    b = _resolve("gather_kept", backend, x.device)
+    return _gating._gather_rows(x, row.idx, row.count, row.rows, b)
 
 
 def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
-    """out = base with the kept rows replaced by the compact results y (exactly: the kept rows
-    of base are zeroed, then y is added into them; a non-finite value in a kept row of base
-    gives NaN, as in the masked execution)."""
+    """out = base with the kept rows replaced by the compact results y.
+
+    One pass (`scatter_rows`): every output row is copied once, from y (kept) or from base
+    (dropped); the kept rows of base are not read. So a non-finite value in a kept row of
+    base does not reach the output, while the masked execution, y * m + base * (1 - m), gives
+    NaN there (inf * 0); the two executions agree wherever base is finite.
+    """
     if row.all_kept:
         return y
-    # A multiply by a [N, 1, ...] 0/1 mask: on the CPU about 8x faster than masked_fill with
-    # the same broadcast bool mask, and exact (r * 0 = +-0, and +-0 + y = y).
-    cleared = base * _row_mask((~row.keep).to(base.dtype), base)
-    return ops.scatter_add_rows(cleared, y, row.idx, row.count, backend=backend)
+    _check_plan_rows("merge_kept", "base", base, row)
+    _check_compact_result("merge_kept", base, y, row.rows)
+    b = _resolve("merge_kept", backend, base.device)
+    return _gating._scatter_rows(base, y, row.idx, row.count, b)
 
 
 def _shape_error(block_shape, shortcut_shape, shortcut_name):
@@ -158,7 +216,9 @@ class SkipBlock(nn.Module):
         out[n] = block(x)[n]     if g[n] > 0   (block: a whole residual block, e.g. a
                                                  torchvision BasicBlock/Bottleneck with its own
                                                  residual add and ReLU)
-        out[n] = shortcut(x)[n]  otherwise      (identity by default)
+        out[n] = shortcut(x)[n]  otherwise      (identity by default; the kept rows are
+                                                 copied, so the shortcut's value there is
+                                                 never read: see merge_kept)
     Scaled (scaled=True; LC-Net's L-Net), with F = `block` the residual branch only:
         out[n] = shortcut(x)[n] + g[n] * F(x)[n]   (F is computed where g[n] != 0; the scale is
                                                      fused into scatter_add_rows)
@@ -170,7 +230,9 @@ class SkipBlock(nn.Module):
 
     execution="masked" is the papers' dense-times-mask computation (plain:
     block(x) * m + shortcut(x) * (1 - m) with m = [g > 0]); execution="sparse" runs the block
-    on the compact batch of kept samples only. Both give the same output. Gradients agree
+    on the compact batch of kept samples only. Both give the same output (plain blocks: where
+    the shortcut is finite; masked execution turns an inf or NaN of the shortcut in a kept
+    sample into NaN, sparse execution does not read it). Gradients agree
     too, except (scaled) the gradient with respect to a gate entry that is exactly 0, which
     sparse execution takes as 0 since F is not computed there (ReLU-1 gates have zero slope
     there anyway), and in training mode a BatchNorm inside the block takes its batch
@@ -233,8 +295,13 @@ class SkipBlock(nn.Module):
         _checks.same_device("SkipBlock", "gate", gate, "x", x)
 
     def plan(self, gate: torch.Tensor) -> RowPlan:
-        """Compact this block's gate (one host sync unless capacity is set)."""
-        return SkipPlan(gate.unsqueeze(1), scaled=self.scaled, capacity=self.capacity, backend=self.backend)[0]
+        """Compact this block's gate (one host sync unless capacity is set): the RowPlan that
+        SkipPlan(gate.unsqueeze(1))[0] gives, without its [N, B] transposes and views."""
+        capacity = _check_capacity("SkipBlock", self.capacity, gate.shape[0])
+        keep = active(gate, self.scaled)
+        idx, count = ops.compact(keep, backend=self.backend)
+        (rows,), exact = _rows_to_run("SkipBlock", count, capacity)
+        return RowPlan(keep, idx, count, rows, exact)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, plan: Optional[RowPlan] = None) -> torch.Tensor:
         """x [N, ...], gate [N]; plan: this block's row of a SkipPlan built from the same gate
@@ -244,14 +311,20 @@ class SkipBlock(nn.Module):
             return self._masked(x, gate)
         if plan is None:
             plan = self.plan(gate)
-        elif not isinstance(plan, RowPlan) or plan.keep.shape != gate.shape:
-            raise ValueError(f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples)")
+        elif not isinstance(plan, RowPlan) or plan.keep.shape != gate.shape or plan.idx.device != x.device:
+            raise ValueError(
+                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {x.device})"
+            )
         if not plan.exact and self._batchnorm_training():
             raise RuntimeError(
                 "SkipBlock: a fixed capacity pads the compact batch with zero rows, which would enter the "
                 "batch statistics of the block's BatchNorm in training mode; use eval() or capacity=None"
             )
-        return self._scaled_sparse(x, gate, plan) if self.scaled else self._plain_sparse(x, plan)
+        # Resolved once per forward; gather and merge then only look it up.
+        backend = _resolve("SkipBlock", self.backend, x.device)
+        if self.scaled:
+            return self._scaled_sparse(x, gate, plan, backend)
+        return self._plain_sparse(x, plan, backend)
 
     def _masked(self, x, gate):
         base = self._shortcut(x)
@@ -263,26 +336,29 @@ class SkipBlock(nn.Module):
         m = _row_mask(active(gate, False).to(y.dtype), y)
         return y * m + base * (1 - m)
 
-    def _run_kept(self, x, plan):
+    def _run_kept(self, x, plan, backend):
         """(shortcut(x), the block on the compact batch of kept samples, or None if none kept)."""
         base = self._shortcut(x)
         if plan.none_kept:
             return base, None
-        y = self.block(gather_kept(x, plan, self.backend))
+        y = self.block(gather_kept(x, plan, backend))
         if y.shape[1:] != base.shape[1:]:
             raise _shape_error(y.shape[1:], base.shape[1:], self._shortcut_name())
         return base, y
 
-    def _plain_sparse(self, x, plan):
-        base, y = self._run_kept(x, plan)
-        return base if y is None else merge_kept(base, y, plan, self.backend)
+    def _plain_sparse(self, x, plan, backend):
+        base, y = self._run_kept(x, plan, backend)
+        return base if y is None else merge_kept(base, y, plan, backend)
 
-    def _scaled_sparse(self, x, gate, plan):
-        base, y = self._run_kept(x, plan)
+    def _scaled_sparse(self, x, gate, plan, backend):
+        base, y = self._run_kept(x, plan, backend)
         if y is None:
             return base
+        _check_compact_result("SkipBlock", base, y, plan.rows)
+        if not base.dtype.is_floating_point:
+            raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
         scale = gate.to(y.dtype) if gate.dtype == torch.bool else gate
-        return ops.scatter_add_rows(base, y, plan.idx, plan.count, scale, backend=self.backend)
+        return _gating._scatter_add_rows(base, y, plan.idx, plan.count, scale, backend)
 
 
 class SkipSequential(nn.Module):

@@ -2,6 +2,6 @@
 kernels and autograd, each function taking backend="auto" | "cuda" | "cpu" | "triton" | "torch"."""
 from ._backend import BACKENDS, check_backend
 from .channel_sparse_conv2d import channel_sparse_conv2d
-from .sample_gating import compact, gather_rows, scatter_add_rows
+from .sample_gating import compact, gather_rows, scatter_add_rows, scatter_rows
 
-__all__ = ["BACKENDS", "check_backend", "compact", "gather_rows", "scatter_add_rows", "channel_sparse_conv2d"]
+__all__ = ["BACKENDS", "check_backend", "compact", "gather_rows", "scatter_add_rows", "scatter_rows", "channel_sparse_conv2d"]

@@ -1,11 +1,16 @@
-"""Sample gating ops: compact, gather_rows, scatter_add_rows (contract: DESIGN.md).
+"""Sample gating ops: compact, gather_rows, scatter_add_rows, scatter_rows (contract: DESIGN.md).
 
-The compiled kernels are torch.ops.dynkernels.{compact, gather_rows, scatter_add_rows}
-(schemas in csrc/schemas.cpp, one kernel per device); the Triton kernels are
+The compiled kernels are torch.ops.dynkernels.{compact, gather_rows, scatter_add_rows,
+scatter_rows} (schemas in csrc/schemas.cpp, one kernel per device); the Triton kernels are
 torch.ops.dynkernels.{...}_triton (dynkernels/triton/sample_gating.py). This file gives
 both their fake kernels and autograd, and the public functions that check arguments and
 pick the backend. No op here reads a device value on the host (the "torch" reference
 reads count; see dynkernels.reference).
+
+The public functions check every argument and resolve the backend on every call. Callers
+that already did both once for many calls (dynkernels.nn.SkipPlan: its idx and count come
+from compact) use the unchecked `_gather_rows`, `_scatter_add_rows` and `_scatter_rows`,
+which take a resolved backend and go straight to the kernel.
 """
 import functools
 from typing import Optional, Tuple
@@ -37,8 +42,13 @@ def _scatter_add_rows_fake(base, y, idx, count, scale):
     return torch.empty_like(base, memory_format=row_layout(base))
 
 
+@torch.library.register_fake("dynkernels::scatter_rows")
+def _scatter_rows_fake(base, y, idx, count):
+    return torch.empty_like(base, memory_format=row_layout(base))
+
+
 # ----------------------------------------------------------------------------- autograd
-def _register_autograd(gather_op, scatter_op):
+def _register_autograd(gather_op, scatter_op, scatter_rows_op):
     """Backward of gather/scatter built from the same backend's gather/scatter kernels."""
 
     def gather_setup(ctx, inputs, output):
@@ -73,11 +83,29 @@ def _register_autograd(gather_op, scatter_op):
                 grad_scale = scatter_op(torch.zeros_like(scale), dots, idx, count, None)
         return grad_base, grad_y, None, None, grad_scale
 
+    def scatter_rows_setup(ctx, inputs, output):
+        base, y, idx, count = inputs
+        ctx.capacity = y.shape[0]
+        ctx.save_for_backward(idx, count)
+
+    def scatter_rows_backward(ctx, grad_out):
+        # out takes y[i] at row idx[i] for i < count and base's row elsewhere, so grad_base is
+        # grad_out with those rows zeroed, grad_y those rows of grad_out (zero past count).
+        idx, count = ctx.saved_tensors
+        grad_base = grad_y = None
+        if ctx.needs_input_grad[0]:
+            no_rows = grad_out.new_zeros((ctx.capacity,) + tuple(grad_out.shape[1:]))
+            grad_base = scatter_rows_op(grad_out, no_rows, idx, count)
+        if ctx.needs_input_grad[1]:
+            grad_y = gather_op(grad_out, idx, count, ctx.capacity)
+        return grad_base, grad_y, None, None
+
     torch.library.register_autograd(gather_op, gather_backward, setup_context=gather_setup)
     torch.library.register_autograd(scatter_op, scatter_backward, setup_context=scatter_setup)
+    torch.library.register_autograd(scatter_rows_op, scatter_rows_backward, setup_context=scatter_rows_setup)
 
 
-_register_autograd(_lib.gather_rows.default, _lib.scatter_add_rows.default)
+_register_autograd(_lib.gather_rows.default, _lib.scatter_add_rows.default, _lib.scatter_rows.default)
 
 
 @functools.lru_cache(maxsize=None)
@@ -85,8 +113,81 @@ def _triton():
     """Import the Triton kernels on first use (Triton is optional) and give them autograd."""
     from ..triton import sample_gating as triton_sample_gating
 
-    _register_autograd(triton_sample_gating.gather_rows_triton, triton_sample_gating.scatter_add_rows_triton)
+    _register_autograd(
+        triton_sample_gating.gather_rows_triton,
+        triton_sample_gating.scatter_add_rows_triton,
+        triton_sample_gating.scatter_rows_triton,
+    )
     return triton_sample_gating
+
+
+# ----------------------------------------------------------------------------- unchecked calls
+_RESOLVED = {}
+
+
+def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
+    """resolve(owner, backend, device), remembered per (backend, device type): the answer
+    depends only on those and on how dynkernels was built and imported (TRITON_INTERPRET is
+    read before import), so callers on a hot path pay a dict lookup, not the checks."""
+    key = (backend, device.type)
+    b = _RESOLVED.get(key)
+    if b is None:
+        b = _RESOLVED[key] = resolve(owner, backend, device)
+    return b
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(name: str, backend: str):
+    """The registered operator of a resolved kernel backend ("cpu", "cuda" or "triton")."""
+    if backend == "triton":
+        _triton()  # registers the *_triton ops and their autograd
+        return getattr(_lib, f"{name}_triton").default
+    return getattr(_lib, name).default
+
+
+def _run(op, *args):
+    """Call a registered op. When no gradient is needed this goes below autograd directly:
+    the call torch.library's autograd wrapper would make, without that Python wrapper (a
+    few microseconds per op, paid by every eager forward)."""
+    if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or torch.compiler.is_compiling():
+        return op(*args)
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _gather_rows(x, idx, count, capacity: int, backend: str):
+    """gather_rows with checked arguments and a resolved backend."""
+    if backend == "torch":
+        return reference.gather_rows(x, idx, count, capacity)
+    return _run(_kernel("gather_rows", backend), x, idx, count, capacity)
+
+
+def _scatter_add_rows(base, y, idx, count, scale, backend: str):
+    """scatter_add_rows with checked arguments and a resolved backend."""
+    if backend == "torch":
+        return reference.scatter_add_rows(base, y, idx, count, scale)
+    return _run(_kernel("scatter_add_rows", backend), base, y, idx, count, scale)
+
+
+def _scatter_rows(base, y, idx, count, backend: str):
+    """scatter_rows with checked arguments and a resolved backend."""
+    if backend == "torch":
+        return reference.scatter_rows(base, y, idx, count)
+    return _run(_kernel("scatter_rows", backend), base, y, idx, count)
+
+
+def _check_permutation(op: str, idx: torch.Tensor, rows: int):
+    """idx lists each of the `rows` rows exactly once (reads idx: a host sync on a GPU)."""
+    if rows == 0:
+        return
+    lo, hi = (int(v) for v in torch.aminmax(idx))
+    if lo < 0 or hi >= rows:
+        bad = int(((idx < 0) | (idx >= rows)).nonzero()[0])
+        raise IndexError(f"{op}: idx[{bad}] = {int(idx[bad])} is out of range for base with {rows} rows")
+    seen = torch.bincount(idx.long(), minlength=rows)
+    if int(seen.max()) > 1:
+        twice = int((seen > 1).nonzero()[0])
+        raise ValueError(f"{op}: idx lists row {twice} more than once; idx must be a permutation of base's {rows} rows (as compact returns)")
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -125,12 +226,7 @@ def gather_rows(
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
     _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x)
-    b = resolve("gather_rows", backend, x.device)
-    if b == "torch":
-        return reference.gather_rows(x, idx, count, capacity)
-    if b == "triton":
-        return _triton().gather_rows_triton(x, idx, count, capacity)
-    return _lib.gather_rows(x, idx, count, capacity)
+    return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
 
 
 def scatter_add_rows(
@@ -166,9 +262,43 @@ def scatter_add_rows(
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    b = resolve(op, backend, base.device)
-    if b == "torch":
-        return reference.scatter_add_rows(base, y, idx, count, scale)
-    if b == "triton":
-        return _triton().scatter_add_rows_triton(base, y, idx, count, scale)
-    return _lib.scatter_add_rows(base, y, idx, count, scale)
+    return _scatter_add_rows(base, y, idx, count, scale, resolve(op, backend, base.device))
+
+
+def scatter_rows(
+    base: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The overwrite merge: out[idx[i]] = y[i] for i < count, out[idx[i]] = base[idx[i]] otherwise.
+
+    idx: [N] int32, a permutation of base's N rows whose first count entries are the rows
+    that y replaces: exactly what compact returns. Checked on CPU tensors; on CUDA tensors
+    only with DYNKERNELS_CHECK_INDICES=1 (it reads idx: a host sync); the CUDA and Triton
+    kernels never read or write out of bounds, but a row that idx does not list is left
+    unwritten. base: [N, ...] of any dtype; y: [capacity, ...] of base's dtype and device,
+    its rows past count unread; count is clamped to [0, min(capacity, N)].
+
+    One pass, each output row written once and each source row read once (N row reads, N row
+    writes), where zeroing the kept rows of base and adding y with scatter_add_rows takes
+    three. The kept rows of base are not read, so a non-finite value there does not reach
+    the output. Differentiable in base (grad_out with the kept rows zeroed) and y (the kept
+    rows of grad_out, zero past count). No host sync.
+    """
+    op = "scatter_rows"
+    _checks.tensor(op, "base", base)
+    if base.dim() == 0:
+        raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
+    _checks.tensor(op, "y", y)
+    if y.dim() != base.dim() or y.shape[1:] != base.shape[1:]:
+        raise ValueError(f"{op}: y must be [capacity, {', '.join(map(str, base.shape[1:]))}] like base's rows, got shape {tuple(y.shape)}")
+    if y.dtype != base.dtype:
+        raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
+    _checks.same_device(op, "y", y, "base", base)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+        _check_permutation(op, idx, base.shape[0])
+    return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))

@@ -1,12 +1,12 @@
-"""Triton kernels for compact, gather_rows and scatter_add_rows (contract: DESIGN.md).
+"""Triton kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md).
 
 Same semantics and output layouts as the C++/CUDA kernels (csrc/cpu, csrc/cuda), exposed as
-torch.ops.dynkernels.{compact,gather_rows,scatter_add_rows}_triton with
+torch.ops.dynkernels.{compact,gather_rows,scatter_add_rows,scatter_rows}_triton with
 torch.library.triton_op so that torch.compile can trace into them; autograd is added by
 dynkernels.ops.sample_gating. No op reads a device value on the host: count is loaded by
 the kernels, so launches cover every row they might touch and the rows past count do the
 cheap part (write zeros, copy base). Out-of-range idx entries are skipped (gather writes a
-zero row), never read or written out of bounds.
+zero row, scatter_rows leaves that output row unwritten), never read or written out of bounds.
 """
 import math
 import struct
@@ -191,4 +191,46 @@ def scatter_add_rows_triton(
         bc, yc, ic, count, inv, s, out, n_rows, limit, row_elems,
         HAS_SCALE=scale is not None, FP64=fp64, BLOCK=block,
     )
+    return out
+
+
+# ----------------------------------------------------------------------------- scatter_rows
+@triton.jit(do_not_specialize=["N", "limit"])
+def _scatter_rows_kernel(base_ptr, y_ptr, idx_ptr, count_ptr, out_ptr, N, limit, row_elems, BLOCK: tl.constexpr):
+    # program (i, chunk): position i of idx copies y[i] (i < count) or base[idx[i]] (the
+    # others) to out[idx[i]]; with idx a permutation, each output row is written exactly once.
+    i = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(count_ptr), 0), limit)
+    r = tl.load(idx_ptr + i).to(tl.int64)
+    valid = (r >= 0) & (r < N)  # out-of-range entries are skipped
+    r = tl.where(valid, r, 0)
+    from_y = i < n
+    for start in range(tl.program_id(1) * BLOCK, row_elems, tl.num_programs(1) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = (offs < row_elems) & valid
+        # Two masked loads of which only one reads memory.
+        v = tl.load(y_ptr + i * row_elems + offs, mask=in_row & from_y, other=0)
+        b = tl.load(base_ptr + r * row_elems + offs, mask=in_row & (i >= n), other=0)
+        tl.store(out_ptr + r * row_elems + offs, tl.where(from_y, v, b), mask=in_row)
+
+
+@triton_op("dynkernels::scatter_rows_triton", mutates_args=())
+def scatter_rows_triton(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Triton `scatter_rows`: out[idx[i]] = y[i] for i < count, base[idx[i]] for the other i."""
+    n_rows = base.shape[0]
+    torch._check(base.dim() >= 1, lambda: "scatter_rows: base must have at least one dimension")
+    torch._check(y.dim() == base.dim() and y.shape[1:] == base.shape[1:], lambda: "scatter_rows: y must be [capacity, *base.shape[1:]]")
+    torch._check(y.dtype == base.dtype, lambda: "scatter_rows: y must have base's dtype")
+    torch._check(idx.dim() == 1 and idx.shape[0] == n_rows, lambda: "scatter_rows: idx must be [base.shape[0]]")
+    torch._check(count.numel() == 1, lambda: "scatter_rows: count must have one element")
+    fmt = row_layout(base)
+    bc = base.contiguous(memory_format=fmt)
+    yc = y.contiguous(memory_format=fmt)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
+    row_elems = math.prod(base.shape[1:])
+    if n_rows > 0 and row_elems > 0:
+        block = _block(row_elems, 2048)
+        grid = (n_rows, min(triton.cdiv(row_elems, block), _MAX_GRID_Y))
+        limit = min(y.shape[0], n_rows)
+        wrap_triton(_scatter_rows_kernel)[grid](bc, yc, idx.contiguous(), count, out, n_rows, limit, row_elems, BLOCK=block)
     return out
