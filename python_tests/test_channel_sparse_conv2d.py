@@ -1,7 +1,5 @@
 """channel_sparse_conv2d on every backend against dynkernels.reference (contract: DESIGN.md)."""
 
-import importlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -199,37 +197,14 @@ def test_opcheck_cuda_kernel():
     torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, _opcheck_args("cuda"))
 
 
-def test_auto_on_cpu_picks_by_active_fraction(monkeypatch):
-    """auto on CPU: the C++ kernel for sparse gates, the dense conv (the reference) for gates
-    above ops.channel_sparse_conv2d.CPU_DENSE_ABOVE; both give the contract's result."""
-    op_module = importlib.import_module("dynkernels.ops.channel_sparse_conv2d")  # the module, not the function
-
-    x, w, b, _, _, *conv = make_inputs(CASES[2], "cpu")  # Cout = 5, no in_gate
-    sparse_gate = torch.tensor([[1.0, 0, 0.5, 0, 0], [0, 0.7, 0, 0, 1.0]])  # 2 of 5 active
-    dense_gate = torch.rand(2, 5) + 0.1  # all active
-    assert op_module.active_pair_fraction(sparse_gate, None) < op_module.CPU_DENSE_ABOVE
-    assert op_module.active_pair_fraction(dense_gate, None) > op_module.CPU_DENSE_ABOVE
-    want_sparse = expected(x, w, b, sparse_gate, None, *conv)
-    want_dense = expected(x, w, b, dense_gate, None, *conv)
+def test_auto_picks_compiled_kernel_on_cpu(monkeypatch):
+    args = make_inputs(CASES[2], "cpu")
+    want = expected(*args)
     calls = []
     real = reference.channel_sparse_conv2d
     monkeypatch.setattr(reference, "channel_sparse_conv2d", lambda *a: calls.append(1) or real(*a))
-    assert_close(dynkernels.channel_sparse_conv2d(x, w, b, sparse_gate, None, *conv), want_sparse)
-    assert not calls, "backend='auto' on CPU must run the C++ kernel for sparse gates"
-    assert_close(dynkernels.channel_sparse_conv2d(x, w, b, dense_gate, None, *conv), want_dense)
-    assert calls, "backend='auto' on CPU must run the dense conv for dense gates"
-    calls.clear()
-    assert_close(dynkernels.channel_sparse_conv2d(x, w, b, dense_gate, None, *conv, backend="cpu"), want_dense)
-    assert not calls, "backend='cpu' always runs the C++ kernel"
-
-
-def test_active_pair_fraction():
-    from dynkernels.ops.channel_sparse_conv2d import active_pair_fraction
-
-    out_gate = torch.tensor([[1.0, 0, 0, 0], [1.0, 1.0, 1.0, 1.0]])  # 1/4 and 4/4
-    in_gate = torch.tensor([[1.0, 1.0], [0.0, 2.0]])  # 2/2 and 1/2
-    assert active_pair_fraction(out_gate, None) == pytest.approx((0.25 + 1.0) / 2)
-    assert active_pair_fraction(out_gate, in_gate) == pytest.approx((0.25 * 1.0 + 1.0 * 0.5) / 2)
+    assert_close(dynkernels.channel_sparse_conv2d(*args), want)
+    assert not calls, "backend='auto' on CPU must run the C++ kernel, not the reference"
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -10,10 +10,8 @@ both ops their autograd, and the public function that checks arguments and picks
 No host sync on any path but the "torch" reference's (none there either) and the argument
 checks (shapes only).
 
-"auto" on CPU tensors runs the dense conv (F.conv2d, then the gate) when the gates keep so
-many (output, input) channel pairs that the sparse kernel would be slower: reading a CPU gate
-costs no device sync. On a GPU "auto" always runs the sparse kernel, since choosing dense
-execution there would need the gate density on the host, i.e. a device sync per call.
+"auto" always runs the sparse kernel: choosing dense execution for dense gates would need the
+gate density on the host, i.e. a device sync per call, which this op does not pay.
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
@@ -140,21 +138,6 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- public op
-# backend="auto" on CPU: the dense conv runs when the active fraction of (output, input)
-# channel pairs exceeds this. Break-even of the C++ kernel against F.conv2d (oneDNN),
-# measured with bench/targets/time_channel_sparse_conv2d.py --density-sweep (README).
-CPU_DENSE_ABOVE = 0.8
-
-
-def active_pair_fraction(out_gate: torch.Tensor, in_gate: Optional[torch.Tensor]) -> float:
-    """Mean over samples of (active output channels / Cout) * (active input channels / Cin):
-    the sparse kernel's FLOPs over the dense conv's. Reads the gates on the host."""
-    frac = (out_gate > 0).to(torch.float64).mean(1)
-    if in_gate is not None:
-        frac = frac * (in_gate > 0).to(torch.float64).mean(1)
-    return float(frac.mean()) if frac.numel() else 0.0
-
-
 def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
     """Limits of the hand-written CUDA kernel, checked here rather than by its own TORCH_CHECKs:
     on the H100 test machine (torch 2.11+cu130) an error thrown inside the nvcc-compiled
@@ -187,8 +170,6 @@ def channel_sparse_conv2d(
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
     b = resolve("channel_sparse_conv2d", backend, x.device)
-    if backend == "auto" and b == "cpu" and active_pair_fraction(out_gate, in_gate) > CPU_DENSE_ABOVE:
-        b = "torch"  # the reference is the dense conv followed by the gate
     if b == "cuda":
         b = _check_cuda_kernel_args(x, backend)
     if b == "torch":
