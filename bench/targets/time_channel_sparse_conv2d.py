@@ -49,7 +49,7 @@ def time_cpu(args):
     n, c, hw = 32, 128, 16
     x = torch.randn(n, c, hw, hw)
     conv = torch.nn.Conv2d(c, c, 3, padding=1)
-    gated = GatedConv2d.from_conv(conv)  # backend="auto": the C++ kernel, or dense for dense gates
+    gated = GatedConv2d.from_conv(conv)  # backend="auto": the C++ kernel on CPU tensors
     og, ig, ones = gate(n, c, 0.5, "cpu"), gate(n, c, 0.5, "cpu"), torch.ones(n, c)
     header = (f"CPU, torch.get_num_threads() = {torch.get_num_threads()}, {args.rounds} rounds, fp32 NCHW "
               f"[{n}, {c}, {hw}, {hw}] 3x3 pad 1 -> {c}")
@@ -81,8 +81,7 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="CPU threads (default: torch's)")
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--density-sweep", action="store_true",
-                   help="CPU: time the C++ kernel at output densities 0.5 .. 1.0 against the dense conv "
-                        "(the break-even behind ops.channel_sparse_conv2d.CPU_DENSE_ABOVE)")
+                   help="CPU: time the C++ kernel at output densities 0.5 .. 1.0 against the dense conv")
     p.add_argument("--out", default="bench/out/targets", help="GPU: where targets_conv.json goes")
     args = p.parse_args()
     if args.device == "cpu":
