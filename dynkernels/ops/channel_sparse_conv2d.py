@@ -10,8 +10,10 @@ both ops their autograd, and the public function that checks arguments and picks
 No host sync on any path but the "torch" reference's (none there either) and the argument
 checks (shapes only).
 
-"auto" always runs the sparse kernel: choosing dense execution for dense gates would need the
-gate density on the host, i.e. a device sync per call, which this op does not pay.
+"auto" always runs the sparse kernel. On a GPU, choosing dense execution for dense gates would
+need the gate density on the host, i.e. a device sync per call, which this op does not pay. On
+the CPU it would not pay off: the C++ kernel matches the dense conv (oneDNN) up to about
+density 0.9 at one thread and beats it at every density at two (README, CPU results).
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
