@@ -50,6 +50,13 @@ void check_permutation(const char* op, const int32_t* idx, int64_t rows) {
   }
 }
 
+// Rows per parallel task: enough bytes per task (64 KiB) that starting a thread costs little
+// next to the copy; small tensors then run on the calling thread.
+inline int64_t rows_per_task(int64_t row_bytes) {
+  constexpr int64_t kTaskBytes = 64 * 1024;
+  return std::max<int64_t>(1, kTaskBytes / std::max<int64_t>(1, row_bytes));
+}
+
 std::tuple<Tensor, Tensor> compact_cpu(const Tensor& gate, double threshold) {
   check_compact_args(gate);
   const Tensor g = (gate.dim() == 1 ? gate.unsqueeze(0) : gate).contiguous();
@@ -60,7 +67,7 @@ std::tuple<Tensor, Tensor> compact_cpu(const Tensor& gate, double threshold) {
   int32_t* cp = count.mutable_data_ptr<int32_t>();
   AT_DISPATCH_ALL_TYPES_AND3(at::kHalf, at::kBFloat16, at::kBool, g.scalar_type(), "compact_cpu", [&] {
     const scalar_t* gp = g.const_data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, rows_per_task(N * g.element_size()), [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const scalar_t* row = gp + b * N;
         int32_t* out = ip + b * N;
@@ -94,7 +101,7 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
   const int64_t row_bytes = row_numel(x) * static_cast<int64_t>(x.element_size());
   const char* src = static_cast<const char*>(xc.const_data_ptr());
   char* dst = static_cast<char*>(y.mutable_data_ptr());
-  at::parallel_for(0, capacity, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, capacity, rows_per_task(row_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       if (i < n)
         std::memcpy(dst + i * row_bytes, src + static_cast<int64_t>(ip[i]) * row_bytes, row_bytes);
@@ -125,7 +132,7 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
     const opmath_t* sp = s.defined() ? s.const_data_ptr<opmath_t>() : nullptr;
     const scalar_t* yp = yc.const_data_ptr<scalar_t>();
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n, 1, [&](int64_t i0, int64_t i1) {
+    at::parallel_for(0, n, rows_per_task(row * static_cast<int64_t>(sizeof(scalar_t))), [&](int64_t i0, int64_t i1) {
       for (int64_t i = i0; i < i1; ++i) {
         const int64_t r = ip[i];
         const opmath_t s_r = sp ? sp[r] : opmath_t(1);
@@ -158,7 +165,7 @@ Tensor scatter_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, 
   const char* bp = static_cast<const char*>(bc.const_data_ptr());
   const char* yp = static_cast<const char*>(yc.const_data_ptr());
   char* op = static_cast<char*>(out.mutable_data_ptr());
-  at::parallel_for(0, N, 1, [&](int64_t i0, int64_t i1) {
+  at::parallel_for(0, N, rows_per_task(row_bytes), [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t r = ip[i];
       const char* src = i < n ? yp + i * row_bytes : bp + r * row_bytes;

@@ -12,7 +12,7 @@ from collections import OrderedDict, defaultdict
 from typing import Dict, List, Optional
 
 FAMILY_TITLES = {
-    "sample_gating": "Sample gating ops (compact, gather_rows, scatter_add_rows)",
+    "sample_gating": "Sample gating ops (compact, gather_rows, scatter_add_rows, scatter_rows)",
     "channel_sparse_conv": "Channel-sparse convolution (channel_sparse_conv2d, GatedConv2d)",
     "skip_blocks": "Sample-sparse residual blocks (SkipBlock)",
     "models": "End-to-end models",

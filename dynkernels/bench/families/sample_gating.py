@@ -1,9 +1,12 @@
-"""compact / gather_rows / scatter_add_rows: memory-bound, so measured in GB/s against the
+"""compact / gather_rows / scatter_add_rows / scatter_rows: memory-bound, so measured in GB/s against the
 copy bandwidth (x.clone()) measured in the same run.
 
 Byte counts (rows of R bytes, N rows, k active): copy 2N*R; gather (capacity N) reads k
 rows and writes N (zeros past count): (k + N)*R; scatter_add_rows reads base and k rows of y
-and writes out: (2N + k)*R, against the masked dense update base + g*y, 3N*R.
+and writes out: (2N + k)*R, against the masked dense update base + g*y, 3N*R. scatter_rows
+(SkipBlock's merge) reads k rows of y and N - k of base and writes N: 2N*R, the copy's bytes,
+against the masked merge where(m, y, base), 3N*R; SkipBlock's earlier merge (a mask multiply,
+then scatter_add_rows) moved (4N + k)*R.
 """
 from typing import List
 
@@ -107,6 +110,45 @@ def _scatter_case(cfg: RunConfig, n, row, dtype, d) -> Case:
     return Case(NAME, "scatter_add_rows", config, _shape_str(n, row), n, dtype, d, setup)
 
 
+def _scatter_rows_case(cfg: RunConfig, n, row, dtype, d) -> Case:
+    config = f"scatter_rows base[{_shape_str(n, row)}] {dtype}"
+
+    def setup():
+        dt, dev = DTYPES[dtype], cfg.device
+        g, gd = seeded(4), seeded(4, dev)
+        sets = []
+        for _ in range(cfg.input_sets):
+            base = randn((n,) + row, dev, dt, gd)
+            y = randn((n,) + row, dev, dt, gd)
+            gate = sample_gate(n, d, dev, dtype=dt, generator=g)
+            idx, count = reference.compact(gate)
+            sets.append((base, y, gate, idx, count))
+        row_bytes = sets[0][0][0].numel() * sets[0][0].element_size()
+        k = active_count(n, d)
+        bcast = (n,) + (1,) * len(row)
+        variants = [
+            Variant("copy", lambda: lambda base, y, gate, idx, count: base.clone(), work="dense",
+                    shared_key=(config, "copy"), executed_bytes=2 * n * row_bytes),
+            # the masked merge of a dense network: where(m, block result, shortcut)
+            Variant("dense", lambda: lambda base, y, gate, idx, count: torch.where(gate.view(bcast) > 0, y, base),
+                    work="dense", shared_key=(config, "dense")),
+            # SkipBlock's earlier merge: zero the kept rows, then scatter_add_rows
+            Variant(
+                "mask+scatter_add",
+                lambda: lambda base, y, gate, idx, count: dynkernels.ops.scatter_add_rows(
+                    base * (gate <= 0).to(base.dtype).view(bcast), y, idx, count),
+                compare_to="reference", executed_bytes=(4 * n + k) * row_bytes,
+            ),
+        ] + backend_variants(
+            "scatter_rows", dev,
+            lambda b: lambda base, y, gate, idx, count: dynkernels.ops.scatter_rows(base, y, idx, count, backend=b),
+            compare_to="reference",
+        )
+        return Setup(sets, variants, dense_bytes=3 * n * row_bytes, sparse_bytes=2 * n * row_bytes)
+
+    return Case(NAME, "scatter_rows", config, _shape_str(n, row), n, dtype, d, setup)
+
+
 def _compact_case(cfg: RunConfig, blocks, n, d) -> Case:
     config = f"compact gate[{blocks}x{n}]"
 
@@ -131,7 +173,7 @@ def cases(cfg: RunConfig) -> List[Case]:
     out = []
     for blocks, n in s["policies"]:
         out += [_compact_case(cfg, blocks, n, d) for d in s["densities"]]
-    for make in (_gather_case, _scatter_case):
+    for make in (_gather_case, _scatter_case, _scatter_rows_case):
         for row in s["shapes"]:
             for n in s["batches"]:
                 for dtype in s["dtypes"]:
