@@ -94,6 +94,7 @@ cases = [
     (ops.compact.default, (torch.zeros(2, 2, 2), 0.0)),
     (ops.gather_rows.default, (torch.zeros(4, 3), idx.long(), count, 4)),
     (ops.scatter_add_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count, None)),
+    (ops.scatter_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count)),
     (ops.channel_sparse_conv2d.default,
      (torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), None, torch.ones(1, 3), None, [1, 1], [1, 1], [1, 1])),
 ]
@@ -117,8 +118,9 @@ def test_cuda_kernel_argument_errors_raise(context):
         f"instead of raising; output so far:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     )
     lines = proc.stdout.splitlines()
-    assert len(lines) == 4 and all(line.startswith("raised:") for line in lines), proc.stdout
+    assert len(lines) == 5 and all(line.startswith("raised:") for line in lines), proc.stdout
     assert "compact: gate must be [N] or [B, N]" in lines[0]
     assert "gather_rows: idx must be a 1-D int32 tensor" in lines[1]
-    assert "scatter_add_rows" in lines[2]
-    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[3]
+    assert "scatter_add_rows: y must be [capacity, [3]]" in lines[2]
+    assert "scatter_rows: y must be [capacity, [3]]" in lines[3]
+    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[4]
