@@ -282,6 +282,50 @@ def test_plan_host_syncs_on_gpu(capacity, syncs):
     assert sum("called a synchronizing" in str(w.message) for w in caught) == syncs
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", pytest.param("triton", marks=pytest.mark.triton)])
+def test_capacity_mode_runs_under_a_cuda_graph(backend):
+    """capacity=C: no host sync, launches sized by C, counts read on the device, so one
+    capture of the whole planned forward replays correctly for new inputs and new policies
+    (each block keeping at most C samples)."""
+    if backend == "cuda" and not dynkernels.cuda_kernels_compiled():
+        pytest.skip("this build has no CUDA kernels")
+    if backend == "triton" and not HAS_TRITON_GATING:
+        pytest.skip("Triton sample-gating kernels not in this build")
+    torch.manual_seed(7)
+    n, cap = 16, 10
+
+    def policy_keeping_at_most(c):
+        keep = torch.zeros(n, 4, device="cuda")
+        for b in range(4):
+            keep[torch.randperm(n, device="cuda")[: int(torch.randint(0, c + 1, ()))], b] = 1
+        return keep
+
+    seq = chain(n_blocks=4, backend=backend).cuda()
+    seq.capacity = cap
+    static_x = torch.randn(n, 8, 8, 8, device="cuda")
+    static_policy = policy_keeping_at_most(cap)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):  # warm-up (Triton compiles) off the capture stream
+        for _ in range(2):
+            seq(static_x, static_policy)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = seq(static_x, static_policy)
+    for _ in range(3):
+        x, policy = torch.randn_like(static_x), policy_keeping_at_most(cap)
+        static_x.copy_(x)
+        static_policy.copy_(policy)
+        graph.replay()
+        seq.execution = "masked"
+        with torch.no_grad():
+            want = seq(x, policy)
+        seq.execution = "sparse"
+        assert_close(static_out, want, rtol=RTOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("scaled", [False, True], ids=["plain", "scaled"])
 def test_half_precision_sparse_equals_masked(dtype, scaled):
