@@ -125,10 +125,16 @@ def test_layouts(device, backend):
     assert not kernel or y.is_contiguous()
 
 
+# CASES[0], [4], [6]: stride 1, so dx runs sparsely through the kernel itself; [2]: stride 2,
+# and the 1x1 case padded by 1 (padding > dilation * (kernel - 1)): dx from the dense backward.
+GRAD_CASES = [CASES[0], CASES[4], CASES[6], CASES[2], (2, 3, 4, 5, 5, 1, 1, 1, 1, True, True)]
+
+
+@pytest.mark.parametrize("case", GRAD_CASES, ids=case_id)
 @pytest.mark.parametrize("device,backend", device_backends(include_torch=False))
-def test_gradients_match_reference(device, backend):
+def test_gradients_match_reference(device, backend, case):
     """fp32 gradients w.r.t. x, weight, bias and out_gate equal those of the reference."""
-    x, w, b, og, ig, *rest = make_inputs(CASES[0], device)
+    x, w, b, og, ig, *rest = make_inputs(case, device)
     grad_y = None
     results = []
     for fn in (lambda *a: run(a, backend), reference.channel_sparse_conv2d):
@@ -141,6 +147,26 @@ def test_gradients_match_reference(device, backend):
         assert got is not None, f"no gradient for {name}"
         assert_close(got, want, rtol=1e-4)
 
+
+@pytest.mark.parametrize("device,backend", device_backends(include_torch=False))
+def test_stride1_input_gradient_is_sparse(device, backend, monkeypatch):
+    """At stride 1, dx comes from the channel-sparse kernel itself (no dense
+    convolution_backward when only dx is needed), exactly 0 on gated-off input channels."""
+    x, w, b, og, ig, *rest = make_inputs(CASES[0], device)
+    ig[0] = 0  # sample 0: every input channel gated off
+    dense_calls = []
+    real = torch.ops.aten.convolution_backward
+    monkeypatch.setattr(torch.ops.aten, "convolution_backward", lambda *a: dense_calls.append(1) or real(*a))
+    x = x.requires_grad_(True)
+    y = run((x, w, b, og, ig, *rest), backend)
+    grad_y = torch.randn_like(y)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    assert not dense_calls
+    assert (grad_x[ig == 0] == 0).all()  # every gated-off input channel, all of sample 0 included
+    monkeypatch.undo()
+    x_ref = x.detach().clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(reference.channel_sparse_conv2d(x_ref, w, b, og, ig, *rest), x_ref, grad_y)
+    assert_close(grad_x, want, rtol=1e-4)
 
 @pytest.mark.parametrize("device,backend", device_backends(include_torch=False))
 def test_gradcheck(device, backend):

@@ -86,11 +86,37 @@ def _channel_sparse_conv2d_fake(x, weight, bias, out_gate, in_gate, stride, padd
 
 
 # ----------------------------------------------------------------------------- autograd
+def _sparse_input_grad(conv_op, dz, weight, out_active, in_gate, x_shape, stride, padding, dilation):
+    """dx of a stride-1 channel-sparse conv as another channel-sparse conv, or None where that
+    does not apply (then the caller uses the dense convolution_backward).
+
+    With stride 1, conv2d's input gradient is the correlation of dz with the weight swapped
+    (in <-> out channels) and flipped, padded by dilation * (k - 1) - padding. Run by conv_op
+    with the forward's active output channels as its input gate and the forward's input gate
+    as its output gate, only the (sample, out, in) triples that were active in the forward
+    cost FLOPs, and dx is exactly 0 on gated-off input channels.
+    """
+    kh, kw = weight.shape[2:]
+    back_pad = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
+    if list(stride) != [1, 1] or min(back_pad) < 0:
+        return None
+    w_back = weight.transpose(0, 1).flip(2, 3).contiguous()  # [Cin, Cout, kh, kw]
+    in_mask = (
+        torch.ones(x_shape[:2], dtype=dz.dtype, device=dz.device)
+        if in_gate is None else (in_gate > 0).to(dz.dtype)
+    )
+    return conv_op(dz, w_back, None, in_mask, out_active, [1, 1], back_pad, list(dilation))
+
+
 def _register_autograd(conv_op):
-    """Backward of a channel-sparse conv kernel (dense aten convolution_backward on masked tensors).
+    """Backward of a channel-sparse conv kernel.
 
     With z = conv2d(x * m_in, weight, bias) and y = [g > 0] * g * z:
-      dz = [g > 0] * g * dy;  dx, dweight, dbias = conv2d's backward at (x * m_in, dz), dx *= m_in;
+      dz = [g > 0] * g * dy;
+      dx (stride 1) = conv_op on dz with the swapped, flipped weight (_sparse_input_grad):
+        sparse like the forward; other strides: conv2d's dense input gradient, times m_in;
+      dweight, dbias: conv2d's dense backward at (x * m_in, dz) (dz is 0 off the active
+        channels, but the dense backward still spends their FLOPs);
       dg = sum_hw(dy * z) where g > 0, with z recomputed sparsely by conv_op (gate = [g > 0]).
     in_gate is a mask: it gets no gradient.
     """
@@ -111,14 +137,19 @@ def _register_autograd(conv_op):
         grad_x = grad_w = grad_b = grad_g = None
         if need_x or need_w or need_b:
             dz = torch.where(active, grad_y * g, zero)
-            in_mask = None if in_gate is None else (in_gate > 0).to(x.dtype)[:, :, None, None]
-            x_in = x if in_mask is None else x * in_mask
-            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
-                dz, x_in, weight, [weight.shape[0]] if ctx.has_bias else None,
-                stride, padding, dilation, False, [0, 0], 1, [need_x, need_w, need_b and ctx.has_bias],
-            )
-            if grad_x is not None and in_mask is not None:
-                grad_x = grad_x * in_mask
+            if need_x:
+                grad_x = _sparse_input_grad(
+                    conv_op, dz, weight, out_gate > 0, in_gate, x.shape, stride, padding, dilation)
+            dense_x = need_x and grad_x is None
+            if dense_x or need_w or need_b:
+                in_mask = None if in_gate is None else (in_gate > 0).to(x.dtype)[:, :, None, None]
+                x_in = x if in_mask is None else x * in_mask
+                dx, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                    dz, x_in, weight, [weight.shape[0]] if ctx.has_bias else None,
+                    stride, padding, dilation, False, [0, 0], 1, [dense_x, need_w, need_b and ctx.has_bias],
+                )
+                if dense_x:
+                    grad_x = dx if in_mask is None else dx * in_mask
         if need_g:
             z = conv_op(x, weight, bias, (out_gate > 0).to(x.dtype), in_gate, stride, padding, dilation)
             grad_g = torch.where(active, grad_y * z, zero).sum((2, 3)).to(out_gate.dtype)
