@@ -95,7 +95,13 @@ def _sparse_input_grad(conv_op, dz, weight, out_active, in_gate, x_shape, stride
     with the forward's active output channels as its input gate and the forward's input gate
     as its output gate, only the (sample, out, in) triples that were active in the forward
     cost FLOPs, and dx is exactly 0 on gated-off input channels.
+
+    CPU tensors only, where it is measured faster (README): on a GPU the channel-sparse
+    kernels are still slower than cuDNN even at half density, so cuDNN's dense input gradient
+    stays there until they are not.
     """
+    if dz.device.type != "cpu":
+        return None
     kh, kw = weight.shape[2:]
     back_pad = [dilation[0] * (kh - 1) - padding[0], dilation[1] * (kw - 1) - padding[1]]
     if list(stride) != [1, 1] or min(back_pad) < 0:
@@ -113,8 +119,8 @@ def _register_autograd(conv_op):
 
     With z = conv2d(x * m_in, weight, bias) and y = [g > 0] * g * z:
       dz = [g > 0] * g * dy;
-      dx (stride 1) = conv_op on dz with the swapped, flipped weight (_sparse_input_grad):
-        sparse like the forward; other strides: conv2d's dense input gradient, times m_in;
+      dx (stride 1, CPU) = conv_op on dz with the swapped, flipped weight (_sparse_input_grad):
+        sparse like the forward; otherwise conv2d's dense input gradient, times m_in;
       dweight, dbias: conv2d's dense backward at (x * m_in, dz) (dz is 0 off the active
         channels, but the dense backward still spends their FLOPs);
       dg = sum_hw(dy * z) where g > 0, with z recomputed sparsely by conv_op (gate = [g > 0]).
