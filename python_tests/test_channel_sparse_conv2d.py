@@ -58,10 +58,13 @@ def run(args, backend):
     return dynkernels.channel_sparse_conv2d(*args, backend=backend)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("case", CASES, ids=case_id)
-def test_matches_reference(device, backend, case):
+def test_matches_reference(device, backend, case, layout):
     args = make_inputs(case, device)
+    if layout == "channels_last":
+        args = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
     y = run(args, backend)
     assert_close(y, expected(*args))
     out_gate = args[3]

@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 #include "../layout.h"
@@ -147,42 +148,70 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   // Samples are the unit of parallel work (the nested GEMMs run single-threaded). Each
   // thread takes the next unclaimed sample, so uneven gate densities and a core shared with
   // another process do not leave a thread idle behind a static split.
+  const bool nhwc_out = syc == 1 && Cout > 1;  // channels_last y (row_layout of a channels_last x)
   std::atomic<int64_t> next_sample{0};
   at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
-    std::vector<scalar_t> in_buf, wg_buf, out_buf;
+    std::vector<scalar_t> in_buf, wg_buf, out_buf, chw_buf;
+    std::vector<int32_t> all_compact, slot;
     for (int64_t n = next_sample++; n < N; n = next_sample++) {
       const auto& co = out_lists[n];
-      const auto& ci = in_lists[n];
-      const int64_t kout = static_cast<int64_t>(co.size()), kin = static_cast<int64_t>(ci.size());
-      write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
-      if (kout == 0) continue;
+      const int64_t kout = static_cast<int64_t>(co.size());
+      if (!nhwc_out) write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
+      if (kout == 0 && !nhwc_out) continue;
+      const int64_t kin = static_cast<int64_t>(in_lists[n].size());
+      // The sample's input: x itself when its rows are contiguous (NCHW); otherwise (e.g.
+      // channels_last) its active channels copied once, pixel by pixel, into a compact
+      // [kin, H, W] buffer, so the loops below read contiguous rows either way.
+      const auto& ci = in_lists[n];  // active input channels: index the weight (and x, for NCHW)
+      const scalar_t* xs = xp + n * sxn;
+      const std::vector<int32_t>* cx_ptr = &ci;  // the same channels' positions in xs
+      int64_t csc = sxc, csh = sxh, csw = sxw;
+      if (sxw != 1 && kin > 0 && kout > 0) {
+        const int64_t HW = g.H * g.W;
+        chw_buf.resize(kin * HW);
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            const scalar_t* px = xs + h * sxh + w * sxw;
+            scalar_t* dst = chw_buf.data() + h * g.W + w;
+            for (int64_t i = 0; i < kin; ++i) dst[i * HW] = px[static_cast<int64_t>(ci[i]) * sxc];
+          }
+        all_compact.resize(kin);
+        std::iota(all_compact.begin(), all_compact.end(), 0);  // the buffer holds exactly the active channels
+        xs = chw_buf.data();
+        cx_ptr = &all_compact;
+        csc = HW;
+        csh = g.W;
+        csw = 1;
+      }
+      const auto& cx = *cx_ptr;
       const int64_t P = g.Ho * g.Wo;
       out_buf.resize(kout * P);
       scalar_t* out = out_buf.data();
-      if (kin == 0) {
+      if (kout == 0) {
+        // nothing to compute: the channels_last epilogue below writes the zeros
+      } else if (kin == 0) {
         std::fill(out, out + kout * P, scalar_t(0));
       } else if (row_shift) {
         const int64_t K = g.kw * kin;
         const int64_t plane = Hp * g.Wo;
         in_buf.resize(K * plane);
-        const scalar_t* xs = xp + n * sxn;
         for (int64_t kx = 0; kx < g.kw; ++kx) {
           int64_t ow_lo, ow_hi;  // output columns whose input column ow + kx*dw - pw is inside
           valid_range(g.W, g.Wo, 1, g.pw, kx * g.dw, ow_lo, ow_hi);
           const int64_t shift = kx * g.dw - g.pw;
           for (int64_t i = 0; i < kin; ++i) {
-            const scalar_t* src = xs + static_cast<int64_t>(ci[i]) * sxc;
+            const scalar_t* src = xs + static_cast<int64_t>(cx[i]) * csc;
             scalar_t* dst = in_buf.data() + (kx * kin + i) * plane;
             std::fill(dst, dst + g.ph * g.Wo, scalar_t(0));
             std::fill(dst + (g.ph + g.H) * g.Wo, dst + plane, scalar_t(0));
             for (int64_t h = 0; h < g.H; ++h) {
               scalar_t* drow = dst + (g.ph + h) * g.Wo;
-              const scalar_t* srow = src + h * sxh + shift * sxw;
+              const scalar_t* srow = src + h * csh + shift * csw;
               std::fill(drow, drow + ow_lo, scalar_t(0));
-              if (sxw == 1) {
+              if (csw == 1) {
                 std::memcpy(drow + ow_lo, srow + ow_lo, (ow_hi - ow_lo) * sizeof(scalar_t));
               } else {
-                for (int64_t ow = ow_lo; ow < ow_hi; ++ow) drow[ow] = srow[ow * sxw];
+                for (int64_t ow = ow_lo; ow < ow_hi; ++ow) drow[ow] = srow[ow * csw];
               }
               std::fill(drow + ow_hi, drow + g.Wo, scalar_t(0));
             }
@@ -216,7 +245,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
         // cols [kin*taps, Ho*Wo] and wg [kout, kin*taps]: one GEMM.
         const int64_t K = kin * taps;
         in_buf.resize(K * P);
-        im2col_active(xp + n * sxn, sxc, sxh, sxw, ci, g, 0, g.Ho, in_buf.data());
+        im2col_active(xs, csc, csh, csw, cx, g, 0, g.Ho, in_buf.data());
         wg_buf.resize(kout * K);
         for (int64_t j = 0; j < kout; ++j) {
           const scalar_t* wrow = wp + static_cast<int64_t>(co[j]) * Cin * taps;
@@ -226,6 +255,24 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
         }
         Tensor out_t = at::from_blob(out, {kout, P}, opts);
         at::mm_out(out_t, at::from_blob(wg_buf.data(), {kout, K}, opts), at::from_blob(in_buf.data(), {K, P}, opts));
+      }
+      if (nhwc_out) {
+        // channels_last output: pixel by pixel, every channel written once (active ones with
+        // bias and gate scale, the others with zeros), so the stores run along channels.
+        slot.assign(Cout, -1);
+        for (int64_t j = 0; j < kout; ++j) slot[co[j]] = static_cast<int32_t>(j);
+        const opmath_t* gn = gp + n * Cout;
+        for (int64_t oh = 0; oh < g.Ho; ++oh)
+          for (int64_t ow = 0; ow < g.Wo; ++ow) {
+            const int64_t p = oh * g.Wo + ow;
+            scalar_t* dst = yp + n * syn + oh * syh + ow * syw;
+            for (int64_t c = 0; c < Cout; ++c) {
+              const int32_t j = slot[c];
+              dst[c] = j < 0 ? scalar_t(0)
+                             : static_cast<scalar_t>((static_cast<opmath_t>(out[j * P + p]) + (bp ? bp[c] : opmath_t(0))) * gn[c]);
+            }
+          }
+        continue;
       }
       // Epilogue: bias and gate scale, written into the sample's active output channels.
       for (int64_t j = 0; j < kout; ++j) {
