@@ -158,11 +158,11 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
       const int64_t kout = static_cast<int64_t>(co.size());
       if (!nhwc_out) write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
       if (kout == 0 && !nhwc_out) continue;
-      const int64_t kin = static_cast<int64_t>(in_lists[n].size());
+      const auto& ci = in_lists[n];  // active input channels: index the weight (and x, for NCHW)
+      const int64_t kin = static_cast<int64_t>(ci.size());
       // The sample's input: x itself when its rows are contiguous (NCHW); otherwise (e.g.
       // channels_last) its active channels copied once, pixel by pixel, into a compact
       // [kin, H, W] buffer, so the loops below read contiguous rows either way.
-      const auto& ci = in_lists[n];  // active input channels: index the weight (and x, for NCHW)
       const scalar_t* xs = xp + n * sxn;
       const std::vector<int32_t>* cx_ptr = &ci;  // the same channels' positions in xs
       int64_t csc = sxc, csh = sxh, csw = sxw;
