@@ -73,25 +73,37 @@ def _gather_case(cfg: RunConfig, n, row, dtype, d) -> Case:
     return Case(NAME, "gather_rows", config, _shape_str(n, row), n, dtype, d, setup, baseline="copy")
 
 
+def _merge_inputs(cfg: RunConfig, n, row, dtype, d, seed):
+    """Input sets (base, y, gate, idx, count) of a merge op (scatter_add_rows, scatter_rows),
+    each set's gate drawn at density d, and the bytes of one row."""
+    dt, dev = DTYPES[dtype], cfg.device
+    g, gd = seeded(seed), seeded(seed, dev)
+    sets = []
+    for _ in range(cfg.input_sets):
+        base = randn((n,) + row, dev, dt, gd)
+        y = randn((n,) + row, dev, dt, gd)
+        gate = sample_gate(n, d, dev, dtype=dt, generator=g)
+        idx, count = reference.compact(gate)
+        sets.append((base, y, gate, idx, count))
+    return sets, sets[0][0][0].numel() * sets[0][0].element_size()
+
+
+def _merge_copy_variant(config, n, row_bytes) -> Variant:
+    """base.clone(): the copy bandwidth a merge op is measured against."""
+    return Variant("copy", lambda: lambda base, y, gate, idx, count: base.clone(), work="dense",
+                   shared_key=(config, "copy"), executed_bytes=2 * n * row_bytes)
+
+
 def _scatter_case(cfg: RunConfig, n, row, dtype, d) -> Case:
     config = f"scatter_add_rows base[{_shape_str(n, row)}] {dtype}"
 
     def setup():
-        dt, dev = DTYPES[dtype], cfg.device
-        g, gd = seeded(2), seeded(2, dev)
-        sets = []
-        for _ in range(cfg.input_sets):
-            base = randn((n,) + row, dev, dt, gd)
-            y = randn((n,) + row, dev, dt, gd)
-            gate = sample_gate(n, d, dev, dtype=dt, generator=g)
-            idx, count = reference.compact(gate)
-            sets.append((base, y, gate, idx, count))
-        row_bytes = sets[0][0][0].numel() * sets[0][0].element_size()
+        sets, row_bytes = _merge_inputs(cfg, n, row, dtype, d, seed=2)
+        dev = cfg.device
         k = active_count(n, d)
         bcast = (n,) + (1,) * len(row)
         variants = [
-            Variant("copy", lambda: lambda base, y, gate, idx, count: base.clone(), work="dense",
-                    shared_key=(config, "copy"), executed_bytes=2 * n * row_bytes),
+            _merge_copy_variant(config, n, row_bytes),
             # masked dense: what a dense network does with a 0/1 block gate
             Variant("dense", lambda: lambda base, y, gate, idx, count: torch.addcmul(base, gate.view(bcast), y),
                     work="dense", shared_key=(config, "dense")),
@@ -114,21 +126,12 @@ def _scatter_rows_case(cfg: RunConfig, n, row, dtype, d) -> Case:
     config = f"scatter_rows base[{_shape_str(n, row)}] {dtype}"
 
     def setup():
-        dt, dev = DTYPES[dtype], cfg.device
-        g, gd = seeded(4), seeded(4, dev)
-        sets = []
-        for _ in range(cfg.input_sets):
-            base = randn((n,) + row, dev, dt, gd)
-            y = randn((n,) + row, dev, dt, gd)
-            gate = sample_gate(n, d, dev, dtype=dt, generator=g)
-            idx, count = reference.compact(gate)
-            sets.append((base, y, gate, idx, count))
-        row_bytes = sets[0][0][0].numel() * sets[0][0].element_size()
+        sets, row_bytes = _merge_inputs(cfg, n, row, dtype, d, seed=4)
+        dev = cfg.device
         k = active_count(n, d)
         bcast = (n,) + (1,) * len(row)
         variants = [
-            Variant("copy", lambda: lambda base, y, gate, idx, count: base.clone(), work="dense",
-                    shared_key=(config, "copy"), executed_bytes=2 * n * row_bytes),
+            _merge_copy_variant(config, n, row_bytes),
             # the masked merge of a dense network: where(m, block result, shortcut)
             Variant("dense", lambda: lambda base, y, gate, idx, count: torch.where(gate.view(bcast) > 0, y, base),
                     work="dense", shared_key=(config, "dense")),
