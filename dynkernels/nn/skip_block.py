@@ -57,10 +57,6 @@ def active(gate: torch.Tensor, scaled: bool) -> torch.Tensor:
     return gate != 0 if scaled else gate > 0
 
 
-def _resolve(owner: str, backend: str, device: torch.device) -> str:
-    return _gating.resolved_backend(owner, backend, device)
-
-
 def _row_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[N] -> [N, 1, 1, ...] broadcastable against `like`'s rows."""
     return mask.view((-1,) + (1,) * (like.dim() - 1))
@@ -181,7 +177,7 @@ def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.T
     if row.all_kept:
         return x
     _check_plan_rows("gather_kept", "x", x, row)
-    b = _resolve("gather_kept", backend, x.device)
+    b = _gating.resolved_backend("gather_kept", backend, x.device)
     return _gating._gather_rows(x, row.idx, row.count, row.rows, b)
 
 
@@ -197,7 +193,7 @@ def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str =
         return y
     _check_plan_rows("merge_kept", "base", base, row)
     _check_compact_result("merge_kept", base, y, row.rows)
-    b = _resolve("merge_kept", backend, base.device)
+    b = _gating.resolved_backend("merge_kept", backend, base.device)
     return _gating._scatter_rows(base, y, row.idx, row.count, b)
 
 
@@ -321,7 +317,7 @@ class SkipBlock(nn.Module):
                 "batch statistics of the block's BatchNorm in training mode; use eval() or capacity=None"
             )
         # Resolved once per forward; gather and merge then only look it up.
-        backend = _resolve("SkipBlock", self.backend, x.device)
+        backend = _gating.resolved_backend("SkipBlock", self.backend, x.device)
         if self.scaled:
             return self._scaled_sparse(x, gate, plan, backend)
         return self._plain_sparse(x, plan, backend)

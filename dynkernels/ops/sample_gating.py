@@ -229,6 +229,24 @@ def gather_rows(
     return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
 
 
+def _check_merge_args(op: str, base, y, idx, count, floating_base: bool):
+    """The checks the merge ops (scatter_add_rows, scatter_rows) share, in this order: base has
+    rows (and is floating, if asked), y has base's row shape, dtype and device, idx/count
+    index base's rows."""
+    _checks.tensor(op, "base", base)
+    if base.dim() == 0:
+        raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
+    if floating_base:
+        _checks.floating(op, "base", base)
+    _checks.tensor(op, "y", y)
+    if y.dim() != base.dim() or y.shape[1:] != base.shape[1:]:
+        raise ValueError(f"{op}: y must be [capacity, {', '.join(map(str, base.shape[1:]))}] like base's rows, got shape {tuple(y.shape)}")
+    if y.dtype != base.dtype:
+        raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
+    _checks.same_device(op, "y", y, "base", base)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+
+
 def scatter_add_rows(
     base: torch.Tensor,
     y: torch.Tensor,
@@ -245,17 +263,7 @@ def scatter_add_rows(
     float32 and rounded once. Differentiable in base, y and scale. No host sync.
     """
     op = "scatter_add_rows"
-    _checks.tensor(op, "base", base)
-    if base.dim() == 0:
-        raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
-    _checks.floating(op, "base", base)
-    _checks.tensor(op, "y", y)
-    if y.dim() != base.dim() or y.shape[1:] != base.shape[1:]:
-        raise ValueError(f"{op}: y must be [capacity, {', '.join(map(str, base.shape[1:]))}] like base's rows, got shape {tuple(y.shape)}")
-    if y.dtype != base.dtype:
-        raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
-    _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    _check_merge_args(op, base, y, idx, count, floating_base=True)
     if scale is not None:
         _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
         _checks.floating(op, "scale", scale)
@@ -289,16 +297,7 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
-    _checks.tensor(op, "base", base)
-    if base.dim() == 0:
-        raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
-    _checks.tensor(op, "y", y)
-    if y.dim() != base.dim() or y.shape[1:] != base.shape[1:]:
-        raise ValueError(f"{op}: y must be [capacity, {', '.join(map(str, base.shape[1:]))}] like base's rows, got shape {tuple(y.shape)}")
-    if y.dtype != base.dtype:
-        raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
-    _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    _check_merge_args(op, base, y, idx, count, floating_base=False)
     if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
         _check_permutation(op, idx, base.shape[0])
     return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))
