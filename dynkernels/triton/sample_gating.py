@@ -157,23 +157,27 @@ def _scatter_add_rows_kernel(
         tl.store(out_ptr + r * row_elems + offs, tl.where(active, total.to(b.dtype), b), mask=in_row)
 
 
+def _merge_operands(op: str, base, y, idx, count):
+    """The shape checks the merge ops share, then (base, y) in base's row layout, the empty
+    output in it, and the elements per row."""
+    torch._check(base.dim() >= 1, lambda: f"{op}: base must have at least one dimension")
+    torch._check(y.dim() == base.dim() and y.shape[1:] == base.shape[1:], lambda: f"{op}: y must be [capacity, *base.shape[1:]]")
+    torch._check(y.dtype == base.dtype, lambda: f"{op}: y must have base's dtype")
+    torch._check(idx.dim() == 1 and idx.shape[0] == base.shape[0], lambda: f"{op}: idx must be [base.shape[0]]")
+    torch._check(count.numel() == 1, lambda: f"{op}: count must have one element")
+    fmt = row_layout(base)
+    out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
+    return base.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt), out, math.prod(base.shape[1:])
+
+
 @triton_op("dynkernels::scatter_add_rows_triton", mutates_args=())
 def scatter_add_rows_triton(
     base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, scale: Optional[torch.Tensor]
 ) -> torch.Tensor:
     """Triton `scatter_add_rows`: out = base; out[idx[i]] += scale[idx[i]] * y[i] for i < count."""
     n_rows = base.shape[0]
-    torch._check(base.dim() >= 1, lambda: "scatter_add_rows: base must have at least one dimension")
-    torch._check(y.dim() == base.dim() and y.shape[1:] == base.shape[1:], lambda: "scatter_add_rows: y must be [capacity, *base.shape[1:]]")
-    torch._check(y.dtype == base.dtype, lambda: "scatter_add_rows: y must have base's dtype")
-    torch._check(idx.dim() == 1 and idx.shape[0] == n_rows, lambda: "scatter_add_rows: idx must be [base.shape[0]]")
-    torch._check(count.numel() == 1, lambda: "scatter_add_rows: count must have one element")
+    bc, yc, out, row_elems = _merge_operands("scatter_add_rows", base, y, idx, count)
     torch._check(scale is None or (scale.dim() == 1 and scale.shape[0] == n_rows), lambda: "scatter_add_rows: scale must be [base.shape[0]]")
-    fmt = row_layout(base)
-    bc = base.contiguous(memory_format=fmt)
-    yc = y.contiguous(memory_format=fmt)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
-    row_elems = math.prod(base.shape[1:])
     if n_rows == 0 or row_elems == 0:
         return out
     limit = min(y.shape[0], n_rows)
@@ -218,16 +222,7 @@ def _scatter_rows_kernel(base_ptr, y_ptr, idx_ptr, count_ptr, out_ptr, N, limit,
 def scatter_rows_triton(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Triton `scatter_rows`: out[idx[i]] = y[i] for i < count, base[idx[i]] for the other i."""
     n_rows = base.shape[0]
-    torch._check(base.dim() >= 1, lambda: "scatter_rows: base must have at least one dimension")
-    torch._check(y.dim() == base.dim() and y.shape[1:] == base.shape[1:], lambda: "scatter_rows: y must be [capacity, *base.shape[1:]]")
-    torch._check(y.dtype == base.dtype, lambda: "scatter_rows: y must have base's dtype")
-    torch._check(idx.dim() == 1 and idx.shape[0] == n_rows, lambda: "scatter_rows: idx must be [base.shape[0]]")
-    torch._check(count.numel() == 1, lambda: "scatter_rows: count must have one element")
-    fmt = row_layout(base)
-    bc = base.contiguous(memory_format=fmt)
-    yc = y.contiguous(memory_format=fmt)
-    out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
-    row_elems = math.prod(base.shape[1:])
+    bc, yc, out, row_elems = _merge_operands("scatter_rows", base, y, idx, count)
     if n_rows > 0 and row_elems > 0:
         block = _block(row_elems, 2048)
         grid = (n_rows, min(triton.cdiv(row_elems, block), _MAX_GRID_Y))
