@@ -167,6 +167,34 @@ int vector_bytes(int64_t row_bytes, std::initializer_list<const void*> ptrs) {
   return width;
 }
 
+// This thread's share of copying a row of row_vecs Vec from src to dst: vectors k, k + stride,
+// ..., kUnroll independent loads issued before their stores.
+template <typename Vec>
+__device__ __forceinline__ void copy_row_share(const Vec* __restrict__ src, Vec* __restrict__ dst, int64_t k,
+                                               int64_t stride, int64_t row_vecs) {
+  for (; k < row_vecs; k += stride * kUnroll) {
+    Vec v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (k + u * stride < row_vecs) v[u] = src[k + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (k + u * stride < row_vecs) dst[k + u * stride] = v[u];
+  }
+}
+
+// Calls f with a value of the unsigned type of vector_bytes' width (the unit of a raw copy).
+template <typename F>
+void with_vector_type(int bytes, F&& f) {
+  switch (bytes) {
+    case 16: f(uint4{}); break;
+    case 8: f(uint2{}); break;
+    case 4: f(uint32_t{}); break;
+    case 2: f(uint16_t{}); break;
+    default: f(uint8_t{}); break;
+  }
+}
+
 // ----------------------------------------------------------------------------- gather_rows
 // A pure copy, so rows move as raw bytes in units of Vec (uint4 = 16 bytes when aligned).
 template <typename Vec>
@@ -189,16 +217,7 @@ __global__ void __launch_bounds__(kThreads)
     for (; k < row_vecs; k += stride) dst[k] = zero;
     return;
   }
-  const Vec* src = x + r * row_vecs;
-  for (; k < row_vecs; k += stride * kUnroll) {
-    Vec v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (k + u * stride < row_vecs) v[u] = src[k + u * stride];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (k + u * stride < row_vecs) dst[k + u * stride] = v[u];
-  }
+  copy_row_share(x + r * row_vecs, dst, k, stride, row_vecs);
 }
 
 template <typename Vec>
@@ -222,13 +241,8 @@ Tensor gather_rows_cuda(const Tensor& x, const Tensor& idx, const Tensor& count,
   const int64_t row_bytes = row_numel(x) * int64_t(x.element_size());
   if (capacity == 0 || row_bytes == 0) return y;
   const Tensor ic = idx.contiguous();
-  switch (vector_bytes(row_bytes, {xc.const_data_ptr(), y.const_data_ptr()})) {
-    case 16: launch_gather<uint4>(xc, ic, count, y, row_bytes); break;
-    case 8: launch_gather<uint2>(xc, ic, count, y, row_bytes); break;
-    case 4: launch_gather<uint32_t>(xc, ic, count, y, row_bytes); break;
-    case 2: launch_gather<uint16_t>(xc, ic, count, y, row_bytes); break;
-    default: launch_gather<uint8_t>(xc, ic, count, y, row_bytes); break;
-  }
+  with_vector_type(vector_bytes(row_bytes, {xc.const_data_ptr(), y.const_data_ptr()}),
+                   [&](auto vec) { launch_gather<decltype(vec)>(xc, ic, count, y, row_bytes); });
   return y;
 }
 
@@ -361,17 +375,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t r = __ldg(idx + i);
   if (r < 0 || r >= N) return;  // out of range: skipped
   const Vec* src = i < device_count(count, limit) ? y + i * row_vecs : base + r * row_vecs;
-  Vec* dst = out + r * row_vecs;
-  const int64_t stride = int64_t(gridDim.y) * blockDim.x;
-  for (int64_t k = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; k < row_vecs; k += stride * kUnroll) {
-    Vec v[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (k + u * stride < row_vecs) v[u] = src[k + u * stride];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (k + u * stride < row_vecs) dst[k + u * stride] = v[u];
-  }
+  copy_row_share(src, out + r * row_vecs, int64_t(blockIdx.y) * blockDim.x + threadIdx.x,
+                 int64_t(gridDim.y) * blockDim.x, row_vecs);
 }
 
 template <typename Vec>
@@ -398,13 +403,8 @@ Tensor scatter_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& idx,
   if (N == 0 || row_bytes == 0) return out;
   const int64_t limit = std::min(y.size(0), N);
   const Tensor ic = idx.contiguous();
-  switch (vector_bytes(row_bytes, {bc.const_data_ptr(), yc.const_data_ptr(), out.const_data_ptr()})) {
-    case 16: launch_scatter_rows<uint4>(bc, yc, ic, count, out, limit, row_bytes); break;
-    case 8: launch_scatter_rows<uint2>(bc, yc, ic, count, out, limit, row_bytes); break;
-    case 4: launch_scatter_rows<uint32_t>(bc, yc, ic, count, out, limit, row_bytes); break;
-    case 2: launch_scatter_rows<uint16_t>(bc, yc, ic, count, out, limit, row_bytes); break;
-    default: launch_scatter_rows<uint8_t>(bc, yc, ic, count, out, limit, row_bytes); break;
-  }
+  with_vector_type(vector_bytes(row_bytes, {bc.const_data_ptr(), yc.const_data_ptr(), out.const_data_ptr()}),
+                   [&](auto vec) { launch_scatter_rows<decltype(vec)>(bc, yc, ic, count, out, limit, row_bytes); });
   return out;
 }
 
