@@ -143,6 +143,14 @@ def test_gather_rows_matches_reference(device, backend):
 
 
 # ----------------------------------------------------------------------------- scatter_add_rows
+def merge_rows(base, rows):
+    """y for a merge op: `rows` random rows shaped like base's (2-D ones non-contiguous)."""
+    y = torch.randn((rows,) + tuple(base.shape[1:]), device=base.device).to(base.dtype)
+    if y.dim() == 2 and rows > 1:
+        y = y.t().contiguous().t()  # same values, non-contiguous
+    return y
+
+
 @pytest.mark.parametrize("device,backend", ALL)
 def test_scatter_add_rows_matches_reference(device, backend):
     for dtype in dtypes_for(device, backend):
@@ -153,9 +161,7 @@ def test_scatter_add_rows_matches_reference(device, backend):
                 # y with fewer rows than count, exactly count, N and more; scale none, float32
                 # or float64 in turn (every combination would be slow under the interpreter).
                 for k, rows in enumerate(sorted({active, max(active - 1, 0), n, n + 1})):
-                    y = torch.randn((rows,) + tuple(base.shape[1:]), device=device).to(dtype)
-                    if y.dim() == 2 and rows > 1:
-                        y = y.t().contiguous().t()  # same values, non-contiguous
+                    y = merge_rows(base, rows)
                     scale = [None, torch.rand(n, device=device), torch.rand(n, device=device, dtype=torch.float64)][(k + len(plan)) % 3]
                     out = dynkernels.scatter_add_rows(base, y, idx, count, scale, backend=backend)
                     ref = reference.scatter_add_rows(base, y, idx, count, scale)
@@ -176,9 +182,7 @@ def test_scatter_rows_matches_reference(device, backend):
                 active = int(count)
                 # y with fewer rows than count (the rest stay base), exactly count, N and more
                 for rows in sorted({active, max(active - 1, 0), n, n + 1}):
-                    y = torch.randn((rows,) + tuple(base.shape[1:]), device=device).to(dtype)
-                    if y.dim() == 2 and rows > 1:
-                        y = y.t().contiguous().t()  # same values, non-contiguous
+                    y = merge_rows(base, rows)
                     out = dynkernels.scatter_rows(base, y, idx, count, backend=backend)
                     ref = reference.scatter_rows(base, y, idx, count)
                     where = f"{name}, plan {plan}, y rows {rows}, {dtype}"
