@@ -14,8 +14,10 @@ TORCH_LIBRARY(dynkernels, m) {
   // idx is a permutation of base's rows (as compact returns).
   m.def("scatter_rows(Tensor base, Tensor y, Tensor idx, Tensor count) -> Tensor");
 
-  // Channel gating: conv2d that computes only the active (sample, channel) pairs.
+  // Channel gating: conv2d that computes only the active (sample, channel) pairs:
+  // y = out_gate * (conv + bias) + shift where out_gate > 0, else 0. config: a kernel tile
+  // configuration of the backend (-1: its own choice; the CPU kernel has one and ignores it).
   m.def(
       "channel_sparse_conv2d(Tensor x, Tensor weight, Tensor? bias, Tensor out_gate, Tensor? in_gate, "
-      "int[2] stride, int[2] padding, int[2] dilation) -> Tensor");
+      "int[2] stride, int[2] padding, int[2] dilation, Tensor? shift=None, int config=-1) -> Tensor");
 }

@@ -95,10 +95,18 @@ def channel_sparse_conv2d(
     stride: IntPair = 1,
     padding: IntPair = 0,
     dilation: IntPair = 1,
+    shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c] where out_gate > 0, else 0."""
+    """y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c] + shift[c] where
+    out_gate[n, c] > 0, else exactly 0 (shift: [Cout] or None for 0).
+
+    The shift is what lets a BatchNorm without affine and a per-channel shift after the gate
+    (FBS: mask * g * BN(conv) + mask * beta) fold into one channel-sparse conv."""
     if in_gate is not None:
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = F.conv2d(x, weight, bias, _pair(stride), _pair(padding), _pair(dilation))
     g = out_gate[:, :, None, None]
-    return torch.where(g > 0, y * g.to(y.dtype), torch.zeros((), dtype=y.dtype, device=y.device))
+    y = y * g.to(y.dtype)
+    if shift is not None:
+        y = y + shift.to(y.dtype)[None, :, None, None]
+    return torch.where(g > 0, y, torch.zeros((), dtype=y.dtype, device=y.device))

@@ -54,8 +54,8 @@ def expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
     return y.to(x.dtype)
 
 
-def run(args, backend):
-    return dynkernels.channel_sparse_conv2d(*args, backend=backend)
+def run(args, backend, **kw):
+    return dynkernels.channel_sparse_conv2d(*args, backend=backend, **kw)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -128,6 +128,22 @@ def test_layouts(device, backend):
     assert not kernel or y.is_contiguous()
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[5]], ids=case_id)
+def test_shift(device, backend, case, layout):
+    """y = gate * (conv + bias) + shift on the active channels, exact zeros on the others."""
+    x, w, b, og, ig, s, p, d = make_inputs(case, device)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    shift = torch.randn(w.shape[0], device=device)
+    y = dynkernels.channel_sparse_conv2d(x, w, b, og, ig, s, p, d, shift=shift, backend=backend)
+    base = reference.channel_sparse_conv2d(x.double(), w.double(), None if b is None else b.double(), og, ig, s, p, d)
+    want = torch.where((og > 0)[:, :, None, None], base + shift.double()[None, :, None, None], torch.zeros((), dtype=torch.float64))
+    assert_close(y, want.float())
+    assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all()
+
+
 # CASES[0], [4], [6]: stride 1, so dx runs sparsely through the kernel itself; [2]: stride 2,
 # and the 1x1 case padded by 1 (padding > dilation * (kernel - 1)): dx from the dense backward.
 GRAD_CASES = [CASES[0], CASES[4], CASES[6], CASES[2], (2, 3, 4, 5, 5, 1, 1, 1, 1, True, True)]
@@ -140,13 +156,14 @@ def test_gradients_match_reference(device, backend, case):
     x, w, b, og, ig, *rest = make_inputs(case, device)
     grad_y = None
     results = []
-    for fn in (lambda *a: run(a, backend), reference.channel_sparse_conv2d):
-        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, og)]
-        y = fn(*leaves, ig, *rest)
+    shift = torch.randn(w.shape[0], device=device)
+    for fn in (lambda *a, shift: run(a, backend, shift=shift), reference.channel_sparse_conv2d):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, og, shift)]
+        y = fn(*leaves[:4], ig, *rest, shift=leaves[4])
         grad_y = torch.randn_like(y) if grad_y is None else grad_y
         y.backward(grad_y)
         results.append([t.grad for t in leaves])
-    for name, got, want in zip(("x", "weight", "bias", "out_gate"), *results):
+    for name, got, want in zip(("x", "weight", "bias", "out_gate", "shift"), *results):
         assert got is not None, f"no gradient for {name}"
         assert_close(got, want, rtol=1e-4)
 
@@ -195,11 +212,13 @@ def test_gradcheck(device, backend):
     active = og > 0
     og_vals = og[active].double()
 
-    def fn(x, w, b, og_vals):
-        gate = torch.zeros(active.shape, dtype=og_vals.dtype, device=device).masked_scatter(active, og_vals)
-        return run((x, w, b, gate, ig, s, p, d), backend)
+    shift = torch.randn(w.shape[0], device=device, dtype=torch.float64)
 
-    inputs = tuple(t.requires_grad_(True) for t in (x, w, b, og_vals))
+    def fn(x, w, b, og_vals, shift):
+        gate = torch.zeros(active.shape, dtype=og_vals.dtype, device=device).masked_scatter(active, og_vals)
+        return run((x, w, b, gate, ig, s, p, d), backend, shift=shift)
+
+    inputs = tuple(t.requires_grad_(True) for t in (x, w, b, og_vals, shift))
     # The interpreter is slow: Triton uses gradcheck's fast mode (random projections).
     assert torch.autograd.gradcheck(fn, inputs, fast_mode=backend == "triton")
 
@@ -212,6 +231,8 @@ def _opcheck_args(device):
 
 def test_opcheck_compiled_op():
     torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, _opcheck_args("cpu"))
+    shift = torch.randn(4, requires_grad=True)
+    torch.library.opcheck(torch.ops.dynkernels.channel_sparse_conv2d.default, _opcheck_args("cpu") + (shift, -1))
     args = list(_opcheck_args("cpu"))
     args[0] = args[0].detach().contiguous(memory_format=torch.channels_last)
     args[4] = None
@@ -273,6 +294,11 @@ BAD = [
     ("padding", dict(padding=(1, 2, 3)), ValueError, "padding must be"),
     ("dilation", dict(dilation=-1), ValueError, "dilation must be"),
     ("kernel", dict(weight=torch.randn(4, 3, 9, 9), padding=0), ValueError, "larger than the padded input"),
+    ("shift", dict(shift=torch.randn(5)), ValueError, "shift has 5 entries"),
+    ("shift", dict(shift=torch.randn(4, 1)), ValueError, r"shift must be \[Cout\]"),
+    ("shift", dict(shift=torch.randn(4).double()), TypeError, "shift must have x's dtype"),
+    ("density", dict(density=1.5), ValueError, r"density must be None or a number in \[0, 1\]"),
+    ("density", dict(density="half"), ValueError, "density must be None or a number"),
     ("backend", dict(backend="cudnn"), ValueError, "backend must be one of"),
     ("backend", dict(backend="cuda"), ValueError, "backend='cuda' needs CUDA tensors"),
 ]

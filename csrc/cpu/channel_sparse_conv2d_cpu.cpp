@@ -4,8 +4,8 @@
 // and active output channels (out_gate > 0); gather the weights of the active (output,
 // input) channel pairs; multiply them with only the active input channels (stride 1: kh
 // GEMMs over a buffer of horizontally shifted input rows, see conv_cpu_impl; other strides:
-// im2col of the active channels, then one GEMM); then add the bias and scale by the gate
-// while writing the active output channels. Inactive output channels are written as exact
+// im2col of the active channels, then one GEMM); then add the bias, scale by the gate and add
+// the shift while writing the active output channels. Inactive output channels are written as exact
 // zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
 // Samples run in parallel (claimed one by one by the threads of at::parallel_for), each GEMM
 // single-threaded inside its task.
@@ -116,7 +116,7 @@ void write_zero_channels(scalar_t* ys, const std::vector<int32_t>& active, int64
 }
 
 template <typename scalar_t>
-void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& out_gate,
+void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& shift, const Tensor& out_gate,
                    const std::vector<std::vector<int32_t>>& in_lists, const std::vector<std::vector<int32_t>>& out_lists,
                    const ConvGeometry& g, Tensor& y) {
   using opmath_t = at::opmath_type<scalar_t>;
@@ -125,10 +125,12 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   const Tensor w = weight.contiguous();
   const Tensor gate = out_gate.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
   const Tensor b = bias.defined() ? bias.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
+  const Tensor t = shift.defined() ? shift.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
   const scalar_t* xp = x.const_data_ptr<scalar_t>();
   const scalar_t* wp = w.const_data_ptr<scalar_t>();
   const opmath_t* gp = gate.const_data_ptr<opmath_t>();
   const opmath_t* bp = b.defined() ? b.const_data_ptr<opmath_t>() : nullptr;
+  const opmath_t* tp = t.defined() ? t.const_data_ptr<opmath_t>() : nullptr;
   scalar_t* yp = y.mutable_data_ptr<scalar_t>();
   const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
   const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);
@@ -258,7 +260,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
       }
       if (nhwc_out) {
         // channels_last output: pixel by pixel, every channel written once (active ones with
-        // bias and gate scale, the others with zeros), so the stores run along channels.
+        // bias, gate scale and shift, the others with zeros), so the stores run along channels.
         slot.assign(Cout, -1);
         for (int64_t j = 0; j < kout; ++j) slot[co[j]] = static_cast<int32_t>(j);
         const opmath_t* gn = gp + n * Cout;
@@ -269,16 +271,18 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
             for (int64_t c = 0; c < Cout; ++c) {
               const int32_t j = slot[c];
               dst[c] = j < 0 ? scalar_t(0)
-                             : static_cast<scalar_t>((static_cast<opmath_t>(out[j * P + p]) + (bp ? bp[c] : opmath_t(0))) * gn[c]);
+                             : static_cast<scalar_t>((static_cast<opmath_t>(out[j * P + p]) + (bp ? bp[c] : opmath_t(0))) * gn[c] +
+                                                     (tp ? tp[c] : opmath_t(0)));
             }
           }
         continue;
       }
-      // Epilogue: bias and gate scale, written into the sample's active output channels.
+      // Epilogue: bias, gate scale and shift, written into the sample's active output channels.
       for (int64_t j = 0; j < kout; ++j) {
         const int64_t c = co[j];
         const opmath_t s = gp[n * Cout + c];
         const opmath_t bc = bp ? bp[c] : opmath_t(0);
+        const opmath_t tc = tp ? tp[c] : opmath_t(0);
         const scalar_t* src = out + j * P;
         scalar_t* dst = yp + n * syn + c * syc;
         for (int64_t oh = 0; oh < g.Ho; ++oh) {
@@ -286,10 +290,10 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
           scalar_t* drow = dst + oh * syh;
           if (syw == 1) {  // NCHW: unit stride, so the compiler vectorises this loop
             for (int64_t ow = 0; ow < g.Wo; ++ow)
-              drow[ow] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
+              drow[ow] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s + tc);
           } else {
             for (int64_t ow = 0; ow < g.Wo; ++ow)
-              drow[ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s);
+              drow[ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s + tc);
           }
         }
       }
@@ -299,7 +303,8 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
 
 Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                  const Tensor& out_gate, const std::optional<Tensor>& in_gate, at::IntArrayRef stride,
-                                 at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                 at::IntArrayRef padding, at::IntArrayRef dilation, const std::optional<Tensor>& shift,
+                                 int64_t /*config: the CPU kernel has one configuration*/) {
   const char* op = "channel_sparse_conv2d";
   TORCH_CHECK(x.dim() == 4, op, ": x must be [N, Cin, H, W], got shape ", x.sizes());
   TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1), op, ": weight must be [Cout, ", x.size(1),
@@ -319,6 +324,13 @@ Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const st
                 ": bias must be [Cout] = [", Cout, "] of x's dtype, got ", bias->scalar_type(), " of shape ",
                 bias->sizes());
     b = *bias;
+  }
+  Tensor t;
+  if (shift.has_value() && shift->defined()) {
+    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == Cout && shift->scalar_type() == x.scalar_type(), op,
+                ": shift must be [Cout] = [", Cout, "] of x's dtype, got ", shift->scalar_type(), " of shape ",
+                shift->sizes());
+    t = *shift;
   }
   ConvGeometry g{x.size(2), x.size(3), weight.size(2), weight.size(3), stride[0], stride[1],
                  padding[0],  padding[1], dilation[0],   dilation[1],  0,         0};
@@ -342,7 +354,7 @@ Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const st
     in_lists.assign(N, all);
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_sparse_conv2d_cpu", [&] {
-    conv_cpu_impl<scalar_t>(x, weight, b, out_gate, in_lists, out_lists, g, y);
+    conv_cpu_impl<scalar_t>(x, weight, b, t, out_gate, in_lists, out_lists, g, y);
   });
   return y;
 }

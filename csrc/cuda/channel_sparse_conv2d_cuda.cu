@@ -15,7 +15,7 @@
 //  4. channel_sparse_conv2d_gemm_kernel (channel_sparse_conv2d_gemm.cuh): the implicit GEMM over
 //     active output channels x output pixels x (kernel window x active input channels), with
 //     tensor cores for fp16/bf16 (fp32 accumulation) and fp32 FMAs for fp32; the epilogue adds
-//     the bias, scales by the gate and writes exact zeros to the inactive channels.
+//     the bias, scales by the gate, adds the shift and writes exact zeros to the inactive channels.
 //
 // Includes: the stream comes from c10/cuda/CUDAStream.h rather than ATen/cuda/CUDAContext.h,
 // which pulls in the cuBLAS/cuSPARSE headers that a bare CUDA toolkit may not have.
@@ -163,7 +163,8 @@ void launch_gather(const Tensor& x, int Cb, const int* in_list, const int* in_co
 
 Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
                                   const Tensor& out_gate, const std::optional<Tensor>& in_gate,
-                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation) {
+                                  at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                  const std::optional<Tensor>& shift, int64_t /*config: one configuration so far*/) {
   // ---- arguments
   TORCH_CHECK(x.dim() == 4, kOp, ": x must be [N, Cin, H, W], got shape ", x.sizes());
   TORCH_CHECK(x.is_cuda(), kOp, ": the CUDA kernel needs x on a CUDA device, got ", x.device());
@@ -186,6 +187,14 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
     TORCH_CHECK(bias->scalar_type() == dtype, kOp, ": bias must have x's dtype ", dtype, ", got ",
                 bias->scalar_type());
     TORCH_CHECK(bias->device() == x.device(), kOp, ": bias is on ", bias->device(), " but x is on ", x.device(),
+                "; they must be on one device");
+  }
+  if (shift.has_value()) {
+    TORCH_CHECK(shift->dim() == 1 && shift->size(0) == Cout, kOp, ": shift must be [Cout] = [", Cout,
+                "], got shape ", shift->sizes());
+    TORCH_CHECK(shift->scalar_type() == dtype, kOp, ": shift must have x's dtype ", dtype, ", got ",
+                shift->scalar_type());
+    TORCH_CHECK(shift->device() == x.device(), kOp, ": shift is on ", shift->device(), " but x is on ", x.device(),
                 "; they must be on one device");
   }
   check_gate("out_gate", out_gate, x, N, Cout, "[N, Cout]");
@@ -261,10 +270,12 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
 
   // ---- 4. implicit GEMM
   Tensor b = bias.has_value() ? bias->contiguous() : Tensor();
+  Tensor t = shift.has_value() ? shift->contiguous() : Tensor();
   Params P{};
   P.xb = xb.const_data_ptr();
   P.wt = wt.const_data_ptr();
   P.bias = b.defined() ? b.const_data_ptr() : nullptr;
+  P.shift = t.defined() ? t.const_data_ptr() : nullptr;
   P.out_gate = og.const_data_ptr<float>();
   P.out_list = out_list.const_data_ptr<int>();
   P.out_count = out_count.const_data_ptr<int>();

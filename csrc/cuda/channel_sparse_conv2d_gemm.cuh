@@ -62,6 +62,7 @@ struct Params {
   const void* xb;         // [N, H, W, Cb] NHWC input; channel j < Cb (Cb % 8 == 0, 16-byte aligned rows)
   const void* wt;         // [Cout, KH*KW, Cw] weight (Cw % 8 == 0, entries Cin <= c < Cw are zero)
   const void* bias;       // [Cout] or nullptr
+  const void* shift;      // [Cout] or nullptr: added after the gate scale
   const float* out_gate;  // [N, Cout] float32
   const int* out_list;    // [N, Cout] per sample: active output channels ascending, then inactive ones
   const int* out_count;   // [N] number of active output channels
@@ -362,12 +363,13 @@ __global__ void __launch_bounds__(THREADS) channel_sparse_conv2d_gemm_kernel(con
   }
 
   // Epilogue: row m of the tile is output channel out_list[m]. Active rows (m < count) get
-  // (acc + bias) * gate, rows count <= m < Cout get exact zeros, rows >= Cout do not exist.
+  // (acc + bias) * gate + shift, rows count <= m < Cout get exact zeros, rows >= Cout do not exist.
   // Consecutive threads walk channels (channels_last output) or pixels (NCHW output).
   const int* out_list_n = P.out_list + (int64_t)n * P.Cout;
   const float* gate_n = P.out_gate + (int64_t)n * P.Cout;
   T* y = static_cast<T*>(P.y) + (int64_t)n * P.y_sn;
   const T* bias = static_cast<const T*>(P.bias);
+  const T* shift = static_cast<const T*>(P.shift);
 #pragma unroll 4
   for (int e = threadIdx.x; e < BM * BN; e += THREADS) {
     const int mi = pixel_major ? (e % BM) : (e / BN);
@@ -379,7 +381,7 @@ __global__ void __launch_bounds__(THREADS) channel_sparse_conv2d_gemm_kernel(con
     if (m < count) {
       const float acc = pixel_major ? sm.c[pi][mi] : sm.c[mi][pi];
       const float b = bias ? static_cast<float>(bias[c]) : 0.0f;
-      v = (acc + b) * __ldg(gate_n + c);
+      v = (acc + b) * __ldg(gate_n + c) + (shift ? static_cast<float>(shift[c]) : 0.0f);
     }
     y[(int64_t)c * P.y_sc + (int64_t)p * P.y_sp] = static_cast<T>(v);
   }

@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ops import channel_sparse_conv2d, check_backend
+from ..ops.channel_sparse_conv2d import check_density
 
 
 class GatedConv2d(nn.Conv2d):
@@ -21,12 +22,16 @@ class GatedConv2d(nn.Conv2d):
                                           cost no FLOPs.
     The gated forward needs groups = 1 and padding_mode 'zeros' (padding may be numeric,
     'valid', or 'same' where it is symmetric).
-    `backend` ("auto", "cuda", "cpu", "triton", "torch") picks the kernel of the gated forward.
+    `backend` ("auto", "cuda", "cpu", "triton", "torch") picks the kernel of the gated forward;
+    `density` (None or a number in [0, 1]) is what the caller knows of its gates on the host,
+    the expected fraction of the dense FLOPs they leave active, passed to
+    dynkernels.channel_sparse_conv2d as its hint for backend="auto".
     """
 
-    def __init__(self, *args, backend: str = "auto", **kwargs):
+    def __init__(self, *args, backend: str = "auto", density: Optional[float] = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.backend = backend
+        self.density = check_density("GatedConv2d", density)
 
     @property
     def backend(self) -> str:
@@ -37,7 +42,7 @@ class GatedConv2d(nn.Conv2d):
         self._backend = check_backend("GatedConv2d", value)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, backend: str = "auto") -> "GatedConv2d":
+    def from_conv(cls, conv: nn.Conv2d, backend: str = "auto", density: Optional[float] = None) -> "GatedConv2d":
         """A GatedConv2d that shares conv's weight and bias (the same Parameter objects)."""
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"GatedConv2d.from_conv: conv must be an nn.Conv2d, got {type(conv).__name__}")
@@ -45,7 +50,7 @@ class GatedConv2d(nn.Conv2d):
             gated = cls(
                 conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
                 dilation=conv.dilation, groups=conv.groups, bias=conv.bias is not None,
-                padding_mode=conv.padding_mode, backend=backend,
+                padding_mode=conv.padding_mode, backend=backend, density=density,
             )
         gated.weight = conv.weight
         gated.bias = conv.bias
@@ -80,11 +85,13 @@ class GatedConv2d(nn.Conv2d):
             return super().forward(x)
         padding = self._gated_padding()
         return channel_sparse_conv2d(
-            x, self.weight, self.bias, gate, in_gate, self.stride, padding, self.dilation, backend=self.backend
+            x, self.weight, self.bias, gate, in_gate, self.stride, padding, self.dilation,
+            backend=self.backend, density=self.density,
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backend={self.backend!r}"
+        density = "" if self.density is None else f", density={self.density}"
+        return super().extra_repr() + f", backend={self.backend!r}" + density
 
 
 def convert(

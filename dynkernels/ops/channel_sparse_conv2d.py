@@ -1,7 +1,7 @@
 """channel_sparse_conv2d: a conv2d that computes only the active (sample, channel) pairs.
 
 Contract (DESIGN.md): y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weight, bias)[n, c]
-where out_gate[n, c] > 0, and exactly 0 elsewhere.
+(+ shift[c] when a shift is given) where out_gate[n, c] > 0, and exactly 0 elsewhere.
 
 Kernels: torch.ops.dynkernels.channel_sparse_conv2d (C++ on CPU in csrc/cpu, CUDA in
 csrc/cuda; schema in csrc/schemas.cpp) and torch.ops.dynkernels.channel_sparse_conv2d_triton
@@ -36,7 +36,28 @@ def _pair(op: str, name: str, v, minimum: int) -> Tuple[int, int]:
     return vals
 
 
-def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+def _per_channel(op: str, name: str, t, x: torch.Tensor, cout: int):
+    """bias / shift: None or [Cout] of x's dtype on x's device."""
+    if t is None:
+        return
+    _checks.tensor(op, name, t, (1,), "[Cout]")
+    if t.shape[0] != cout:
+        raise ValueError(f"{op}: {name} has {t.shape[0]} entries but weight has {cout} output channels")
+    if t.dtype != x.dtype:
+        raise TypeError(f"{op}: {name} must have x's dtype {x.dtype}, got {t.dtype}")
+    _checks.same_device(op, name, t, "x", x)
+
+
+def check_density(op: str, density):
+    """density: None or a number in [0, 1] (a host-side hint, never read from the device)."""
+    if density is None:
+        return None
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 <= density <= 1.0:
+        raise ValueError(f"{op}: density must be None or a number in [0, 1], got {density!r}")
+    return float(density)
+
+
+def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None):
     """Validate the arguments; return (stride, padding, dilation) as pairs."""
     op = "channel_sparse_conv2d"
     _checks.tensor(op, "x", x, (4,), "[N, Cin, H, W]")
@@ -49,13 +70,8 @@ def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
     cout = weight.shape[0]
     if weight.shape[1] != cin:
         raise ValueError(f"{op}: weight has {weight.shape[1]} input channels but x has {cin} (groups > 1 is not supported)")
-    if bias is not None:
-        _checks.tensor(op, "bias", bias, (1,), "[Cout]")
-        if bias.shape[0] != cout:
-            raise ValueError(f"{op}: bias has {bias.shape[0]} entries but weight has {cout} output channels")
-        if bias.dtype != x.dtype:
-            raise TypeError(f"{op}: bias must have x's dtype {x.dtype}, got {bias.dtype}")
-        _checks.same_device(op, "bias", bias, "x", x)
+    _per_channel(op, "bias", bias, x, cout)
+    _per_channel(op, "shift", shift, x, cout)
     _checks.gate(op, "out_gate", out_gate, (2,), "[N, Cout]")
     if tuple(out_gate.shape) != (n, cout):
         raise ValueError(f"{op}: out_gate must be [N, Cout] = [{n}, {cout}], got shape {tuple(out_gate.shape)}")
@@ -80,7 +96,7 @@ def check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
 
 # ----------------------------------------------------------------------------- fake kernel
 @torch.library.register_fake("dynkernels::channel_sparse_conv2d")
-def _channel_sparse_conv2d_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+def _channel_sparse_conv2d_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None, config=-1):
     shape = conv2d_output_shape(x, weight, stride, padding, dilation)
     return x.new_empty(shape).contiguous(memory_format=row_layout(x))
 
@@ -117,18 +133,19 @@ def _sparse_input_grad(conv_op, dz, weight, out_active, in_gate, x_shape, stride
 def _register_autograd(conv_op):
     """Backward of a channel-sparse conv kernel.
 
-    With z = conv2d(x * m_in, weight, bias) and y = [g > 0] * g * z:
+    With z = conv2d(x * m_in, weight, bias) and y = [g > 0] * (g * z + shift):
       dz = [g > 0] * g * dy;
+      dshift = sum over samples and pixels of [g > 0] * dy;
       dx (stride 1, CPU) = conv_op on dz with the swapped, flipped weight (_sparse_input_grad):
         sparse like the forward; otherwise conv2d's dense input gradient, times m_in;
       dweight, dbias: conv2d's dense backward at (x * m_in, dz) (dz is 0 off the active
         channels, but the dense backward still spends their FLOPs);
       dg = sum_hw(dy * z) where g > 0, with z recomputed sparsely by conv_op (gate = [g > 0]).
-    in_gate is a mask: it gets no gradient.
+    in_gate is a mask, and config a kernel choice: they get no gradient.
     """
 
     def setup_context(ctx, inputs, output):
-        x, weight, bias, out_gate, in_gate, stride, padding, dilation = inputs
+        x, weight, bias, out_gate, in_gate, stride, padding, dilation = inputs[:8]
         ctx.conv_args = (stride, padding, dilation)
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x, weight, bias, out_gate, in_gate)
@@ -137,10 +154,13 @@ def _register_autograd(conv_op):
         x, weight, bias, out_gate, in_gate = ctx.saved_tensors
         stride, padding, dilation = ctx.conv_args
         need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
+        # needs_input_grad covers the arguments actually passed (shift and config may not be)
+        passed = len(ctx.needs_input_grad)
+        need_shift = passed > 8 and ctx.needs_input_grad[8]
         active = (out_gate > 0)[:, :, None, None]
         g = out_gate.to(grad_y.dtype)[:, :, None, None]
         zero = torch.zeros((), dtype=grad_y.dtype, device=grad_y.device)
-        grad_x = grad_w = grad_b = grad_g = None
+        grad_x = grad_w = grad_b = grad_g = grad_shift = None
         if need_x or need_w or need_b:
             dz = torch.where(active, grad_y * g, zero)
             if need_x:
@@ -159,7 +179,10 @@ def _register_autograd(conv_op):
         if need_g:
             z = conv_op(x, weight, bias, (out_gate > 0).to(x.dtype), in_gate, stride, padding, dilation)
             grad_g = torch.where(active, grad_y * z, zero).sum((2, 3)).to(out_gate.dtype)
-        return grad_x, grad_w, grad_b, grad_g, None, None, None, None
+        if need_shift:
+            grad_shift = torch.where(active, grad_y, zero).sum((0, 2, 3))
+        grads = (grad_x, grad_w, grad_b, grad_g, None, None, None, None, grad_shift)
+        return (grads + (None,) * passed)[:passed]
 
     torch.library.register_autograd(conv_op, backward, setup_context=setup_context)
 
@@ -200,20 +223,29 @@ def channel_sparse_conv2d(
     padding: IntPair = 0,
     dilation: IntPair = 1,
     *,
+    shift: Optional[torch.Tensor] = None,
     backend: str = "auto",
+    density: Optional[float] = None,
 ) -> torch.Tensor:
     """conv2d computing only channels with out_gate > 0 (scaled by it) from inputs with in_gate > 0.
 
     x [N, Cin, H, W], weight [Cout, Cin, kh, kw], bias [Cout] or None, out_gate [N, Cout],
-    in_gate [N, Cin] or None. Output [N, Cout, Ho, Wo]; inactive channels are exactly 0.
+    in_gate [N, Cin] or None, shift [Cout] or None (added after the gate scale, on the active
+    channels only). Output [N, Cout, Ho, Wo]; inactive channels are exactly 0.
+
+    density: what the caller knows on the host about the gates (e.g. a fixed k of
+    k-winners-take-all): the expected fraction of the dense conv's FLOPs that the gates leave
+    active (output density, times input density when in_gate is given). It is a hint for
+    backend="auto" only and is never checked against the gates.
     """
-    stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
+    stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+    check_density("channel_sparse_conv2d", density)
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
         b = _check_cuda_kernel_args(x, backend)
     if b == "torch":
-        return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
-    args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation))
+        return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+    args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
         return _triton().channel_sparse_conv2d_triton(*args)
     return _lib.channel_sparse_conv2d(*args)

@@ -1,7 +1,7 @@
 """Triton channel_sparse_conv2d: an implicit-GEMM convolution over active channels only.
 
 torch.ops.dynkernels.channel_sparse_conv2d_triton(x, weight, bias, out_gate, in_gate, stride,
-padding, dilation) follows the contract of dynkernels.channel_sparse_conv2d (DESIGN.md).
+padding, dilation, shift) follows the contract of dynkernels.channel_sparse_conv2d (DESIGN.md).
 
 How the work shrinks: each sample's gates are compacted on the device (_compact_rows_kernel,
 one launch per gate, no host sync) into a channel list that holds its active channels first,
@@ -14,7 +14,7 @@ positions of n's output list:
     tile [BLOCK_CI, BLOCK_CO] (rows of the weight repacked as [Cout, kh, kw, Cin]); without an
     in_gate the input channels are a plain range, so both tiles load as contiguous vectors
     along Cin for channels_last x;
-  - the epilogue adds the bias, multiplies by the gate and writes exact zeros for the
+  - the epilogue adds the bias, multiplies by the gate, adds the shift and writes exact zeros for the
     list positions past the active count, so every output channel is written exactly once.
 The per-step loop is one flat loop over (tap, input-channel block), which Triton software-
 pipelines on the GPU. fp16/bf16 use tensor cores with an fp32 accumulator; fp32 uses TF32
@@ -37,14 +37,14 @@ from .._layout import conv2d_output_shape, row_layout
 
 @triton.jit
 def _channel_sparse_conv2d_kernel(
-    x_ptr, w_ptr, b_ptr, g_ptr, y_ptr,
+    x_ptr, w_ptr, b_ptr, t_ptr, g_ptr, y_ptr,
     out_idx_ptr, out_cnt_ptr, in_idx_ptr, in_cnt_ptr,
     Cin, Cout, H, W, Ho, Wo,
     sxn, sxc, sxh, sxw,
     syn, syc, syh, syw,
     sgn, sgc,
     stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
-    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_IN_GATE: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_IN_GATE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
 ):
@@ -96,13 +96,17 @@ def _channel_sparse_conv2d_kernel(
             )
             acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    # Epilogue: bias, gate scale, exact zeros past the active count.
+    # Epilogue: bias, gate scale, shift, exact zeros past the active count.
     active = j < out_cnt
     if HAS_BIAS:
         bias = tl.load(b_ptr + co, mask=j_mask & active, other=0.0).to(ACC_DTYPE)
         acc += bias[None, :]
     gate = tl.load(g_ptr + n * sgn + co * sgc, mask=j_mask & active, other=0.0).to(ACC_DTYPE)
-    out = tl.where(active[None, :], acc * gate[None, :], 0.0)
+    acc = acc * gate[None, :]
+    if HAS_SHIFT:
+        shift = tl.load(t_ptr + co, mask=j_mask & active, other=0.0).to(ACC_DTYPE)
+        acc += shift[None, :]
+    out = tl.where(active[None, :], acc, 0.0)
     tl.store(
         y_ptr + n * syn + co[None, :] * syc + oh[:, None] * syh + ow[:, None] * syw,
         out.to(y_ptr.dtype.element_ty),
@@ -178,6 +182,7 @@ def channel_sparse_conv2d_triton(
     stride: List[int],
     padding: List[int],
     dilation: List[int],
+    shift: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     n, cin, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -200,14 +205,14 @@ def channel_sparse_conv2d_triton(
     else:
         precision = "ieee"
     args = (
-        x, w_packed, bias if bias is not None else w_packed, gate, y,
+        x, w_packed, bias if bias is not None else w_packed, shift if shift is not None else w_packed, gate, y,
         out_idx, out_cnt, in_idx, in_cnt,
         cin, cout, h, w, ho, wo,
         *x.stride(), *y.stride(), *gate.stride(),
         stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
     )
     meta = dict(
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_IN_GATE=in_gate is not None,
+        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_SHIFT=shift is not None, HAS_IN_GATE=in_gate is not None,
         ACC_DTYPE=acc_dtype, INPUT_PRECISION=precision,
     )
     if triton_interpret() and not x.is_cuda:
@@ -227,5 +232,5 @@ if triton_interpret():
     # fake kernel that triton_op derives by tracing the function would fail: give it directly.
     # (On the GPU the derived one is kept, so torch.compile still traces into the kernel.)
     @channel_sparse_conv2d_triton.register_fake
-    def _channel_sparse_conv2d_triton_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+    def _channel_sparse_conv2d_triton_fake(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None):
         return _empty_output(x, weight, stride, padding, dilation)
