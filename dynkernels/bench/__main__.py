@@ -59,7 +59,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                       help="tiny tensors and a few runs, either suite: checks that every case runs (seconds)")
     p.set_defaults(sweep="quick")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: cuda when a GPU is present (default)")
-    p.add_argument("--out", help="output folder (default bench/out/<date>-<device>[-<suite>])")
+    p.add_argument("--out", help="output folder (default bench/out/<date>-<device>[-headline][-smoke])")
     p.add_argument("--only", action="append", choices=sorted(FAMILIES), metavar="FAMILY",
                    help=f"run only this family (repeatable): {', '.join(FAMILIES)}")
     p.add_argument("--budget-scale", type=float, default=1.0, help="multiply every family's time budget (default 1)")
@@ -96,10 +96,6 @@ def backend_summary(device: torch.device) -> str:
     return "; ".join(parts)
 
 
-def _load_average() -> Optional[float]:
-    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-
-
 def write_report(out: str, plots: bool) -> str:
     meta, rows = results.load(out)
     if not rows:
@@ -126,8 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    suffix = "" if args.suite == "sweep" and key != "smoke" else f"-{args.suite if key != 'smoke' else args.suite + '-smoke'}"
-    out = args.out or os.path.join("bench", "out", f"{_dt.date.today().isoformat()}-{device.type}{suffix}")
+    name = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")
+    out = args.out or os.path.join("bench", "out", "-".join(name))
     env = results.environment(device, " ".join(["python -m dynkernels.bench"] + argv))
     cfg = RunConfig(device=device, sweep=args.sweep, input_sets=max(1, args.input_sets))
     families = [f for f in (dict.fromkeys(args.only) if args.only else FAMILIES) if cases(f, args.suite, cfg)]
@@ -146,7 +142,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta = {
         "run_id": run_id, "suite": args.suite, "sweep": args.sweep, "families": families, "timing": vars(settings),
         "input_sets": cfg.input_sets, "rates": rates.measured, "logical_cpus": os.cpu_count(),
-        "load_before": _load_average(), "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }
     rows: List[dict] = []
@@ -162,11 +158,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.manual_seed(0)
         budget = args.budget_s or (SMOKE_BUDGET_S if key == "smoke" else BUDGET_S[(key, device.type)][name])
         rows += runner.run(name, cases(name, args.suite, cfg), budget * args.budget_scale, on_case=save)
-    meta.update(elapsed_s=round(time.monotonic() - start, 1), load_after=_load_average())
+    meta["elapsed_s"] = round(time.monotonic() - start, 1)
     results.write(out, results.merge(old_rows, rows), meta)
     path = write_report(out, plots=not args.no_plots)
     counts = {s: sum(r["status"] == s for r in rows) for s in results.STATUSES}
-    print(f"dynkernels.bench: {len(rows)} rows in {meta['elapsed_s']:.0f} s ({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
+    print(f"dynkernels.bench: {len(rows)} rows in {meta['elapsed_s']:.0f} s "
+          f"({', '.join(f'{k} {v}' for k, v in counts.items())})", flush=True)
     print(f"dynkernels.bench: report: {path}", flush=True)
     return 0
 

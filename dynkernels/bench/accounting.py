@@ -97,8 +97,10 @@ class Rates:
                 x = torch.randn(n, c, hw, hw, device=dev, dtype=dtype)
                 w = torch.randn(c, c, 3, 3, device=dev, dtype=dtype)
                 conv = conv2d_flops(n * c, c, (3, 3), (hw, hw)) / (self._median_ms(F.conv2d, x, w, None, 1, 1) * 1e9)
-                buf = torch.empty(mib << 20, device=dev, dtype=torch.uint8)
-                copy = 2.0 * buf.numel() / (self._median_ms(torch.clone, buf) * 1e6)
+                # into memory already touched: a fresh CPU allocation would time its page faults
+                src = torch.ones(mib << 20, device=dev, dtype=torch.uint8)
+                dst = torch.zeros_like(src)
+                copy = 2.0 * src.numel() / (self._median_ms(dst.copy_, src) * 1e6)
             self.measured[key] = {"matrix_tflops": max(matmul, conv), "matmul_tflops": matmul, "conv_tflops": conv,
                                   "copy_gbps": copy}
         return self.measured[key]

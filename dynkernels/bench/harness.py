@@ -11,8 +11,10 @@ module not written yet, the wrong device) raises Unavailable or NotImplementedEr
 is built or first called, and becomes a row with status "skipped" and the reason; nothing is
 invented for it. A variant whose output disagrees with the one it is checked against is
 still timed but gets status "mismatch" and is left out of plots, summaries and verdicts.
+How to add a case: see the docstring of dynkernels.bench.
 """
 import contextlib
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -107,6 +109,11 @@ def _reason(e: BaseException, where: bool = False) -> str:
     return text + (f" (at {frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno})" if frames else "")
 
 
+def _load_average() -> Optional[float]:
+    """The 1-minute load average of the machine (CPU figures on a shared machine need it)."""
+    return round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
+
+
 @contextlib.contextmanager
 def _threads(n: Optional[int]):
     before = torch.get_num_threads()
@@ -138,7 +145,7 @@ class Runner:
         row.update(
             run_id=self.run_id, suite=self.suite, family=case.family, op=case.op, config=case.config,
             shape=case.shape, batch=case.batch, dtype=case.dtype, layout=case.layout, mode=case.mode,
-            density=case.density, baseline=case.baseline, threads=torch.get_num_threads(),
+            density=case.density, baseline=case.baseline, threads=torch.get_num_threads(), load=_load_average(),
         )
         row.update(kw)
         return row
@@ -173,7 +180,7 @@ class Runner:
 
     @staticmethod
     def _selected(case: Case, st: Setup) -> List[Variant]:
-        """The case's variants (in its order), after the ones they are checked against."""
+        """The variants the case runs, in its order (an unknown name is an error of the case)."""
         by_name = {v.name: v for v in st.variants}
         names = list(case.variants) if case.variants is not None else list(by_name)
         unknown = [n for n in names + list(case.targets) if n not in by_name]
@@ -214,16 +221,18 @@ class Runner:
         Returns its row fields so far and the callable to time (None if it cannot run)."""
         try:
             fn = v.build()
+            start = time.perf_counter()
             out = fn(*st.input_sets[0])
             if self.gpu:
                 torch.cuda.synchronize(self.device)
+            first_call_ms = (time.perf_counter() - start) * 1e3
         except (Unavailable, NotImplementedError) as e:
             return {"status": "skipped", "reason": _reason(e) if isinstance(e, NotImplementedError) else str(e)}, None
         except Exception as e:
             if self.gpu:
                 torch.cuda.empty_cache()
             return {"status": "error", "reason": _reason(e, where=True)}, None
-        result: Dict[str, object] = {"status": "ok", "reason": None}
+        result: Dict[str, object] = {"status": "ok", "reason": None, "first_call_ms": first_call_ms}
         if v.name in checked_against:
             outputs[v.name] = out
         if v.compare_to:

@@ -212,14 +212,18 @@ def _config_tables(rows) -> List[str]:
                 r = by_v.get(v) or {}
                 parts = []
                 if r.get("graph_ms"):
-                    parts.append(f"graph {_fmt(r['graph_ms'])} ms" + (f", {_fmt(r['graph_speedup'])}x" if r.get("graph_speedup") else ""))
+                    speedup = f", {_fmt(r['graph_speedup'])}x" if r.get("graph_speedup") else ""
+                    parts.append(f"graph {_fmt(r['graph_ms'])} ms{speedup}")
                 if r.get("host_ms"):
                     parts.append(f"host {_fmt(r['host_ms'])} ms")
+                if parts and r.get("first_call_ms"):
+                    parts.append(f"first call {_fmt(r['first_call_ms'])} ms")
                 cells.append("; ".join(parts) or "-")
             extra.append([f"{d:g}"] + cells)
     lines = _table(["density", "ideal", "floor (its speedup)"] + variants, main) + [""]
     if extra:
-        lines += ["CUDA-graph replay (GPU work only; speedup over the baseline's replay) and host time per call:", ""]
+        lines += ["CUDA-graph replay (GPU work only; speedup over the baseline's replay), host time per call and the "
+                  "first call (steady state above; the first call includes lazy initialisation, compilation and autotuning):", ""]
         lines += _table(["density"] + variants, extra) + [""]
     return lines
 
@@ -266,6 +270,11 @@ def _problems(rows) -> List[str]:
     return _table(["status", "variant", "cases", "reason"], [[s, v, n, reason] for (s, v, reason), n in seen.items()])
 
 
+def _span(rows, key) -> str:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{min(values):g} to {max(values):g}" if values else "-"
+
+
 def _distinct(rows, key) -> str:
     return ", ".join(str(v) for v in dict.fromkeys(r.get(key) for r in rows if r.get(key) is not None)) or "-"
 
@@ -284,7 +293,7 @@ def header(rows, meta) -> List[str]:
         (f"- GPU: {_distinct([r for r in rows if r['device'] == 'cuda'], 'device_name')}; " if gpu else "- ")
         + f"CPU: {_distinct(rows, 'cpu')} ({_distinct(rows, 'cpu_isa')}), "
         f"{meta.get('logical_cpus', '?')} logical CPUs; torch threads {_distinct(rows, 'threads')}; "
-        f"load average (1 min) {meta.get('load_before', '?')} at the start, {meta.get('load_after', '?')} at the end",
+        f"load average (1 min) {_span(rows, 'load')} while the cases ran (per row in results.csv)",
         f"- Versions: torch {r0.get('torch')}, Triton {r0.get('triton')}, CUDA {r0.get('cuda')}, dynkernels "
         f"{r0.get('dynkernels')} (CUDA kernels compiled: {r0.get('cuda_kernels')})",
         f"- Timing: {', '.join(f'{k}={v}' for k, v in meta.get('timing', {}).items())}; inputs rotated over "

@@ -16,9 +16,9 @@ import torch
 
 # Column order of results.csv; every row has every field (None -> empty cell / null).
 FIELDS = [
-    "run_id", "suite", "family", "op", "config", "shape", "batch", "dtype", "layout", "mode", "density", "threads",
+    "run_id", "suite", "family", "op", "config", "shape", "batch", "dtype", "layout", "mode", "density", "threads", "load",
     "variant", "backend", "status", "reason",
-    "median_ms", "p20_ms", "p80_ms", "runs", "timer", "graph_ms", "host_ms",
+    "median_ms", "p20_ms", "p80_ms", "runs", "timer", "first_call_ms", "graph_ms", "host_ms",
     "baseline", "baseline_ms", "speedup", "graph_speedup", "ideal_speedup", "efficiency", "floor_ms",
     "target", "target_speedup", "target_met",
     "dense_flops", "sparse_flops", "executed_flops", "executed_bytes", "tflops", "gbps", "max_rel_err",

@@ -23,7 +23,8 @@ import torch
 
 from .. import accounting
 from ..harness import RTOL, Case, Setup, Target, Unavailable, Variant
-from ._common import CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, bounded_residual_init, cpu_threads, memory_format, randn, resolved, seeded
+from ._common import (CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, bounded_residual_init, cpu_threads, memory_format, randn,
+                      resolved, seeded)
 
 NAME = "models"
 
@@ -170,7 +171,8 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
     if density_arg is None:
         raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no density argument (density, d or keep_ratio)")
     if "execution" not in params:
-        raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no execution= argument: cannot compare masked and sparse")
+        raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no execution= argument: "
+                          "cannot compare masked and sparse")
     dt, dev = DTYPES[dtype], cfg.device
     kwargs = {density_arg: d}
     torch.manual_seed(7)
@@ -219,7 +221,8 @@ def gpu_blockdrop(cfg: RunConfig) -> List[Case]:
     size, batches, dtype = (16, [2], "float32") if cfg.smoke else (224, [64, 128], "bfloat16")
     out = []
     for batch in batches:
-        target = Target(f"BlockDrop ResNet-101, 25 of 33 blocks, N={batch}: sparse (cuda) >= 0.9 x ideal over dense", 0.9, of_ideal=True)
+        target = Target(f"BlockDrop ResNet-101, 25 of 33 blocks, N={batch}: sparse (cuda) >= 0.9 x ideal over dense", 0.9,
+                        of_ideal=True)
         out.append(replace(_case(cfg, "resnet101_imagenet", dtype, batch, size, CL, 25 / 33, exact=True, agent=True),
                            variants=["dense", "masked", "sparse-cuda", "sparse-triton", "agent-cuda"],
                            targets={"sparse-cuda": target}))
