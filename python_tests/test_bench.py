@@ -129,6 +129,28 @@ def test_host_time_is_the_wall_time_per_call():
     assert timing.host_ms(lambda: time.sleep(0.002), (), CPU, 3) >= 1.9
 
 
+def test_gpu_timer_asks_do_bench_for_at_least_min_runs(monkeypatch):
+    """The GPU timer's own logic, with do_bench and the device sync stood in for: do_bench gets a
+    window long enough for min_runs runs of a slow call, and its times become the quantiles."""
+    triton_testing = pytest.importorskip("triton.testing", reason="Triton is not installed (optional on the CPU)")
+    asked = {}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        asked.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return [3.0, 1.0, 2.0, 4.0, 5.0]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    settings = TimingSettings(warmup_ms=2, rep_ms=5, min_runs=10, max_runs=20)
+    t = timing._gpu(lambda: time.sleep(0.004), settings)
+    assert asked["return_mode"] == "all" and asked["warmup"] == 2 and asked["rep"] >= 40  # 10 runs of >= 4 ms
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == pytest.approx((3.0, 1.8, 4.2, 5))
+    assert t.timer == "cuda-events (triton.testing.do_bench)"
+    timing._gpu(lambda: None, settings)
+    assert asked["rep"] == 5  # a quick call: the settings' window
+
+
 @pytest.mark.cuda
 def test_gpu_timer_graph_replay_and_host_time():
     dev = torch.device("cuda")
