@@ -202,8 +202,12 @@ def _chain_case(cfg: RunConfig, n_blocks, c, hw, batch, d, threads) -> Case:
         torch.manual_seed(8)
         blocks = [_make_block(basic_block, c, dev, torch.float32, NCHW, g) for _ in range(n_blocks)]
         policy = torch.stack([sample_gate(batch, d, dev, generator=g) for _ in blocks], dim=1)
-        x = torch.randn(batch, c, hw, hw, generator=g).to(dev)
-        per_block = accounting.counted_flops(lambda: blocks[0](x[:1]))
+        sets = [(torch.randn(batch, c, hw, hw, generator=g).to(dev), policy) for _ in range(cfg.input_sets)]
+        per_block = accounting.counted_flops(lambda: blocks[0](sets[0][0][:1]))
+
+        def dense():
+            chain_of_blocks = nn.Sequential(*blocks)
+            return lambda x, policy: chain_of_blocks(x)
 
         def chain(execution, backend="auto"):
             def build():
@@ -213,11 +217,11 @@ def _chain_case(cfg: RunConfig, n_blocks, c, hw, batch, d, threads) -> Case:
             return build
 
         variants = [
-            Variant("dense", lambda: lambda x, policy: nn.Sequential(*blocks)(x), work="dense"),
+            Variant("dense", dense, work="dense"),
             Variant("SkipSequential-masked", chain("masked"), work="dense"),
             Variant("SkipSequential-auto", chain("sparse"), backend="auto", compare_to="SkipSequential-masked"),
         ]
-        return Setup([(x, policy)], variants, dense_flops=n_blocks * batch * per_block,
+        return Setup(sets, variants, dense_flops=n_blocks * batch * per_block,
                      sparse_flops=float(policy.sum()) * per_block)
 
     return Case(NAME, "SkipSequential", config, shape_str, batch, "float32", d, setup, baseline="SkipSequential-masked",
