@@ -122,8 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    name = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")
-    out = args.out or os.path.join("bench", "out", "-".join(name))
+    folder = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")
+    out = args.out or os.path.join("bench", "out", "-".join(folder))
     env = results.environment(device, " ".join(["python -m dynkernels.bench"] + argv))
     cfg = RunConfig(device=device, sweep=args.sweep, input_sets=max(1, args.input_sets))
     families = [f for f in (dict.fromkeys(args.only) if args.only else FAMILIES) if cases(f, args.suite, cfg)]
