@@ -8,24 +8,21 @@
 # 10 minutes each:
 #   build                 pip install --no-build-isolation --no-deps --no-index -e . (CUDA kernels on)
 #   test                  pytest -m "cuda or triton", then the remaining tests
-#   bench                 python -m dynkernels.bench --full --device cuda (every family)
+#   bench                 python -m dynkernels.bench --full --device cuda (the sweep suite, every family)
 #   bench-FAMILY          one family only (sample_gating, channel_sparse_conv, skip_blocks, models);
 #                         results of earlier families in the same OUT_DIR are kept, so the
 #                         report covers all families run into it
-#   targets               the GPU speed targets of issues 3 and 4 in exactly their configuration
-#                         (python -m dynkernels.bench.targets): channel_sparse_conv2d vs cuDNN,
-#                         a ResNet-101 bottleneck under SkipBlock, BlockDrop ResNet-101 25/33 end to
-#                         end; each step in its own process under a time limit (about 6 minutes in
-#                         all on an H100), then targets.md from the steps' targets_<step>.json
-# OUT_DIR gets at most 8 files: suite.log (every phase appends to it), report.md,
-# results.csv, results.json and one plot_<family>.png per family; the targets phase writes
-# targets.md and targets_{conv,skip_block,blockdrop}.json (run it into its own OUT_DIR).
+#   headline              the headline suite (python -m dynkernels.bench --suite headline): the speed
+#                         targets' configurations, each family in its own process under a time limit
+#                         (about 6 minutes in all on an H100), then the report with the verdicts
+# OUT_DIR gets at most 8 files: suite.log (every phase appends to it), report.md, results.csv,
+# results.json and one plot_<family>.png per family (run the headline phase into its own OUT_DIR).
 # Nothing is downloaded: torch, Triton, pytest, numpy and matplotlib must be installed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 if [ $# -lt 1 ]; then
-    sed -n '2,23p' "$0"
+    sed -n '2,20p' "$0"
     exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -60,8 +57,8 @@ run_pytest() {  # like run, but pytest's "no tests selected" (exit status 5) is 
 
 for phase in "${PHASES[@]}"; do
     case "$phase" in
-    build | test | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models | targets) ;;
-    *) echo "gpu_suite: unknown phase '$phase' (expected build, test, bench, bench-FAMILY or targets)" >&2; exit 2 ;;
+    build | test | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models | headline) ;;
+    *) echo "gpu_suite: unknown phase '$phase' (expected build, test, bench, bench-FAMILY or headline)" >&2; exit 2 ;;
     esac
 done
 
@@ -69,7 +66,7 @@ info() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }  # environment facts: a failu
 
 say "phases: ${PHASES[*]}; repo $(pwd) at $(git rev-parse --short HEAD 2>/dev/null || echo '?'); out $OUT_DIR"
 info nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
-info "$PYTHON" -c "import sys, importlib.util as u, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(), '| installed:', *[m for m in ('triton', 'pytest', 'pytest_benchmark', 'matplotlib', 'numpy') if u.find_spec(m)])"
+info "$PYTHON" -c "import sys, importlib.util as u, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available() and torch.cuda.get_device_name(), '| installed:', *[m for m in ('triton', 'pytest', 'matplotlib', 'numpy') if u.find_spec(m)])"
 
 for phase in "${PHASES[@]}"; do
     case "$phase" in
@@ -91,16 +88,16 @@ for phase in "${PHASES[@]}"; do
     bench-*)
         run "$PYTHON" -m dynkernels.bench --full --device cuda --out "$OUT_DIR" --only "${phase#bench-}"
         ;;
-    targets)
-        # step:own budget:hard limit (s). The step stops starting measurements past its own
-        # budget; `timeout` ends it (its JSON keeps what it measured) if one measurement hangs.
-        for spec in conv:150:170 skip_block:55:70 blockdrop:100:120; do
-            IFS=: read -r step budget limit <<<"$spec"
-            # TARGETS_DEVICE=cpu TARGETS_ARGS=--smoke: the same phase as a tiny CPU run (to check it)
-            run timeout --kill-after=10 "$limit" "$PYTHON" -m dynkernels.bench.targets "$step" \
-                --device "${TARGETS_DEVICE:-cuda}" ${TARGETS_ARGS:-} --out "$OUT_DIR" --budget-s "$budget"
+    headline)
+        # family:own budget:hard limit (s). A family stops starting cases past its own budget;
+        # `timeout` ends it if one case hangs (results.json keeps what it had saved).
+        for spec in channel_sparse_conv:150:170 skip_blocks:55:70 models:110:130; do
+            IFS=: read -r family budget limit <<<"$spec"
+            # HEADLINE_DEVICE=cpu HEADLINE_ARGS=--smoke: the same phase as a tiny CPU run (to check it)
+            run timeout --kill-after=10 "$limit" "$PYTHON" -m dynkernels.bench --suite headline --only "$family" \
+                --device "${HEADLINE_DEVICE:-cuda}" ${HEADLINE_ARGS:-} --out "$OUT_DIR" --budget-s "$budget" --no-plots
         done
-        run "$PYTHON" -m dynkernels.bench.targets summary --out "$OUT_DIR"  # prints the headline tables
+        run "$PYTHON" -m dynkernels.bench --report-only --out "$OUT_DIR"  # the report with plots; prints the verdicts
         ;;
     esac
 done

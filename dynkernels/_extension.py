@@ -5,6 +5,7 @@ import os
 
 import torch
 
+from ._cpu import cpu_info
 from ._version import __version__
 
 try:
@@ -83,5 +84,7 @@ def build_info() -> dict:
         "cuda_build_note": getattr(_config, "CUDA_REASON", None),
         "triton": triton_version,
         "triton_interpret": triton_interpret(),
+        "cpu": cpu_info()["model"],
+        "cpu_isa": cpu_info()["isa"],
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }

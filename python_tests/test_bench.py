@@ -1,36 +1,77 @@
-"""The benchmark harness (dynkernels.bench) on tiny cases: timing, FLOP/byte arithmetic,
-result rows and files, skips, the report and plots, the CLI, and the families' code paths
-(GatedConv2d and BlockDrop models stand in as small fakes where noted). The issue-target
-measurements (dynkernels.bench.targets, bench/gpu_suite.sh's targets phase) run in their
-CPU smoke mode: the GPU steps' Python on tiny CPU tensors."""
+"""The benchmark harness (dynkernels.bench) on tiny cases: the timer, FLOP/byte arithmetic and
+the physical floor, result rows and files, skips, targets, the report and plots, the CPU
+description, and smoke runs of both suites (every case's code on tiny CPU tensors; the
+headline suite through bench/gpu_suite.sh's headline phase, as it runs on a GPU)."""
 import csv
 import json
+import os
+import shutil
+import subprocess
 import sys
 import time
-import types
 
 import pytest
 import torch
 import torch.nn as nn
 
 import dynkernels
-import dynkernels.nn
-from dynkernels.bench import accounting, report, results
+from dynkernels import _cpu
+from dynkernels.bench import accounting, report, results, timing
 from dynkernels.bench.__main__ import main
-from dynkernels.bench.families import FAMILIES, models, skip_blocks
+from dynkernels.bench.families import FAMILIES, SUITES, cases, skip_blocks
 from dynkernels.bench.families._common import RunConfig, active_count, exact_gate, sample_gate
-from dynkernels.bench.harness import Case, Runner, Setup, Unavailable, Variant, max_rel_err
+from dynkernels.bench.harness import Case, Runner, Setup, Target, Unavailable, Variant, max_rel_err
 from dynkernels.bench.timing import TimingSettings, measure, quantile
 
 CPU = torch.device("cpu")
-FAST = TimingSettings(warmup_ms=1, rep_ms=5, min_runs=3, max_runs=20)
+FAST = TimingSettings(warmup_ms=1, rep_ms=5, min_runs=3, max_runs=20, rounds=2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RATES = {"matrix_tflops": 2.0, "matmul_tflops": 1.0, "conv_tflops": 2.0, "copy_gbps": 100.0}
 
 
-def runner():
-    return Runner(CPU, FAST, results.environment(CPU), "test-run")
+def runner(suite="sweep"):
+    return Runner(CPU, FAST, results.environment(CPU, "pytest"), "test-run", suite)
 
 
-# ----------------------------------------------------------------------------- timing
+# ----------------------------------------------------------------------------- the CPU description
+def test_isa_from_flags_names_the_vector_extensions():
+    zen4 = "fpu sse2 avx avx2 fma avx512f avx512dq avx512bw avx512vl avx512_bf16 avx512_vnni".split()
+    sapphire_rapids = zen4 + ["avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8"]
+    assert _cpu.isa_from_flags(zen4) == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16"]
+    assert _cpu.isa_from_flags(sapphire_rapids) == ["AVX2", "AVX-512", "AVX-512 VNNI", "AVX-512 BF16", "AVX-512 FP16",
+                                                    "AVX-VNNI", "AMX BF16", "AMX INT8"]
+    assert _cpu.isa_from_flags("fpu sse2 avx avx2 fma".split()) == ["AVX2"]
+    assert _cpu.isa_from_flags("fp asimd asimdhp sve".split()) == ["NEON", "SVE"]
+    assert _cpu.isa_from_flags([]) == []
+
+
+def test_cpu_info_reads_this_machine_and_build_info_and_headers_report_it():
+    info = _cpu.cpu_info()
+    assert info["model"] and info["logical_cpus"] == os.cpu_count()
+    model, flags = _cpu._proc_cpuinfo()
+    if flags:  # Linux: the same flags lscpu shows
+        assert info["isa"] == _cpu.isa_from_flags(flags) and info["model"] == (model or info["model"])
+        assert ("AVX-512" in info["isa"]) == ("avx512f" in flags)
+    described = _cpu.describe_cpu()
+    assert info["model"] in described and all(name in described for name in info["isa"])
+    build = dynkernels.build_info()
+    assert build["cpu"] == info["model"] and build["cpu_isa"] == info["isa"]
+    env = results.environment(CPU, "cmd")
+    assert env["cpu"] == info["model"] and env["cpu_isa"] == " / ".join(info["isa"]) and env["command"] == "cmd"
+
+
+def test_cpu_info_falls_back_to_torchs_capability_without_proc_cpuinfo(monkeypatch):
+    monkeypatch.setattr(_cpu, "_proc_cpuinfo", lambda: ("", []))
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    _cpu.cpu_info.cache_clear()
+    try:
+        info = _cpu.cpu_info()
+        assert info["isa"] == ["AVX2", "AVX-512"] and info["model"]
+    finally:
+        _cpu.cpu_info.cache_clear()
+
+
+# ----------------------------------------------------------------------------- the timer
 def test_quantile_interpolates_like_numpy():
     values = [1.0, 2.0, 3.0, 4.0, 5.0]
     assert quantile(values, 0.5) == 3.0
@@ -48,43 +89,17 @@ def test_measure_gives_a_sane_median_and_rotates_inputs():
         seen.append(i)
         time.sleep(0.002)
 
-    t = measure(fn, [(0,), (1,), (2,)], CPU, TimingSettings(warmup_ms=1, rep_ms=20, min_runs=5, max_runs=50))
+    (t,) = measure([fn], [(0,), (1,), (2,)], CPU, TimingSettings(warmup_ms=1, rep_ms=20, min_runs=5, max_runs=50))
     assert 1.9 <= t.median_ms < 20
     assert t.p20_ms <= t.median_ms <= t.p80_ms
     assert 5 <= t.runs <= 50
-    assert t.timer == "cpu perf_counter"
+    assert t.timer == "cpu perf_counter (1 interleaved rounds)"
     assert set(seen) == {0, 1, 2} and seen[:3] == [0, 1, 2]
+    with pytest.raises(ValueError, match="input_sets"):
+        measure([fn], [], CPU, FAST)
 
 
-def test_do_bench_path_works_with_old_and_new_triton(monkeypatch):
-    """The GPU timer through triton.testing.do_bench: with return_mode="all" (a list or a
-    tensor of times), and on a Triton that only knows quantiles."""
-    triton_testing = pytest.importorskip("triton.testing", reason="Triton is not installed (optional on the CPU)")
-
-    from dynkernels.bench import timing
-
-    def new_triton(fn, warmup, rep, return_mode):
-        fn()
-        return torch.tensor([3.0, 1.0, 2.0, 4.0, 5.0])
-
-    def old_triton(fn, warmup, rep, quantiles=None, return_mode="mean"):
-        assert return_mode in ["min", "max", "mean", "median"]
-        fn()
-        return [2.5, 1.5, 3.5]
-
-    calls = []
-    monkeypatch.setattr(triton_testing, "do_bench", new_triton)
-    t = timing._do_bench(lambda: calls.append(1), FAST)
-    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == pytest.approx((3.0, 1.8, 4.2, 5)) and isinstance(t.median_ms, float)
-    monkeypatch.setattr(triton_testing, "do_bench", old_triton)
-    t = timing._do_bench(lambda: calls.append(1), FAST)
-    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == (2.5, 1.5, 3.5, -1)
-    assert t.timer.startswith("cuda-events") and calls
-
-
-def test_interleaved_rounds_time_every_callable_and_keep_failures_apart():
-    from dynkernels.bench.timing import measure_interleaved
-
+def test_cpu_timing_interleaves_rounds_and_keeps_failures_apart():
     order = []
 
     def fast(i):
@@ -101,8 +116,8 @@ def test_interleaved_rounds_time_every_callable_and_keep_failures_apart():
         if len(flaky_calls) > 2:
             raise RuntimeError("kernel failed")
 
-    settings = TimingSettings(warmup_ms=0, rep_ms=6, min_runs=6, max_runs=30)
-    fast_t, slow_t, err = measure_interleaved([fast, slow, flaky], [(0,), (1,)], CPU, settings, rounds=3)
+    settings = TimingSettings(warmup_ms=0, rep_ms=6, min_runs=6, max_runs=30, rounds=3)
+    fast_t, slow_t, err = measure([fast, slow, flaky], [(0,), (1,)], CPU, settings)
     assert isinstance(err, RuntimeError)
     assert slow_t.median_ms > fast_t.median_ms and fast_t.runs >= 6 and "3 interleaved rounds" in fast_t.timer
     # the rounds alternate: slow runs between fast ones, not all after them
@@ -110,25 +125,72 @@ def test_interleaved_rounds_time_every_callable_and_keep_failures_apart():
     assert first_slow < last_fast
 
 
-def test_measure_needs_inputs():
-    with pytest.raises(ValueError, match="input_sets"):
-        measure(lambda: None, [], CPU, FAST)
+def test_host_time_is_the_wall_time_per_call():
+    assert timing.host_ms(lambda: time.sleep(0.002), (), CPU, 3) >= 1.9
 
 
-# ----------------------------------------------------------------------------- accounting
-def test_derived_speedup_ideal_efficiency_throughput():
+def test_gpu_timer_asks_do_bench_for_at_least_min_runs(monkeypatch):
+    """The GPU timer's own logic, with do_bench and the device sync stood in for: do_bench gets a
+    window long enough for min_runs runs of a slow call, and its times become the quantiles."""
+    triton_testing = pytest.importorskip("triton.testing", reason="Triton is not installed (optional on the CPU)")
+    asked = {}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        asked.update(warmup=warmup, rep=rep, return_mode=return_mode)
+        fn()
+        return [3.0, 1.0, 2.0, 4.0, 5.0]
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+    monkeypatch.setattr(triton_testing, "do_bench", fake_do_bench)
+    settings = TimingSettings(warmup_ms=2, rep_ms=5, min_runs=10, max_runs=20)
+    t = timing._gpu(lambda: time.sleep(0.004), settings)
+    assert asked["return_mode"] == "all" and asked["warmup"] == 2 and asked["rep"] >= 40  # 10 runs of >= 4 ms
+    assert (t.median_ms, t.p20_ms, t.p80_ms, t.runs) == pytest.approx((3.0, 1.8, 4.2, 5))
+    assert t.timer == "cuda-events (triton.testing.do_bench)"
+    timing._gpu(lambda: None, settings)
+    assert asked["rep"] == 5  # a quick call: the settings' window
+
+
+@pytest.mark.cuda
+def test_gpu_timer_graph_replay_and_host_time():
+    dev = torch.device("cuda")
+    a = torch.randn(512, 512, device=dev)
+    settings = TimingSettings(warmup_ms=2, rep_ms=10, min_runs=5, max_runs=200)
+    (t,) = measure([torch.mm], [(a, a)], dev, settings)
+    assert t.median_ms > 0 and t.runs >= 5 and t.timer.startswith("cuda-events")
+    g = timing.graph_replay(torch.mm, (a, a), dev, settings)
+    assert 0 < g.median_ms and "CUDA-graph replay" in g.timer
+    assert timing.host_ms(torch.mm, (a, a), dev, 5) > 0
+    with pytest.raises(RuntimeError):  # a call that reads the device on the host cannot be captured
+        timing.graph_replay(lambda x: x.sum().item(), (a,), dev, settings)
+
+
+# ----------------------------------------------------------------------------- accounting and the floor
+def test_derived_speedup_ideal_efficiency_throughput_and_floor():
     d = accounting.derived(median_ms=2.0, baseline_ms=4.0, dense_cost=100.0, sparse_cost=10.0,
-                           executed_flops=4e9, executed_bytes=2e6)
+                           executed_flops=4e9, executed_bytes=2e6, rates=RATES)
     assert d["speedup"] == pytest.approx(2.0)
     assert d["ideal_speedup"] == pytest.approx(10.0)
     assert d["efficiency"] == pytest.approx(0.2)
     assert d["tflops"] == pytest.approx(4e9 / 2e-3 / 1e12)
     assert d["gbps"] == pytest.approx(2e6 / 2e-3 / 1e9)
-    none = accounting.derived(None, 4.0, None, 10.0, None, None)
+    # 4 GFLOP at 2 TFLOP/s = 2 ms; 2 MB at 100 GB/s = 0.02 ms: the FLOPs bound it
+    assert d["floor_ms"] == pytest.approx(2.0)
+    memory_bound = accounting.derived(1.0, 1.0, None, None, 1e6, 1e9, RATES)  # 1 GB at 100 GB/s
+    assert memory_bound["floor_ms"] == pytest.approx(10.0)
+    none = accounting.derived(None, 4.0, None, 10.0, None, None, None)
     assert all(v is None for v in none.values())
 
 
-def test_conv_flop_counts():
+def test_rates_are_measured_once_per_dtype_and_thread_count():
+    rates = accounting.Rates(CPU, TimingSettings(warmup_ms=0, rep_ms=0, min_runs=1, max_runs=1), smoke=True)
+    r = rates.get(torch.float32)
+    assert r["matrix_tflops"] == max(r["matmul_tflops"], r["conv_tflops"]) > 0 and r["copy_gbps"] > 0
+    assert rates.get(torch.float32) is r and list(rates.measured) == [f"float32, {torch.get_num_threads()} thread"
+                                                                     + "s" * (torch.get_num_threads() > 1)]
+
+
+def test_flop_counts():
     out_gate = torch.tensor([[1.0, 0.0, 0.5, 0.0], [0.0, 0.0, 0.0, 0.2]])  # 2 and 1 active of 4
     in_gate = torch.tensor([[1.0, 1.0, 0.0], [0.0, 1.0, 0.0]])  # 2 and 1 active of 3
     k, hw = (3, 3), (5, 5)
@@ -136,8 +198,20 @@ def test_conv_flop_counts():
     assert accounting.channel_sparse_conv_flops(out_gate, in_gate, 3, k, hw) == 2 * (2 * 2 + 1 * 1) * 9 * 25
     assert accounting.conv2d_flops(2 * 4, 3, k, hw) == 2 * 8 * 3 * 9 * 25
     assert accounting.conv2d_out_size(56, 3, 2, 1) == 28
-    conv = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
-    assert accounting.module_flops_per_sample(conv, torch.randn(2, 3, 8, 8)) == 2 * 4 * 64 * 3 * 9 + 2 * 10 * 256
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
+    assert accounting.counted_flops(lambda: net(torch.randn(1, 3, 8, 8))) == 2 * 4 * 64 * 3 * 9 + 2 * 10 * 256
+
+
+def test_blockdrop_flops_split_the_network_into_fixed_parts_and_branches():
+    from dynkernels.bench.families.models import blockdrop_flops
+    from dynkernels.models.blockdrop import resnet110_cifar
+
+    m = resnet110_cifar(execution="masked").eval()
+    dense, per_block = blockdrop_flops(m, torch.randn(1, 3, 32, 32))
+    assert per_block.shape == (54,) and (per_block > 0).all()
+    hooks_fixed, hooks_blocks = m.fixed_flops(), m.block_flops()  # the model's own count (forward hooks)
+    assert dense == pytest.approx(hooks_fixed + float(hooks_blocks.sum()), rel=1e-6)
+    assert torch.allclose(per_block, hooks_blocks, rtol=1e-6)
 
 
 def test_gates_have_the_exact_density():
@@ -155,11 +229,11 @@ def test_max_rel_err():
     assert max_rel_err(a[:2], a) == float("inf")
 
 
-# ----------------------------------------------------------------------------- harness
-def _toy_case(variants, density=0.5, **kw):
+# ----------------------------------------------------------------------------- the runner
+def _toy_case(setup_variants, density=0.5, **kw):
     def setup():
         sets = [(torch.randn(16),) for _ in range(2)]
-        return Setup(sets, variants, dense_flops=1000.0, sparse_flops=250.0)
+        return Setup(sets, setup_variants, dense_flops=1000.0, sparse_flops=250.0, dense_bytes=40.0, sparse_bytes=16.0)
 
     return Case("toy", "toy_op", "toy config", "16", 16, "float32", density, setup, **kw)
 
@@ -187,7 +261,9 @@ def test_runner_rows_statuses_and_arithmetic():
         Variant("unimplemented", not_implemented),
         Variant("broken", _raise(ZeroDivisionError("boom"))),
     ]
-    rows = runner().run_case(_toy_case(variants))
+    r = runner()
+    r.rates = type("FixedRates", (), {"get": lambda self, dtype: RATES})()
+    rows = r.run_case(_toy_case(variants, threads=1))
     by = {r["variant"]: r for r in rows}
     assert [r["variant"] for r in rows] == [v.name for v in variants]
     assert by["dense"]["status"] == "ok" and by["dense"]["speedup"] == pytest.approx(1.0)
@@ -197,32 +273,63 @@ def test_runner_rows_statuses_and_arithmetic():
     assert by["missing"]["median_ms"] is None and by["missing"]["speedup"] is None
     assert by["unimplemented"]["status"] == "skipped" and "not implemented" in by["unimplemented"]["reason"]
     assert by["broken"]["status"] == "error" and "ZeroDivisionError: boom" in by["broken"]["reason"]
-    for r in rows:
-        assert r["ideal_speedup"] == pytest.approx(4.0)
-        assert r["device"] == "cpu" and r["torch"] == torch.__version__ and r["density"] == 0.5
+    for row in rows:
+        assert row["ideal_speedup"] == pytest.approx(4.0) and row["threads"] == 1 and row["suite"] == "sweep"
+        assert row["device"] == "cpu" and row["torch"] == torch.__version__ and row["density"] == 0.5
+        assert row["cpu"] == _cpu.cpu_info()["model"] and row["command"] == "pytest" and row["load"] >= 0
     ours = by["ours"]
     assert ours["executed_flops"] == 250.0 and by["dense"]["executed_flops"] == 1000.0
     assert ours["speedup"] == pytest.approx(ours["baseline_ms"] / ours["median_ms"])
     assert ours["efficiency"] == pytest.approx(ours["speedup"] / 4.0)
     assert ours["tflops"] == pytest.approx(250.0 / (ours["median_ms"] * 1e-3) / 1e12)
+    # floor = max(FLOPs / 2 TFLOP/s, bytes / 100 GB/s), in ms: the bytes bound the sparse work, the FLOPs the dense
+    assert ours["floor_ms"] == pytest.approx(16.0 / 1e8) and by["dense"]["floor_ms"] == pytest.approx(1000.0 / 2e9)
 
 
-def test_shared_timing_is_reused_across_densities():
-    calls = []
+def test_case_variants_targets_and_check_only_variants():
+    calls = {"reference": 0}
 
-    def build():
-        calls.append(1)
-        return lambda x: x + 1
+    def reference():
+        def fn(x):
+            calls["reference"] += 1
+            return x * 3
+
+        return fn
+
+    variants = [Variant("dense", lambda: lambda x: x * 2, work="dense"), Variant("reference", reference),
+                Variant("ours", lambda: lambda x: x * 3, compare_to="reference"),
+                Variant("not run", lambda: lambda x: x)]
+    targets = {"ours": Target("ours over dense", 0.0), "dense": Target("a share of the ideal", 0.5, of_ideal=True)}
+    rows = runner().run_case(_toy_case(variants, variants=["dense", "ours"], targets=targets))
+    by = {r["variant"]: r for r in rows}
+    assert list(by) == ["dense", "ours"]  # reference ran once for the check, untimed, without a row
+    assert calls["reference"] == 1 and by["ours"]["max_rel_err"] == 0.0 and by["ours"]["status"] == "ok"
+    assert by["ours"]["target"] == "ours over dense" and by["ours"]["target_met"] is True
+    assert by["dense"]["target_speedup"] == pytest.approx(0.5 * 4.0) and by["dense"]["target_met"] is False
+    (bad,) = runner().run_case(_toy_case(variants, variants=["dense", "typo"]))
+    assert bad["status"] == "error" and "typo" in bad["reason"]
+
+
+def test_case_threads_are_set_for_the_case_and_restored():
+    seen = []
+    before = torch.get_num_threads()
+    variants = [Variant("dense", lambda: lambda x: seen.append(torch.get_num_threads()), work="dense")]
+    runner().run_case(_toy_case(variants, threads=2))
+    assert set(seen) == {2} and torch.get_num_threads() == before
+
+
+def test_shared_timing_is_reused_across_densities_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: None)
+
+    def dense_case(d):
+        return _toy_case([Variant("dense", lambda: lambda x: x + 1, work="dense", shared_key=("toy", "dense"))], density=d)
 
     r = runner()
-    rows = []
-    for d in (0.25, 0.5):
-        rows += r.run_case(_toy_case([Variant("dense", build, work="dense", shared_key=("toy", "dense"))], density=d))
-    assert rows[0]["median_ms"] == rows[1]["median_ms"]
-    assert "timed once" in rows[1]["reason"]
-    fresh = Runner(CPU, FAST, results.environment(CPU), "test-run", reuse_timings=False)
-    again = [fresh.run_case(_toy_case([Variant("dense", build, work="dense", shared_key=("toy", "dense"))], density=d))[0]
-             for d in (0.25, 0.5)]
+    r.gpu = True  # the reuse applies on GPUs only (timings here still come from the CPU timer)
+    rows = [r.run_case(dense_case(d))[0] for d in (0.25, 0.5)]
+    assert rows[0]["median_ms"] == rows[1]["median_ms"] and "timed once" in rows[1]["reason"]
+    cpu = runner()
+    again = [cpu.run_case(dense_case(d))[0] for d in (0.25, 0.5)]
     assert all(r["status"] == "ok" and r["reason"] is None for r in again)
 
 
@@ -232,283 +339,200 @@ def test_setup_failures_and_budget_are_recorded():
     def unavailable():
         raise Unavailable("dynkernels.models.fbs is not available in this build")
 
-    case = Case("toy", "toy_op", "cfg", "1", 1, "float32", 1.0, unavailable)
-    (row,) = r.run_case(case)
+    (row,) = r.run_case(Case("toy", "toy_op", "cfg", "1", 1, "float32", 1.0, unavailable))
     assert row["status"] == "skipped" and row["variant"] == "all" and "fbs" in row["reason"]
-    rows = r.run("toy", [_toy_case([Variant("dense", lambda: lambda x: x, work="dense")])], budget_s=-1)
-    assert rows[0]["status"] == "skipped" and "time budget" in rows[0]["reason"]
+    (row,) = r.run_case(Case("toy", "toy_op", "cfg", "1", 1, "float32", 1.0, lambda: 1 / 0))
+    assert row["status"] == "error" and "ZeroDivisionError" in row["reason"]
+    saved = []
+    rows = r.run("toy", [_toy_case([Variant("dense", lambda: lambda x: x, work="dense")])], budget_s=-1, on_case=saved.append)
+    assert rows[0]["status"] == "skipped" and "time budget" in rows[0]["reason"] and not saved
 
 
 # ----------------------------------------------------------------------------- files and report
-def _rows():
+def _rows(suite="sweep"):
     variants = [
         Variant("dense", lambda: lambda x: x * 2, work="dense"),
         Variant("ours", lambda: lambda x: x * 2),
         Variant("missing", _raise(Unavailable("not in this build"))),
     ]
-    r = runner()
-    return [row for d in (0.25, 0.5, 1.0) for row in r.run_case(_toy_case(variants, density=d))]
+    r = runner(suite)
+    r.rates = type("FixedRates", (), {"get": lambda self, dtype: RATES})()
+    targets = {"ours": Target("ours at least as fast as dense", 1e-9)} if suite == "headline" else {}
+    return [row for d in (0.25, 0.5, 1.0) for row in r.run_case(_toy_case(variants, density=d, targets=targets))]
 
 
 def _meta():
-    return {"run_id": "test-run", "command": "pytest", "sweep": "quick", "families": ["toy"], "elapsed_s": 0.1,
-            "environment": results.environment(CPU), "timing": vars(FAST), "input_sets": 2,
-            "cudnn_benchmark": False, "cudnn_allow_tf32": True, "matmul_allow_tf32": False}
+    return {"run_id": "test-run", "suite": "sweep", "sweep": "quick", "families": ["toy"], "elapsed_s": 0.1,
+            "timing": vars(FAST), "input_sets": 2, "rates": {"float32, 1 thread": RATES}, "logical_cpus": 2,
+            "cudnn_benchmark": False, "cudnn_allow_tf32": True,
+            "matmul_allow_tf32": False}
 
 
-def test_csv_and_json_have_every_field(tmp_path):
+def test_csv_and_json_have_every_field_and_old_files_load(tmp_path):
     rows = _rows()
     results.write(str(tmp_path), rows, _meta())
     with open(tmp_path / "results.csv") as f:
         reader = csv.DictReader(f)
         assert reader.fieldnames == results.FIELDS
         csv_rows = list(reader)
-    assert len(csv_rows) == len(rows)
-    assert {r["status"] for r in csv_rows} == {"ok", "skipped"}
+    assert len(csv_rows) == len(rows) and {r["status"] for r in csv_rows} == {"ok", "skipped"}
     data = json.load(open(tmp_path / "results.json"))
     assert data["fields"] == results.FIELDS and data["meta"]["run_id"] == "test-run"
-    assert all(len(values) == len(results.FIELDS) for values in data["rows"])
-    loaded = results.load_rows(str(tmp_path))
-    assert loaded == [results.complete(r) for r in rows]
-    skipped = [r for r in loaded if r["variant"] == "missing"]
-    assert skipped and all(r["status"] == "skipped" and r["reason"] == "not in this build" for r in skipped)
+    meta, loaded = results.load(str(tmp_path))
+    assert meta["rates"] == {"float32, 1 thread": RATES} and loaded == [results.complete(r) for r in rows]
     with pytest.raises(KeyError, match="not_a_field"):
         results.complete(dict(rows[0], not_a_field=1))
+    # a file of the earlier format: no suite, "memory_format" for the layout, fields since dropped
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "results.json").write_text(json.dumps({"meta": {}, "fields": ["family", "memory_format", "status", "gone"],
+                                                  "rows": [["models", "channels_last", "ok", 1]]}))
+    _, (row,) = results.load(str(old))
+    assert row["suite"] == "sweep" and row["layout"] == "channels_last" and row["family"] == "models" and "gone" not in row
 
 
-def test_merge_replaces_only_rerun_families():
-    old = [{"family": "a", "x": 1}, {"family": "b", "x": 2}]
-    assert results.merge(old, [{"family": "b", "x": 3}]) == [{"family": "a", "x": 1}, {"family": "b", "x": 3}]
+def test_committed_results_still_load_and_render(tmp_path):
+    folder = os.path.join(ROOT, "bench", "results", "cpu-quick")
+    if not os.path.exists(os.path.join(folder, "results.json")):
+        pytest.skip("needs the source tree's bench/results")
+    meta, rows = results.load(folder)
+    assert len(rows) > 100 and {r["family"] for r in rows} >= {"sample_gating", "channel_sparse_conv"}
+    text = open(report.write_report(str(tmp_path), rows, meta, plots=False)).read()
+    assert "## Channel-sparse convolution" in text and "AMD EPYC" in text
+
+
+def test_merge_replaces_only_rerun_suite_families():
+    old = [{"suite": "sweep", "family": "a", "x": 1}, {"suite": "sweep", "family": "b", "x": 2},
+           {"suite": "headline", "family": "b", "x": 3}]
+    new = [{"suite": "sweep", "family": "b", "x": 4}]
+    assert results.merge(old, new) == [old[0], old[2], new[0]]
 
 
 def test_report_and_plot_are_written(tmp_path):
-    path = report.write_report(str(tmp_path), _rows(), _meta())
+    rows = _rows("headline")
+    rows[0]["graph_ms"], rows[0]["host_ms"] = 0.5, 0.25  # as measured on a GPU
+    path = report.write_report(str(tmp_path), rows, _meta())
     text = open(path).read()
-    assert "| density | ideal | dense | ours | missing |" in text
-    assert "not in this build" in text and "CPU" in text
+    assert "| density | ideal | floor (its speedup) | dense | ours | missing |" in text
+    assert "not in this build" in text and "CPU:" in text and _cpu.cpu_info()["model"] in text
+    assert "| float32, 1 thread | 2.00 | 1.00 | 2.00 | 100 |" in text  # the rates behind the floor
+    assert "## Targets" in text and "| ours at least as fast as dense | **met** | 3 of 3 |" in text
+    assert "(met: >= " in text and "graph 0.500 ms" in text and "host 0.250 ms" in text
+    assert f"load average (1 min) {min(r['load'] for r in rows):g} to {max(r['load'] for r in rows):g}" in text
     png = tmp_path / "plot_toy.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "![toy](plot_toy.png)" in text
 
 
-def test_cli_quick_sample_gating(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["--only", "sample_gating", "--out", str(out), "--budget-scale", "0.5", "--input-sets", "2"]) == 0
-    printed = capsys.readouterr().out
-    assert "quick sweep on cpu" in printed and "backends here" in printed and str(out / "report.md") in printed
-    for name in ("report.md", "results.csv", "results.json", "plot_sample_gating.png"):
-        assert (out / name).exists(), name
-    rows = results.load_rows(str(out))
-    ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
-    assert {("gather_rows", "cpu"), ("gather_rows", "copy"), ("scatter_add_rows", "reference"), ("compact", "cpu")} <= ok
-    assert all(r["status"] != "mismatch" for r in rows)
-    triton = [r for r in rows if r["variant"] == "triton"]
-    assert triton and all(r["status"] == "skipped" for r in triton)
-
-
-def test_every_family_has_quick_and_full_sweeps():
-    for full in (False, True):
-        cfg = RunConfig(CPU, full, FAST, 1)
-        for name, family in FAMILIES.items():
-            cases = family.cases(cfg)
-            assert cases and all(c.family == name for c in cases)
-            assert {c.density for c in cases} <= {0.05, 0.1, 0.125, 0.25, 0.5, 0.75, 1.0}
-            if full:
-                assert min(c.density for c in cases) == 0.05 and max(c.density for c in cases) == 1.0
-
-
-# ----------------------------------------------------------------------------- families with stand-ins
-class FakeSkipBlock(nn.Module):
-    """Stand-in with SkipBlock's interface: x + gate * block(x), sparse through our ops."""
-
-    def __init__(self, block, shortcut=None, scaled=False, execution="sparse", backend="auto"):
-        super().__init__()
-        self.block, self.execution, self.backend = block, execution, backend
-
-    def forward(self, x, gate, plan=None):
-        if self.execution == "masked":
-            return x + gate.view(-1, 1, 1, 1) * self.block(x)
-        idx, count = dynkernels.compact(gate, backend=self.backend)
-        y = self.block(dynkernels.gather_rows(x, idx, count, backend=self.backend))
-        return dynkernels.scatter_add_rows(x, y, idx, count, backend=self.backend)
-
-
-class FakeGatedConv2d(nn.Conv2d):
-    def forward(self, x, gate, in_gate=None):
-        return dynkernels.channel_sparse_conv2d(x, self.weight, self.bias, gate, in_gate, self.stride, self.padding,
-                                                backend="torch")
-
-
-class FakeBlockDrop(nn.Module):
-    def __init__(self, num_classes=10, execution="sparse", backend="auto"):
-        super().__init__()
-        self.num_blocks, self.execution = 3, execution
-        self.stem = nn.Conv2d(3, 4, 3, padding=1)
-        self.blocks = nn.ModuleList(FakeSkipBlock(nn.Conv2d(4, 4, 3, padding=1), backend=backend) for _ in range(3))
-        self.fc = nn.Linear(4, num_classes)
-
-    def forward(self, x, policy=None):
-        x = self.stem(x)
-        for b, block in enumerate(self.blocks):
-            gate = torch.ones(x.shape[0], dtype=x.dtype) if policy is None else policy[:, b]
-            block.execution = self.execution
-            x = block(x, gate)
-        return self.fc(x.mean((2, 3)))
-
-    def flops(self, policy):
-        return 100.0 + 50.0 * policy.sum(1)
+# ----------------------------------------------------------------------------- the suites
+def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
+    for sweep in ("smoke", "quick", "full"):
+        cfg = RunConfig(CPU, sweep, 1)
+        for name in FAMILIES:
+            sweep_cases = cases(name, "sweep", cfg)
+            assert sweep_cases and all(c.family == name for c in sweep_cases)
+            if sweep == "full":
+                assert min(c.density for c in sweep_cases) == 0.05 and max(c.density for c in sweep_cases) == 1.0
+    gpu = [c for name in FAMILIES for c in cases(name, "headline", RunConfig(torch.device("cuda"), "quick", 1))]
+    cpu = [c for name in FAMILIES for c in cases(name, "headline", RunConfig(CPU, "quick", 1))]
+    assert SUITES == ("sweep", "headline") and gpu and cpu
+    assert all(c.targets for c in cpu if not c.grad) and all(c.grad for c in cpu if not c.targets)  # training: no target
+    conv = [c for c in gpu if c.op == "channel_sparse_conv2d"]
+    assert len(conv) == 12 * 2 * 4 and {c.layout for c in conv} == {"channels_last"} and {c.dtype for c in conv} == {"bfloat16"}
+    assert {(c.mode, c.density) for c in conv} == {("out", 0.5), ("in+out", 0.5), ("out", 0.1), ("out", 1.0)}
+    gated = [c for c in cpu if c.op == "channel_sparse_conv2d"]
+    assert {(c.threads, c.layout, c.batch) for c in gated} == {(t, f, 32) for t in (1, 2) for f in ("contiguous", "channels_last")}
+    assert {(c.mode, c.density) for c in gated} == {("out", 0.25), ("out", 0.5), ("out", 1.0), ("in+out", 0.5)}
+    blocks = [c for c in gpu if c.op == "SkipBlock"]
+    assert blocks[0].config.startswith("R101 layer3 bottleneck: 1024ch @14x14, N=128, bfloat16, channels_last")
+    assert all(c.graph and c.host_time for c in blocks) and {c.density for c in blocks[:2]} == {0.5, 1.0}
+    r101 = [c for c in gpu if c.op == "resnet101_imagenet"]
+    assert {c.batch for c in r101} == {64, 128} and all(next(iter(c.targets.values())).of_ideal for c in r101)
+    assert {c.op for c in cpu} == {"channel_sparse_conv2d", "GatedConv2d training step", "SkipSequential", "resnet110_cifar"}
 
 
 def test_skip_blocks_family_runs_skipblock_with_and_without_a_plan():
-    cfg = RunConfig(CPU, False, FAST, 2)
-    case = skip_blocks.cases(cfg)[1]  # R110 stage 1 block, N=16, density 0.25
+    cfg = RunConfig(CPU, "quick", 2)
+    case = skip_blocks.sweep(cfg)[1]  # R110 stage 1 block, N=16, density 0.25
     rows = {r["variant"]: r for r in runner().run_case(case)}
     for v in ("dense", "masked", "naive", "SkipBlock-masked", "SkipBlock-torch", "SkipBlock-cpu", "SkipBlock-auto",
               "SkipBlock-cpu+plan"):
         assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
     for v in ("SkipBlock-cpu", "SkipBlock-cpu+plan", "naive"):
         assert rows[v]["max_rel_err"] < 1e-4, v
-    assert rows["SkipBlock-triton"]["status"] == "skipped"
-    assert not any(v.endswith("+plan") and v != "SkipBlock-cpu+plan" for v in rows)  # GPU backends: GPU runs only
+    assert rows["SkipBlock-triton"]["status"] == "skipped" and "GPUs only" in rows["SkipBlock-triton"]["reason"]
     assert rows["dense"]["ideal_speedup"] == pytest.approx(4.0)
     block = skip_blocks.basic_block(4).eval()  # a whole residual block: relu(x + F(x))
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(block(x), torch.relu(x + block.branch(x)))
 
 
-def test_conv_family_runs_with_a_gated_conv(monkeypatch):
-    from dynkernels.bench.families import channel_sparse_conv
-
-    monkeypatch.setattr(dynkernels.nn, "GatedConv2d", FakeGatedConv2d, raising=False)
-    cases = channel_sparse_conv.cases(RunConfig(CPU, False, FAST, 2))
-    case = next(c for c in cases if c.mode == "in+out" and c.density == 0.25)
-    rows = {r["variant"]: r for r in runner().run_case(case)}
-    for v in ("dense", "masked", "naive", "reference", "GatedConv2d"):
-        assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
-    assert rows["naive"]["max_rel_err"] < 1e-4
-    assert rows["dense"]["ideal_speedup"] == pytest.approx(16.0)
-
-
-def test_models_family_runs_and_records_missing_models(monkeypatch):
-    import dynkernels.models  # noqa: F401  (the real package first: its __init__ imports blockdrop)
-
-    built = []
-
-    def resnet110_cifar(**kw):
-        built.append(kw)
-        return FakeBlockDrop(**kw)
-
-    fake = types.ModuleType("dynkernels.models.blockdrop")
-    fake.resnet110_cifar = fake.resnet101_imagenet = resnet110_cifar
-    monkeypatch.setitem(sys.modules, "dynkernels.models.blockdrop", fake)
-    cases = models.cases(RunConfig(CPU, False, FAST, 2))
-    r = runner()
-    for case in cases[:2]:  # resnet110_cifar at two densities
-        rows = {r_["variant"]: r_ for r_ in r.run_case(case)}
-        for v in ("dense", "masked", "sparse-torch", "sparse-cpu", "sparse-auto"):
-            assert rows[v]["status"] == "ok", (v, rows[v]["reason"])
-        assert rows["sparse-cpu"]["max_rel_err"] < 1e-3
-        assert rows["dense"]["ideal_speedup"] > 1.0
-    assert len(built) == 4  # masked base + sparse torch/cpu/auto, built once for both densities
-    fbs = next(c for c in cases if c.op == "fbs_resnet18")
-    (row,) = r.run_case(fbs)
-    assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"], row["reason"]
-
-
-# ----------------------------------------------------------------------------- issue targets (smoke mode)
-def test_bounded_residual_init_keeps_resnet110_finite_in_fp16():
-    from dynkernels.bench.families._common import bounded_residual_init
-    from dynkernels.models.blockdrop import resnet110_cifar
-
-    torch.manual_seed(0)
-    m = resnet110_cifar(execution="masked").eval()
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        grown = m.features(x).abs().max()
-        bounded_residual_init(m, torch.Generator().manual_seed(0))
-        bounded = m.features(x).abs().max()
-    last = [branch.bn2.weight for stage in m.blocks for branch in stage]
-    assert all(((w >= 0.1) & (w < 0.3)).all() for w in last)
-    assert grown > 1e5  # the release's init: far past what fp16 can hold after a few more layers
-    assert bounded < 1e3  # fp16 keeps it
-
-
-def test_targets_smoke_runs_every_step_and_the_summary(tmp_path):
-    """The GPU target steps (conv, skip_block, blockdrop) on tiny CPU tensors: the CUDA rows run
-    the C++ CPU kernels through the same calls, the Triton rows the interpreter (conftest)."""
-    from dynkernels.bench.targets.__main__ import main as targets_main
-    from dynkernels.bench.targets.common import load
-
+def test_sweep_smoke_runs_every_family(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # Triton rows skipped (timed on GPUs only): quicker
+    out = tmp_path / "out"
     threads = torch.get_num_threads()
     try:
-        assert targets_main(["all", "--device", "cpu", "--smoke", "--out", str(tmp_path)]) == 0
+        assert main(["--smoke", "--out", str(out), "--input-sets", "2"]) == 0
     finally:
         torch.set_num_threads(threads)
-    triton = dynkernels.build_info()["triton"] is not None
-    for step, variants in {
-        "conv": {"dense", "cuda out 0.5", "triton out 0.5", "cuda in+out 0.5", "triton in+out 0.5", "auto 1.0"},
-        "skip_block": {"dense", "masked", "SkipBlock (cuda)", "SkipBlock+plan (cuda)", "SkipBlock (triton)",
-                       "SkipBlock+plan (triton)"},
-        "blockdrop": {"dense ResNet-101", "masked", "sparse (cuda)", "sparse (triton)", "BlockDrop: policy net + sparse (cuda)"},
-    }.items():
-        data = load(str(tmp_path), step)
-        assert data["meta"]["finished"] and data["meta"]["smoke"]
-        rows = data["rows"]
-        assert {r["variant"] for r in rows} == variants, step
-        for r in rows:
-            if not triton and "triton" in r["variant"]:
-                assert r["status"] == "skipped"
-                continue
-            assert r["status"] == "ok", (step, r["variant"], r.get("reason"))
-            assert r["median_ms"] > 0 and r["timer"] == "cpu perf_counter"
-            if r.get("max_rel_err") is not None:
-                assert r["max_rel_err"] < 1e-3, (step, r["variant"])
-    conv = load(str(tmp_path), "conv")["rows"]
-    assert {r["backend"] for r in conv if r["variant"].startswith("cuda")} == {"cpu"}  # "cuda" -> C++ kernels on the CPU
-    bd = load(str(tmp_path), "blockdrop")
-    sparse = next(r for r in bd["rows"] if r["variant"] == "sparse (cuda)")
-    # FlopCounterMode ideal: below 33/25 (the stem, shortcuts and fc always run), well above 1
-    assert 1.2 < sparse["ideal"] < 33 / 25
-    assert "FlopCounterMode" in bd["notes"][0]
-    text = (tmp_path / "targets.md").read_text()
-    for title in ("## Headline", "## Issue 3: channel_sparse_conv2d", "## Issue 4: one ResNet-101 bottleneck",
-                  "## Issue 4: BlockDrop ResNet-101"):
-        assert title in text
-    assert "smoke run" in text and "did not finish" not in text and "**wrong output**" not in text
+    printed = capsys.readouterr().out
+    assert "sweep suite (smoke) on cpu" in printed and "backends here" in printed and str(out / "report.md") in printed
+    for name in ["report.md", "results.csv", "results.json"] + [f"plot_{f}.png" for f in FAMILIES]:
+        assert (out / name).exists(), name
+    _, rows = results.load(str(out))
+    assert {r["family"] for r in rows} == set(FAMILIES) and {r["suite"] for r in rows} == {"sweep"}
+    assert not [r for r in rows if r["status"] in ("error", "mismatch")]
+    ok = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
+    assert {("gather_rows", "cpu"), ("compact", "cpu"), ("channel_sparse_conv2d", "GatedConv2d"),
+            ("SkipBlock", "SkipBlock-cpu+plan"), ("resnet110_cifar", "sparse-cpu")} <= ok
+    assert all(r["floor_ms"] > 0 for r in rows if r["status"] == "ok" and r["executed_flops"])
+    assert "**Smoke run**" in (out / "report.md").read_text()
 
 
-def test_targets_summary_reports_missing_and_unfinished_steps(tmp_path):
-    from dynkernels.bench.targets.__main__ import write_summary
-    from dynkernels.bench.targets.common import Target, run_guarded
-
-    t = Target("conv", CPU, True, str(tmp_path), budget_s=0, argv=["conv"])
-    assert run_guarded(t, "some shape", lambda: None) is False  # budget spent: recorded, the step stops
-    t2 = Target("skip_block", CPU, True, str(tmp_path), budget_s=60, argv=["skip_block"])
-    assert run_guarded(t2, "broken", lambda: 1 / 0) is True  # an error is a row; the step goes on
-    t2.finish()
-    text = open(write_summary(str(tmp_path))).read()
-    assert "did not finish" in text  # conv never called finish()
-    assert "time budget of 0 s used up" in text and "ZeroDivisionError" in text
-    assert "## blockdrop: no results" in text
-
-
-def test_gpu_suite_targets_phase_on_the_cpu(tmp_path):
-    """bench/gpu_suite.sh's targets phase, as it will run on a GPU, with the device swapped for
-    the CPU smoke run (TARGETS_DEVICE / TARGETS_ARGS): the loop, time limits and summary."""
-    import os
-    import shutil
-    import subprocess
-
+def test_gpu_suite_headline_phase_on_the_cpu(tmp_path):
+    """bench/gpu_suite.sh's headline phase, as it runs on a GPU, with the device swapped for a
+    CPU smoke run (HEADLINE_DEVICE / HEADLINE_ARGS): every headline family in its own process
+    under its time limit, then the report; the GPU cases' "cuda" variants run the C++ CPU
+    kernels through the same calls, the Triton ones the interpreter."""
     if not (shutil.which("bash") and shutil.which("timeout")):
         pytest.skip("needs bash and timeout")
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, TARGETS_DEVICE="cpu", TARGETS_ARGS="--smoke", PYTHON=sys.executable, TRITON_INTERPRET="0")
+    # TRITON_INTERPRET=0: Triton rows are then skipped (timed on GPUs only), which keeps this quick
+    env = dict(os.environ, HEADLINE_DEVICE="cpu", HEADLINE_ARGS="--smoke", PYTHON=sys.executable, TRITON_INTERPRET="0")
     out = tmp_path / "out"
-    proc = subprocess.run(["bash", os.path.join(repo, "bench", "gpu_suite.sh"), str(out), "targets"], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "bench", "gpu_suite.sh"), str(out), "headline"], env=env,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(os.listdir(out)) == ["suite.log", "targets.md", "targets_blockdrop.json", "targets_conv.json",
-                                       "targets_skip_block.json"]
+    assert sorted(os.listdir(out)) == ["plot_channel_sparse_conv.png", "plot_models.png", "plot_skip_blocks.png",
+                                       "report.md", "results.csv", "results.json", "suite.log"]
     log = (out / "suite.log").read_text()
     assert "timeout --kill-after=10 170" in log and "done (status 0)" in log
-    assert "Issue 4, BlockDrop ResNet-101 end to end" in proc.stdout  # the headline is printed at the end
+    assert "target verdicts" in proc.stdout and "GatedConv2d out 0.5 over nn.Conv2d" in proc.stdout
+    _, rows = results.load(str(out))
+    assert {r["suite"] for r in rows} == {"headline"}
+    assert {r["family"] for r in rows} == {"channel_sparse_conv", "skip_blocks", "models"}
+    bad = [(r["variant"], r["status"], r["reason"]) for r in rows if r["status"] != "ok"]
+    assert bad and all("triton" in v and s == "skipped" and "GPUs only" in why for v, s, why in bad), bad
+    by = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
+    assert {("channel_sparse_conv2d", "cuda"), ("channel_sparse_conv2d", "auto"), ("channel_sparse_conv2d", "GatedConv2d"),
+            ("SkipBlock", "SkipBlock-cuda+plan"), ("SkipSequential", "SkipSequential-auto"),
+            ("resnet101_imagenet", "agent-cuda"), ("resnet110_cifar", "sparse-auto")} <= by
+    r101 = next(r for r in rows if r["op"] == "resnet101_imagenet" and r["variant"] == "sparse-cuda")
+    assert 1.0 < r101["ideal_speedup"] < 33 / 25 and r101["target_met"] is not None  # stem, shortcuts, fc always run
+    assert all(r["host_ms"] > 0 for r in rows if r["op"] == "SkipBlock" and r["status"] == "ok")
+    text = (out / "report.md").read_text()
+    assert "## Targets" in text and "**wrong output**" not in text and "**Smoke run**" in text
+
+
+@pytest.mark.cuda
+def test_headline_smoke_on_the_gpu(tmp_path):
+    """The headline suite's GPU cases on tiny GPU tensors: do_bench timings, CUDA-graph replay of
+    the capturable variants (a SkipBlock given its plan), host times, and the output checks."""
+    out = tmp_path / "out"
+    assert main(["--suite", "headline", "--smoke", "--device", "cuda", "--out", str(out), "--no-plots"]) == 0
+    _, rows = results.load(str(out))
+    assert rows and not [(r["variant"], r["reason"]) for r in rows if r["status"] in ("error", "mismatch")]
+    assert all(r["timer"].startswith("cuda-events") for r in rows if r["status"] == "ok")
+    plan = [r for r in rows if r["variant"] == "SkipBlock-cuda+plan" and r["status"] == "ok"]
+    assert plan and all(r["graph_ms"] > 0 and r["graph_speedup"] and r["host_ms"] > 0 for r in plan)
+    assert all(r["graph_ms"] is None for r in rows if r["variant"] == "SkipBlock-cuda")  # it syncs: not captured
+

@@ -1,62 +1,51 @@
 """Result rows and the files they go to (results.csv, results.json).
 
-Every row carries its environment (device name, versions, timer) so that a row copied out
-of its file still says where it was measured. A results folder holds the latest run of each
-family: writing a family's rows replaces that family's older rows and keeps the others, so
-families run in separate calls (`--only`) add up to one report.
+Every row carries where and how it was measured (device, CPU model and ISA, versions, the
+command, threads), so that a row copied out of its file still says so. A results folder
+holds the latest run of each (suite, family): writing a family's rows replaces that
+family's older rows and keeps the others, so families run in separate calls (`--only`) add
+up to one report. Files of earlier versions load too (their rows miss the newer fields).
 """
 import csv
 import datetime as _dt
 import json
 import os
-import platform
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Tuple
 
 import torch
 
 # Column order of results.csv; every row has every field (None -> empty cell / null).
 FIELDS = [
-    "run_id", "family", "op", "config", "shape", "batch", "dtype", "memory_format", "mode", "density",
+    "run_id", "suite", "family", "op", "config", "shape", "batch", "dtype", "layout", "mode", "density", "threads", "load",
     "variant", "backend", "status", "reason",
-    "median_ms", "p20_ms", "p80_ms", "runs", "timer",
-    "baseline", "baseline_ms", "speedup", "ideal_speedup", "efficiency",
+    "median_ms", "p20_ms", "p80_ms", "runs", "timer", "first_call_ms", "graph_ms", "host_ms",
+    "baseline", "baseline_ms", "speedup", "graph_speedup", "ideal_speedup", "efficiency", "floor_ms",
+    "target", "target_speedup", "target_met",
     "dense_flops", "sparse_flops", "executed_flops", "executed_bytes", "tflops", "gbps", "max_rel_err",
-    "device", "device_name", "torch", "triton", "cuda", "dynkernels", "cuda_kernels", "threads",
+    "device", "device_name", "cpu", "cpu_isa", "torch", "triton", "cuda", "dynkernels", "cuda_kernels", "command",
 ]
+RENAMED = {"memory_format": "layout"}  # field names of earlier files
 
 STATUSES = ("ok", "skipped", "error", "mismatch")
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> Dict[str, object]:
+def environment(device: torch.device, command: str) -> Dict[str, object]:
     """Where and with what the run happens (one dict, also copied into every row)."""
     import dynkernels
 
     info = dynkernels.build_info()
     device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-    else:
-        name = f"{cpu_name()} ({os.cpu_count()} logical CPUs)"
     return {
         "device": device.type,
-        "device_name": name,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else info["cpu"],
+        "cpu": info["cpu"],
+        "cpu_isa": " / ".join(info["cpu_isa"]),
         "torch": torch.__version__,
         "triton": info["triton"],
         "cuda": torch.version.cuda,
         "dynkernels": info["version"],
         "cuda_kernels": info["cuda_kernels"],
-        "threads": torch.get_num_threads(),
+        "command": command,
     }
 
 
@@ -74,19 +63,27 @@ def complete(row: Dict[str, object]) -> Dict[str, object]:
     return {k: row.get(k) for k in FIELDS}
 
 
-def load_rows(out_dir: str) -> List[Dict[str, object]]:
+def load(out_dir: str) -> Tuple[Dict[str, object], List[Dict[str, object]]]:
+    """(meta, rows) of out_dir/results.json; ({}, []) where there is none."""
     path = os.path.join(out_dir, "results.json")
     if not os.path.exists(path):
-        return []
+        return {}, []
     with open(path) as f:
         data = json.load(f)
-    return [dict(zip(data["fields"], values)) for values in data["rows"]]
+    names = [RENAMED.get(k, k) for k in data["fields"]]
+    rows = []
+    for values in data["rows"]:
+        row = dict.fromkeys(FIELDS)
+        row["suite"] = "sweep"  # earlier files held the sweep only
+        row.update((k, v) for k, v in zip(names, values) if k in row)
+        rows.append(row)
+    return data.get("meta", {}), rows
 
 
 def merge(old: Iterable[Dict], new: List[Dict]) -> List[Dict]:
-    """Old rows of families not in `new`, then the new rows."""
-    rerun = {r["family"] for r in new}
-    return [r for r in old if r["family"] not in rerun] + list(new)
+    """Old rows of the (suite, family) pairs not in `new`, then the new rows."""
+    rerun = {(r["suite"], r["family"]) for r in new}
+    return [r for r in old if (r["suite"], r["family"]) not in rerun] + list(new)
 
 
 def write(out_dir: str, rows: List[Dict[str, object]], meta: Dict[str, object]) -> None:
@@ -99,8 +96,11 @@ def write(out_dir: str, rows: List[Dict[str, object]], meta: Dict[str, object]) 
         for r in rows:
             w.writerow({k: "" if v is None else v for k, v in r.items()})
     # JSON rows are value lists in the order of "fields" (a full GPU sweep has thousands of rows),
-    # one per line so that the file stays small and diffable.
-    with open(os.path.join(out_dir, "results.json"), "w") as f:
+    # one per line so that the file stays small and diffable; written whole, then renamed, so
+    # that a run stopped by a time limit leaves the last complete file.
+    tmp = os.path.join(out_dir, "results.json.tmp")
+    with open(tmp, "w") as f:
         f.write('{"meta": ' + json.dumps(meta) + ',\n "fields": ' + json.dumps(FIELDS) + ',\n "rows": [\n')
         f.write(",\n".join(json.dumps([r[k] for k in FIELDS]) for r in rows))
         f.write("\n]}\n")
+    os.replace(tmp, os.path.join(out_dir, "results.json"))

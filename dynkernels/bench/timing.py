@@ -1,15 +1,18 @@
-"""Timing one callable: median, p20 and p80 of many runs after a warm-up, inputs rotated.
+"""The one timer of the benchmarks: median, p20 and p80 of many runs after a warm-up.
 
-On a GPU the runs are timed with device events by `triton.testing.do_bench` (which also
-flushes the L2 cache before every run); on the CPU the same interface times each run with
-`time.perf_counter`. Rows say which timer produced them, so CPU numbers are never mistaken
-for GPU ones. The callable is given one input set per run, cycling through several sets, so
-that no run finds its inputs already in a cache the previous run warmed.
+On the CPU the callables of one case are timed in interleaved rounds (a b c a b c ...), so
+that a burst of load from other processes on a shared machine hits the baseline and the
+candidates alike: that is what makes CPU ratios stable. On a GPU each callable is timed
+with device events by `triton.testing.do_bench` (which flushes the L2 cache before every
+run), or with plain CUDA events where Triton is missing; `graph_replay` times the replay of
+one CUDA-graph capture (the GPU work alone) and `host_ms` the CPU side of a call. Every call
+gets one input set, cycling through several, so that no run finds its inputs in a cache
+that the previous run warmed. Rows say which timer made them.
 """
 import itertools
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, List, Sequence, Union
 
 import torch
@@ -18,10 +21,10 @@ import torch
 @dataclass(frozen=True)
 class TimingSettings:
     warmup_ms: float  # time spent running before any run is timed
-    rep_ms: float  # time budget of the timed runs
-    # run counts of the perf_counter and plain CUDA-event timers (do_bench derives its own from rep_ms)
+    rep_ms: float  # time budget of the timed runs of one callable
     min_runs: int  # at least this many timed runs, however slow each one is
-    max_runs: int  # at most this many timed runs
+    max_runs: int  # at most this many timed runs (do_bench derives its count from rep_ms)
+    rounds: int = 1  # CPU: interleaved rounds the runs are split into
 
 
 @dataclass(frozen=True)
@@ -30,7 +33,7 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
-    timer: str  # "cuda-events (triton.testing.do_bench)", "cuda-events" or "cpu perf_counter"
+    timer: str
 
 
 def quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -55,104 +58,108 @@ def _rotating(fn: Callable, input_sets: Sequence[tuple]) -> Callable[[], object]
     return lambda: fn(*next(sets))
 
 
-def _cpu(call, s: TimingSettings) -> Timing:
-    return summarize(_cpu_times(call, s), "cpu perf_counter")
-
-
-def _cpu_times(call, s: TimingSettings, warmup: bool = True) -> List[float]:
+def _cpu_times(call, s: TimingSettings, warmup: bool) -> List[float]:
     if warmup:
-        call()  # first call: lazy initialisation, allocator growth
         start = time.perf_counter()
-        while True:
+        call()  # at least one call: lazy initialisation, allocator growth
+        while (time.perf_counter() - start) * 1e3 < s.warmup_ms:
             call()
-            if (time.perf_counter() - start) * 1e3 >= s.warmup_ms:
-                break
-    times = []
-    total = 0.0
-    while len(times) < s.max_runs and (len(times) < s.min_runs or total < s.rep_ms):
+    times: List[float] = []
+    while len(times) < s.max_runs and (len(times) < s.min_runs or sum(times) < s.rep_ms):
         t0 = time.perf_counter()
         call()
-        dt = (time.perf_counter() - t0) * 1e3
-        times.append(dt)
-        total += dt
+        times.append((time.perf_counter() - t0) * 1e3)
     return times
 
 
-def _cuda_events(call, s: TimingSettings) -> Timing:
-    """Device events without Triton: warm-up, then one event pair per run."""
-    call()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    while (time.perf_counter() - start) * 1e3 < s.warmup_ms:
-        call()
-    torch.cuda.synchronize()
-    times = []
-    total = 0.0
-    while len(times) < s.max_runs and (len(times) < s.min_runs or total < s.rep_ms):
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        call()
-        end.record()
-        end.synchronize()
-        dt = begin.elapsed_time(end)
-        times.append(dt)
-        total += dt
-    return summarize(times, "cuda-events")
-
-
-def _do_bench(call, s: TimingSettings) -> Timing:
-    from triton.testing import do_bench
-
-    warmup, rep = max(1, int(s.warmup_ms)), max(1, int(s.rep_ms))
-    try:  # every run's time, so that the quantiles and the run count are our own
-        times = do_bench(call, warmup=warmup, rep=rep, return_mode="all")
-    except (AssertionError, TypeError, ValueError):  # a Triton without return_mode="all"
-        q = [float(t) for t in do_bench(call, warmup=warmup, rep=rep, quantiles=[0.5, 0.2, 0.8])]
-        return Timing(q[0], q[1], q[2], -1, "cuda-events (triton.testing.do_bench)")  # -1: run count unknown
-    return summarize([float(t) for t in times], "cuda-events (triton.testing.do_bench)")  # list or tensor
-
-
-def measure(fn: Callable, input_sets: Sequence[tuple], device: torch.device, settings: TimingSettings) -> Timing:
-    """Time fn(*inputs), rotating through input_sets, on the device the inputs live on."""
-    call = _rotating(fn, input_sets)
-    if torch.device(device).type == "cuda":
-        try:
-            import triton.testing  # noqa: F401
-        except ImportError:
-            return _cuda_events(call, settings)
-        return _do_bench(call, settings)
-    return _cpu(call, settings)
-
-
-def measure_interleaved(
-    fns: Sequence[Callable], input_sets: Sequence[tuple], device: torch.device, settings: TimingSettings, rounds: int = 3
-) -> List[Union[Timing, Exception]]:
-    """Time several callables of one case; a callable that raises gets its exception back.
-
-    On the CPU they are timed in alternating rounds (a b c a b c ...), so that a burst of load
-    from other processes on a shared machine hits them alike instead of one of them; on a GPU
-    (or with rounds=1) one after the other with `measure`.
-    """
-    out: List[Union[Timing, Exception]] = []
-    if torch.device(device).type == "cuda" or rounds <= 1:
-        for fn in fns:
-            try:
-                out.append(measure(fn, input_sets, device, settings))
-            except Exception as e:  # recorded by the caller, the other callables still run
-                out.append(e)
-        return out
-    per_round = TimingSettings(
-        warmup_ms=settings.warmup_ms, rep_ms=settings.rep_ms / rounds,
-        min_runs=math.ceil(settings.min_runs / rounds), max_runs=max(1, settings.max_runs // rounds),
-    )
-    calls = [_rotating(fn, input_sets) for fn in fns]
-    times: List[Union[List[float], Exception]] = [[] for _ in fns]
+def _cpu_interleaved(calls, s: TimingSettings) -> List[Union[Timing, Exception]]:
+    rounds = max(1, s.rounds)
+    per_round = replace(s, rep_ms=s.rep_ms / rounds, min_runs=math.ceil(s.min_runs / rounds),
+                        max_runs=max(1, s.max_runs // rounds))
+    times: List[Union[List[float], Exception]] = [[] for _ in calls]
     for r in range(rounds):
         for i, call in enumerate(calls):
             if isinstance(times[i], Exception):
                 continue
             try:
                 times[i] += _cpu_times(call, per_round, warmup=r == 0)
-            except Exception as e:
+            except Exception as e:  # recorded by the caller; the other callables still run
                 times[i] = e
-    return [t if isinstance(t, Exception) else summarize(t, f"cpu perf_counter ({rounds} interleaved rounds)") for t in times]
+    timer = f"cpu perf_counter ({rounds} interleaved rounds)"
+    return [t if isinstance(t, Exception) else summarize(t, timer) for t in times]
+
+
+def _gpu(call, s: TimingSettings) -> Timing:
+    call()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(3):
+        call()
+    torch.cuda.synchronize()
+    estimate_ms = (time.perf_counter() - start) * 1e3 / 3
+    rep_ms = max(s.rep_ms, s.min_runs * estimate_ms)  # at least min_runs runs of a slow call
+    try:
+        from triton.testing import do_bench
+    except ImportError:
+        do_bench = None
+    if do_bench is not None:
+        times = do_bench(call, warmup=max(1, int(s.warmup_ms)), rep=max(1, int(rep_ms)), return_mode="all")
+        return summarize([float(t) for t in times], "cuda-events (triton.testing.do_bench)")
+    events = []
+    while len(events) < s.max_runs and (len(events) < s.min_runs or len(events) * estimate_ms < rep_ms):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call()
+        end.record()
+        events.append((begin, end))
+    torch.cuda.synchronize()
+    return summarize([b.elapsed_time(e) for b, e in events], "cuda-events")
+
+
+def measure(fns: Sequence[Callable], input_sets: Sequence[tuple], device: torch.device,
+            settings: TimingSettings) -> List[Union[Timing, Exception]]:
+    """Time fn(*inputs) for each fn, rotating through input_sets, on the given device; a
+    callable that raises gets its exception back in its place."""
+    calls = [_rotating(fn, input_sets) for fn in fns]
+    if torch.device(device).type != "cuda":
+        return _cpu_interleaved(calls, settings)
+    out: List[Union[Timing, Exception]] = []
+    for call in calls:
+        try:
+            out.append(_gpu(call, settings))
+        except Exception as e:
+            out.append(e)
+    return out
+
+
+def graph_replay(fn: Callable, inputs: tuple, device: torch.device, settings: TimingSettings) -> Timing:
+    """Time the replay of one CUDA-graph capture of fn(*inputs): the GPU work without Python
+    or launch overhead. Raises where the call cannot be captured (it reads the device)."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graphs asks
+        for _ in range(3):
+            fn(*inputs)
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(*inputs)
+    torch.cuda.synchronize(device)
+    (t,) = measure([graph.replay], [()], device, settings)
+    if isinstance(t, Exception):
+        raise t
+    return replace(t, timer=t.timer + ", CUDA-graph replay")
+
+
+def host_ms(fn: Callable, inputs: tuple, device: torch.device, calls: int) -> float:
+    """CPU wall time per call over a burst of calls without a device sync between them (where
+    a call syncs, this includes its wait for the device)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda *a: None)
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn(*inputs)
+    dt = (time.perf_counter() - t0) * 1e3 / calls
+    sync(device)
+    return dt

@@ -1,30 +1,58 @@
 """What the families share: the run configuration, gates of an exact density, dtypes, and
 the variants that call a dynkernels op through each of its backends."""
+import os
 from dataclasses import dataclass
 from typing import Callable, List, Sequence
 
 import torch
 
 from ..harness import Unavailable, Variant
-from ..timing import TimingSettings
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Our backends in the order they appear in tables; "torch" is dynkernels.reference.
 OUR_BACKENDS = ("torch", "cpu", "triton", "cuda", "auto")
 # How each backend's variant is named in tables and plots.
 BACKEND_VARIANT = {"torch": "reference", "cpu": "cpu", "triton": "triton", "cuda": "cuda", "auto": "auto"}
+CL, NCHW = "channels_last", "contiguous"
 
 
 @dataclass(frozen=True)
 class RunConfig:
     device: torch.device
-    full: bool  # --full sweep (the GPU report) rather than --quick
-    timing: TimingSettings
-    input_sets: int  # input sets each timed call rotates through
+    sweep: str = "quick"  # "smoke" (tiny CPU tensors, seconds), "quick" or "full"
+    input_sets: int = 3  # input sets each timed call rotates through
 
     @property
     def gpu(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def full(self) -> bool:
+        return self.sweep == "full"
+
+    @property
+    def smoke(self) -> bool:
+        return self.sweep == "smoke"
+
+    @property
+    def gpu_targets(self) -> bool:
+        """Whether the headline suite runs its GPU configurations (on a GPU; shrunk, in a smoke run)."""
+        return self.gpu or self.smoke
+
+    @property
+    def cpu_targets(self) -> bool:
+        """Whether the headline suite runs its CPU configurations (on the CPU; shrunk, in a smoke run)."""
+        return not self.gpu
+
+
+def cpu_threads(cfg: RunConfig) -> Sequence[int]:
+    """The thread counts of the headline's CPU cases (one in a smoke run: on a loaded machine a
+    second thread can cost seconds)."""
+    return (1,) if cfg.smoke else (1, 2)
+
+
+def memory_format(layout: str) -> torch.memory_format:
+    return torch.channels_last if layout == CL else torch.contiguous_format
 
 
 def active_count(n: int, density: float) -> int:
@@ -48,42 +76,44 @@ def sample_gate(n: int, density: float, device, dtype=torch.float32, generator=N
     return (exact_gate(1, n, density, "cpu", generator=generator)[0] > 0).to(device=device, dtype=dtype)
 
 
-def resolved(op: str, backend: str, device: torch.device) -> str:
-    """The backend dynkernels would run for `backend` here; Unavailable if it cannot run."""
+def resolved(op: str, backend: str, cfg: RunConfig) -> str:
+    """The backend to pass for `backend` here; Unavailable if it cannot run. Triton is timed on
+    GPUs only (on the CPU it runs in the interpreter, whose timings mean nothing); a smoke run
+    runs it there anyway where the interpreter is on, and runs "cuda" variants on the C++ CPU
+    kernels, so that the GPU cases' code runs on tiny CPU tensors."""
     from dynkernels.ops._backend import resolve
 
+    if not cfg.gpu and backend == "triton" and not (cfg.smoke and os.environ.get("TRITON_INTERPRET") == "1"):
+        raise Unavailable("Triton is timed on GPUs only (on the CPU it runs in the interpreter, whose timings mean nothing)")
+    if not cfg.gpu and backend == "cuda" and cfg.smoke:
+        backend = "cpu"
     try:
-        return resolve(op, backend, device)
+        resolve(op, backend, cfg.device)
     except (ValueError, RuntimeError) as e:
         raise Unavailable(str(e)) from e
+    return backend
 
 
 def backend_variants(
-    op: str, device: torch.device, make: Callable[[str], Callable], compare_to: str,
-    backends: Sequence[str] = OUR_BACKENDS,
+    op: str, cfg: RunConfig, make: Callable[[str], Callable], compare_to: str, backends: Sequence[str] = OUR_BACKENDS,
 ) -> List[Variant]:
-    """One variant per dynkernels backend; make(backend) returns the fn(*inputs) to time.
+    """One variant per dynkernels backend; make(backend) returns the fn(*inputs) to time. A
+    backend that cannot run here (not compiled, wrong device) is recorded as skipped."""
+    from dynkernels.ops._backend import resolve
 
-    A backend that cannot run here (not compiled, wrong device, Triton on the CPU without
-    the interpreter, whose timings would mean nothing anyway) is recorded as skipped.
-    """
     variants = []
     for b in backends:
         label = b
         if b == "auto":
             try:
-                label = f"auto->{resolved(op, 'auto', device)}"
-            except Unavailable:
+                label = f"auto->{resolve(op, 'auto', cfg.device)}"
+            except (ValueError, RuntimeError):
                 pass
-
-        def build(b=b):
-            if b == "triton" and device.type == "cpu":
-                raise Unavailable("Triton is timed on GPUs only (on the CPU it runs in the interpreter, whose timings mean nothing)")
-            resolved(op, b, device)
-            return make(b)
-
+        elif b == "cuda" and cfg.smoke and not cfg.gpu:
+            label = "cpu (smoke run)"
         name = BACKEND_VARIANT[b]
-        variants.append(Variant(name, build, backend=label, compare_to=None if name == compare_to else compare_to))
+        variants.append(Variant(name, lambda b=b: make(resolved(op, b, cfg)), backend=label,
+                                compare_to=None if name == compare_to else compare_to, capturable=b != "torch"))
     return variants
 
 

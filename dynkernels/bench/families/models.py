@@ -1,29 +1,39 @@
-"""End-to-end models: BlockDrop ResNet-110 (CIFAR) and ResNet-101 (ImageNet) with a random
-policy of density d (each sample keeps each block with probability d), run dense (policy
-None), masked (the paper's code: dense compute times the policy) and sparse (our kernels,
-per backend). The ideal speedup is dense FLOPs / policy FLOPs from the model's own flops().
-The BlockDrop models get a small last BN scale in every residual branch
-(_common.bounded_residual_init), so that their activations stay finite in fp16.
-FBS ResNet-18 and LC-Net ResNet-50 are covered when dynkernels.models.fbs / .lcnet exist.
+"""End-to-end models: BlockDrop ResNet-110 (CIFAR) and ResNet-101 (ImageNet) with a policy of
+density d (each sample keeps each block with probability d, or exactly round(d * blocks)
+blocks where the case says so), run dense (policy None), masked (the paper's code: dense
+compute times the policy) and sparse (our kernels, per backend). The ideal speedup is dense
+FLOPs / policy FLOPs, both counted with FlopCounterMode (one sample through the dense network,
+each block's residual branch on its input). The BlockDrop models get a small last BN scale in
+every residual branch (_common.bounded_residual_init), so that their activations stay finite
+in fp16. FBS ResNet-18 and LC-Net ResNet-50 are covered when dynkernels.models.fbs / .lcnet
+have them.
+
+Headline: on a GPU, BlockDrop ResNet-101 (224x224, batch 64 and 128, bf16, channels_last) with
+25 of its 33 blocks kept per sample against the dense ResNet-101 (the sparse speedup >= 90% of
+the ideal), also with the policy network run first (`agent-cuda`), and ResNet-110 (CIFAR,
+batch 128) at keep 0.5 against dense (>= 1.6x). On the CPU, ResNet-110 (batch 64, 27 of 54
+blocks per sample) against its masked execution (>= 1.6x), at 1 and 2 threads.
 """
 import importlib
 import inspect
+from dataclasses import replace
 from typing import Dict, List
 
 import torch
 
-from ..harness import RTOL, Case, Setup, Unavailable, Variant
-from ._common import DTYPES, OUR_BACKENDS, RunConfig, bounded_residual_init, randn, resolved, seeded
+from .. import accounting
+from ..harness import RTOL, Case, Setup, Target, Unavailable, Variant
+from ._common import (CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, bounded_residual_init, cpu_threads, memory_format, randn,
+                      resolved, seeded)
 
 NAME = "models"
-
-
-CL, NCHW = "channels_last", "contiguous"
 
 
 def _sweep(cfg: RunConfig):
     """[(model, dtype, batch, input size, memory format)], densities; most important first (a
     family past its time budget loses the cases at the end)."""
+    if cfg.smoke:
+        return [("resnet110_cifar", "float32", 2, 8, NCHW), ("fbs_resnet18", "float32", 2, 32, NCHW)], [0.5, 1.0]
     if cfg.full:
         runs = [("resnet101_imagenet", "bfloat16", 64, 224, CL), ("resnet110_cifar", "bfloat16", 128, 32, NCHW),
                 ("resnet110_cifar", "float16", 128, 32, NCHW), ("resnet110_cifar", "bfloat16", 64, 32, NCHW),
@@ -38,9 +48,9 @@ def _sweep(cfg: RunConfig):
             ("fbs_resnet18", "float32", 2, 64, NCHW), ("lcnet_resnet50", "float32", 2, 64, NCHW)], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
-# model name -> (module under dynkernels.models, constructor, kwargs)
-BLOCKDROP = {"resnet110_cifar": {"num_classes": 10}, "resnet101_imagenet": {"num_classes": 1000}}
-OTHERS = {"fbs_resnet18": ("fbs", "resnet18"), "lcnet_resnet50": ("lcnet", "resnet50")}
+BLOCKDROP = {"resnet110_cifar": ({"num_classes": 10}, "policy_net_cifar"),
+             "resnet101_imagenet": ({"num_classes": 1000}, "policy_net_imagenet")}
+OTHERS = {"fbs_resnet18": ("fbs", "resnet18"), "lcnet_resnet50": ("lcnet", "resnet50")}  # (module, constructor)
 
 
 def _import(module: str):
@@ -52,44 +62,69 @@ def _import(module: str):
         raise
 
 
-# Models built for the current (model, dtype), reused across densities and batch sizes: building
-# a ResNet-101 takes longer than timing it. A new (model, dtype) frees the previous ones.
-_BUILT: Dict[tuple, torch.nn.Module] = {}
+# Models built for the current (model, dtype, ...), reused across densities and batch sizes:
+# building a ResNet-101 takes longer than timing it. A new (model, dtype) frees the previous ones.
+_BUILT: Dict[tuple, object] = {}
 
 
-def _built(ctor, name, dtype, dev, fmt, execution, backend, base=None) -> torch.nn.Module:
-    key = (ctor, name, dtype, str(dev), fmt, execution, backend)
+def _cached(key: tuple, make):
     if key not in _BUILT:
         if any(k[:5] != key[:5] for k in _BUILT):
             _BUILT.clear()
+        _BUILT[key] = make()
+    return _BUILT[key]
+
+
+def _built(ctor, name, dtype, dev, fmt, execution, backend, base=None) -> torch.nn.Module:
+    def make():
         torch.manual_seed(6)
-        m = ctor(**BLOCKDROP[name], execution=execution, backend=backend)
+        m = ctor(**BLOCKDROP[name][0], execution=execution, backend=backend)
         if base is None:
             bounded_residual_init(m, seeded(6))
         else:
             m.load_state_dict(base.state_dict())
-        mf = torch.channels_last if fmt == CL else torch.contiguous_format
-        _BUILT[key] = m.to(dev, DTYPES[dtype]).to(memory_format=mf).eval()
-    return _BUILT[key]
+        return m.to(dev, DTYPES[dtype]).to(memory_format=memory_format(fmt)).eval()
+
+    return _cached((ctor, name, dtype, str(dev), fmt, execution, backend), make)
 
 
-def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
+def blockdrop_flops(model, sample: torch.Tensor):
+    """(dense FLOPs of one sample, float64 [num_blocks] FLOPs of each block's residual branch),
+    counted with FlopCounterMode."""
+    inputs = []
+    branches = [branch for stage in model.blocks for branch in stage]
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in branches]
+    try:
+        dense = accounting.counted_flops(lambda: model(sample, None))
+    finally:
+        for h in hooks:
+            h.remove()
+    return dense, torch.tensor([accounting.counted_flops(lambda: b(i)) for b, i in zip(branches, inputs)], dtype=torch.float64)
+
+
+def _policy(batch: int, blocks: int, d: float, exact: bool, g: torch.Generator) -> torch.Tensor:
+    """[batch, blocks] 0/1: each block kept with probability d, or exactly round(d * blocks) per sample."""
+    if not exact:
+        return (torch.rand(batch, blocks, generator=g) < d).float()
+    p = torch.zeros(batch, blocks)
+    return p.scatter_(1, torch.rand(batch, blocks, generator=g).argsort(1)[:, :round(d * blocks)], 1.0)
+
+
+def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact, agent) -> Setup:
     dt, dev = DTYPES[dtype], cfg.device
     blockdrop = _import("blockdrop")
     ctor = getattr(blockdrop, name, None)
     if ctor is None:
         raise Unavailable(f"dynkernels.models.blockdrop.{name} is not available in this build")
     base = _built(ctor, name, dtype, dev, fmt, "masked", "auto")
-    mf = torch.channels_last if fmt == CL else torch.contiguous_format
     g, gd = seeded(6), seeded(6, dev)
     sets = []
     for _ in range(cfg.input_sets):
-        x = randn((batch, 3, size, size), dev, dt, gd).contiguous(memory_format=mf)
-        policy = (torch.rand(batch, base.num_blocks, generator=g) < d).to(dev, dt)
-        sets.append((x, policy))
-    policy = sets[0][1]
-    dense_flops = float(torch.as_tensor(base.flops(torch.ones_like(policy))).double().sum())
-    sparse_flops = float(torch.as_tensor(base.flops(policy)).double().sum())
+        x = randn((batch, 3, size, size), dev, dt, gd).contiguous(memory_format=memory_format(fmt))
+        sets.append((x, _policy(batch, base.num_blocks, d, exact, g).to(dev, dt)))
+    dense, per_block = _cached((ctor, name, dtype, str(dev), fmt, "flops", size),
+                               lambda: blockdrop_flops(base, sets[0][0][:1]))
+    sparse_flops = float(((dense - per_block.sum()) + (sets[0][1].cpu() > 0).double() @ per_block).sum())
 
     def masked():
         base.execution = "masked"
@@ -97,21 +132,31 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
 
     def sparse(b):
         def build():
-            if b == "triton" and dev.type == "cpu":
-                raise Unavailable("Triton is timed on GPUs only")
-            resolved("gather_rows", b, dev)
-            m = _built(ctor, name, dtype, dev, fmt, "sparse", b, base)
+            m = _built(ctor, name, dtype, dev, fmt, "sparse", resolved("gather_rows", b, cfg), base)
             return lambda x, p: m(x, p)
 
         return build
+
+    def policy_net_then_sparse():
+        sparse_fn = sparse("cuda")()
+        with torch.device(dev):
+            policy_net = getattr(blockdrop, BLOCKDROP[name][1])(base.num_blocks)
+        policy_net = policy_net.to(dt).to(memory_format=memory_format(fmt)).eval()
+        return lambda x, p: (policy_net(x), sparse_fn(x, p))[1]  # the net's decision is replaced by p
 
     variants = [
         Variant("dense", lambda: lambda x, p: base(x, None), work="dense",
                 shared_key=(name, dtype, batch, size, fmt, "dense")),
         Variant("masked", masked, work="dense", shared_key=(name, dtype, batch, size, fmt, "masked")),
     ] + [Variant(f"sparse-{b}", sparse(b), backend=b, compare_to="masked") for b in OUR_BACKENDS]
+    if agent:
+        with torch.device("meta"):
+            net = getattr(blockdrop, BLOCKDROP[name][1])(base.num_blocks).eval()
+        policy_flops = accounting.counted_flops(lambda: net(torch.empty(1, 3, size, size, device="meta")))
+        variants.append(Variant("agent-cuda", policy_net_then_sparse, backend="cuda", compare_to="masked",
+                                executed_flops=sparse_flops + batch * policy_flops))
     # deep nets accumulate rounding differences between execution orders: a looser check
-    return Setup(sets, variants, dense_flops=dense_flops, sparse_flops=sparse_flops, rtol=10 * RTOL[dtype])
+    return Setup(sets, variants, dense_flops=batch * dense, sparse_flops=sparse_flops, rtol=10 * RTOL[dtype])
 
 
 def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
@@ -126,7 +171,8 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
     if density_arg is None:
         raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no density argument (density, d or keep_ratio)")
     if "execution" not in params:
-        raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no execution= argument: cannot compare masked and sparse")
+        raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no execution= argument: "
+                          "cannot compare masked and sparse")
     dt, dev = DTYPES[dtype], cfg.device
     kwargs = {density_arg: d}
     torch.manual_seed(7)
@@ -136,10 +182,7 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
 
     def sparse(b):
         def build():
-            if b == "triton" and dev.type == "cpu":
-                raise Unavailable("Triton is timed on GPUs only")
-            resolved("channel_sparse_conv2d", b, dev)
-            kw = dict(kwargs, backend=b) if "backend" in params else kwargs
+            kw = dict(kwargs, backend=resolved("channel_sparse_conv2d", b, cfg)) if "backend" in params else kwargs
             m = ctor(execution="sparse", **kw).to(dev, dt).eval()
             m.load_state_dict(base.state_dict())
             return lambda x: m(x)
@@ -151,18 +194,53 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
     return Setup(sets, variants, rtol=10 * RTOL[dtype])
 
 
-def _case(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Case:
+def _case(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact=False, agent=False, threads=None) -> Case:
     config = f"{name} N={batch} {size}x{size} {dtype}" + (f" {fmt}" if fmt == CL else "")
+    if exact:
+        config += f", {round(d * (33 if 'imagenet' in name else 54))} blocks per sample"
+    if threads:
+        config += f", {threads} thread{'s' * (threads > 1)}"
 
     def setup():
         if name in BLOCKDROP:
-            return _blockdrop_setup(cfg, name, dtype, batch, size, fmt, d)
+            return _blockdrop_setup(cfg, name, dtype, batch, size, fmt, d, exact, agent)
         return _other_setup(cfg, name, dtype, batch, size, fmt, d)
 
     baseline = "dense" if name in BLOCKDROP else "masked"
-    return Case(NAME, name, config, f"{batch}x3x{size}x{size}", batch, dtype, d, setup, memory_format=fmt, baseline=baseline)
+    return Case(NAME, name, config, f"{batch}x3x{size}x{size}", batch, dtype, d, setup, layout=fmt, baseline=baseline,
+                threads=threads)
 
 
-def cases(cfg: RunConfig) -> List[Case]:
+def sweep(cfg: RunConfig) -> List[Case]:
     runs, densities = _sweep(cfg)
     return [_case(cfg, *run, d) for run in runs for d in densities]
+
+
+def gpu_blockdrop(cfg: RunConfig) -> List[Case]:
+    """BlockDrop ResNet-101 with 25 of 33 blocks against dense ResNet-101; ResNet-110 at keep 0.5."""
+    size, batches, dtype = (16, [2], "float32") if cfg.smoke else (224, [64, 128], "bfloat16")
+    out = []
+    for batch in batches:
+        target = Target(f"BlockDrop ResNet-101, 25 of 33 blocks, N={batch}: sparse (cuda) >= 0.9 x ideal over dense", 0.9,
+                        of_ideal=True)
+        out.append(replace(_case(cfg, "resnet101_imagenet", dtype, batch, size, CL, 25 / 33, exact=True, agent=True),
+                           variants=["dense", "masked", "sparse-cuda", "sparse-triton", "agent-cuda"],
+                           targets={"sparse-cuda": target}))
+    batch = 2 if cfg.smoke else 128
+    target = Target(f"BlockDrop ResNet-110, keep 0.5, N={batch}: sparse (cuda) over dense", 1.6)
+    out.append(replace(_case(cfg, "resnet110_cifar", dtype, batch, 8 if cfg.smoke else 32, CL, 27 / 54, exact=True),
+                       variants=["dense", "sparse-cuda", "sparse-triton"], targets={"sparse-cuda": target}))
+    return out
+
+
+def cpu_blockdrop(cfg: RunConfig) -> List[Case]:
+    """BlockDrop ResNet-110, 27 of 54 blocks per sample, against its masked execution on the CPU."""
+    batch, size = (2, 8) if cfg.smoke else (64, 32)
+    target = Target("BlockDrop ResNet-110, 27 of 54 blocks, over masked (CPU; 1 and 2 threads)", 1.6)
+    return [replace(_case(cfg, "resnet110_cifar", "float32", batch, size, NCHW, 27 / 54, exact=True, threads=threads),
+                    baseline="masked", variants=["masked", "sparse-auto"], targets={"sparse-auto": target})
+            for threads in cpu_threads(cfg)]
+
+
+def headline(cfg: RunConfig) -> List[Case]:
+    return (gpu_blockdrop(cfg) if cfg.gpu_targets else []) + (cpu_blockdrop(cfg) if cfg.cpu_targets else [])

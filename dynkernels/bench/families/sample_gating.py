@@ -30,6 +30,8 @@ def _sweep(cfg: RunConfig):
             "densities": [0.05, 0.1, 0.25, 0.5, 0.75, 1.0],
             "policies": [(54, 128), (33, 64)],  # BlockDrop ResNet-110 / ResNet-101 policy [blocks, N]
         }
+    if cfg.smoke:
+        return {"shapes": [(4, 4, 4)], "batches": [8], "dtypes": ["float32"], "densities": [0.5, 1.0], "policies": [(3, 8)]}
     return {
         "shapes": [(16, 16, 16)],
         "batches": [64],
@@ -64,7 +66,7 @@ def _gather_case(cfg: RunConfig, n, row, dtype, d) -> Case:
                 executed_bytes=2 * k * row_bytes,
             ),
         ] + backend_variants(
-            "gather_rows", dev,
+            "gather_rows", cfg,
             lambda b: lambda x, gate, idx, count: dynkernels.ops.gather_rows(x, idx, count, backend=b),
             compare_to="reference",
         )
@@ -99,7 +101,6 @@ def _scatter_case(cfg: RunConfig, n, row, dtype, d) -> Case:
 
     def setup():
         sets, row_bytes = _merge_inputs(cfg, n, row, dtype, d, seed=2)
-        dev = cfg.device
         k = active_count(n, d)
         bcast = (n,) + (1,) * len(row)
         variants = [
@@ -113,7 +114,7 @@ def _scatter_case(cfg: RunConfig, n, row, dtype, d) -> Case:
                 compare_to="reference",
             ),
         ] + backend_variants(
-            "scatter_add_rows", dev,
+            "scatter_add_rows", cfg,
             lambda b: lambda base, y, gate, idx, count: dynkernels.ops.scatter_add_rows(base, y, idx, count, backend=b),
             compare_to="reference",
         )
@@ -127,7 +128,6 @@ def _scatter_rows_case(cfg: RunConfig, n, row, dtype, d) -> Case:
 
     def setup():
         sets, row_bytes = _merge_inputs(cfg, n, row, dtype, d, seed=4)
-        dev = cfg.device
         k = active_count(n, d)
         bcast = (n,) + (1,) * len(row)
         variants = [
@@ -143,7 +143,7 @@ def _scatter_rows_case(cfg: RunConfig, n, row, dtype, d) -> Case:
                 compare_to="reference", executed_bytes=(4 * n + k) * row_bytes,
             ),
         ] + backend_variants(
-            "scatter_rows", dev,
+            "scatter_rows", cfg,
             lambda b: lambda base, y, gate, idx, count: dynkernels.ops.scatter_rows(base, y, idx, count, backend=b),
             compare_to="reference",
         )
@@ -162,7 +162,7 @@ def _compact_case(cfg: RunConfig, blocks, n, d) -> Case:
             Variant("reference", lambda: lambda gate: reference.compact(gate), backend="torch"),
             Variant("naive", lambda: lambda gate: (gate > 0).nonzero()),
         ] + backend_variants(
-            "compact", cfg.device, lambda b: lambda gate: dynkernels.ops.compact(gate, backend=b),
+            "compact", cfg, lambda b: lambda gate: dynkernels.ops.compact(gate, backend=b),
             compare_to="reference", backends=("cpu", "triton", "cuda", "auto"),
         )
         # reads the gate, writes idx and count
@@ -171,7 +171,7 @@ def _compact_case(cfg: RunConfig, blocks, n, d) -> Case:
     return Case(NAME, "compact", config, f"{blocks}x{n}", n, "float32", d, setup, baseline="reference")
 
 
-def cases(cfg: RunConfig) -> List[Case]:
+def sweep(cfg: RunConfig) -> List[Case]:
     s = _sweep(cfg)
     out = []
     for blocks, n in s["policies"]:

@@ -8,18 +8,25 @@ gets the block's output, a dropped one passes x through), in eval mode (BatchNor
 running statistics). `SkipBlock-<backend>` compacts its own gate in every call (one host
 sync per call); `SkipBlock-<backend>+plan` gets the row of a SkipPlan built outside the
 timed call, as BlockDrop's models do for all their blocks once per forward (no sync).
-Gates are 0/1 per sample with exactly round(d * N) ones. FLOPs are the block's convolutions
-(counted by hooks on one sample) times the samples that run them.
+Gates are 0/1 per sample with exactly round(d * N) ones. FLOPs are the block's (counted by
+FlopCounterMode on one sample) times the samples that run it.
+
+Headline: on a GPU, the ResNet-101 bottlenecks (layer3, 1024 channels at 14x14, first: the
+target block) at batch 128, bf16, channels_last, keep 0.5 (>= 1.8x over the dense block) and
+1.0 (>= 0.97x), with CUDA-graph replay and host time per call. On the CPU, a chain of 4
+basic blocks (64 channels, 16x16, batch 64, each block kept by half the samples) under
+SkipSequential against its masked execution (>= 1.6x), at 1 and 2 threads.
 """
+from dataclasses import replace
 from typing import List
 
 import torch
 import torch.nn as nn
 
 from .. import accounting
-from ..harness import Case, Setup, Unavailable, Variant
+from ..harness import Case, Setup, Target, Unavailable, Variant
 from . import _common
-from ._common import DTYPES, OUR_BACKENDS, RunConfig, randn, resolved, sample_gate, seeded
+from ._common import CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, cpu_threads, memory_format, randn, resolved, sample_gate, seeded
 
 NAME = "skip_blocks"
 
@@ -62,20 +69,26 @@ FULL_BLOCKS = [
     ("R101 layer3 bottleneck", bottleneck_block, 1024, 14),
 ]
 QUICK_BLOCKS = [("R110 stage1 basic", basic_block, 16, 32), ("R101 layer3 bottleneck", bottleneck_block, 1024, 14)]
+SMOKE_BLOCKS = [("tiny basic", basic_block, 4, 5), ("tiny bottleneck", bottleneck_block, 16, 4)]
+# The headline's GPU blocks: ResNet-101's identity-shortcut bottlenecks, the target block first.
+R101_BOTTLENECKS = [("R101 layer3 bottleneck", bottleneck_block, 1024, 14), ("R101 layer1 bottleneck", bottleneck_block, 256, 56),
+                    ("R101 layer2 bottleneck", bottleneck_block, 512, 28), ("R101 layer4 bottleneck", bottleneck_block, 2048, 7)]
 
 
 def _sweep(cfg: RunConfig):
     """[(dtype, batch, memory format, blocks)], densities; most important first (a family
     past its time budget loses the cases at the end)."""
+    if cfg.smoke:
+        return [("float32", 4, NCHW, SMOKE_BLOCKS)], [0.5, 1.0]
     if cfg.full:
         cifar, imagenet = FULL_BLOCKS[:3], FULL_BLOCKS[3:]
-        configs = [("bfloat16", 128, "channels_last", imagenet[::-1]), ("bfloat16", 128, "contiguous", cifar + imagenet[1:]),
-                   ("float16", 128, "contiguous", cifar + imagenet[1:]), ("bfloat16", 64, "contiguous", FULL_BLOCKS),
-                   ("float32", 64, "contiguous", cifar)]
+        configs = [("bfloat16", 128, CL, imagenet[::-1]), ("bfloat16", 128, NCHW, cifar + imagenet[1:]),
+                   ("float16", 128, NCHW, cifar + imagenet[1:]), ("bfloat16", 64, NCHW, FULL_BLOCKS),
+                   ("float32", 64, NCHW, cifar)]
         return configs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
     if cfg.gpu:
-        return [("bfloat16", 64, "channels_last", QUICK_BLOCKS)], [0.1, 0.25, 0.5, 1.0]
-    return ([("float32", 16, "contiguous", QUICK_BLOCKS[:1]), ("float32", 4, "contiguous", QUICK_BLOCKS[1:])],
+        return [("bfloat16", 64, CL, QUICK_BLOCKS)], [0.1, 0.25, 0.5, 1.0]
+    return ([("float32", 16, NCHW, QUICK_BLOCKS[:1]), ("float32", 4, NCHW, QUICK_BLOCKS[1:])],
             [0.125, 0.25, 0.5, 0.75, 1.0])
 
 
@@ -88,39 +101,34 @@ def _random_bn(block: nn.Module, g: torch.Generator) -> None:
             m.weight.data.copy_(torch.rand(m.num_features, generator=g) * 0.5 + 0.25)
 
 
+def _make_block(factory, c: int, dev, dt, fmt, g: torch.Generator) -> nn.Module:
+    block = factory(c)
+    _random_bn(block, g)
+    return block.to(dev, dt).to(memory_format=memory_format(fmt)).eval()
+
+
 def naive_skip(block, x, gate):
     """block(x) on the kept samples only, x elsewhere: index_select -> block -> index_copy (a host sync)."""
     keep = gate.nonzero().squeeze(1)
     return x.index_copy(0, keep, block(x.index_select(0, keep)))
 
 
-def _skipblock_variant(name, block, execution, backend, device, compare_to, with_plan=False) -> Variant:
+def _skipblock_variant(name, block, execution, backend, cfg, compare_to, with_plan=False) -> Variant:
     """SkipBlock in one execution and backend; with_plan: forward gets the input set's
     precomputed SkipPlan row (no compact and no host sync in the timed call)."""
     def build():
         cls = getattr(_common.nn_modules(), "SkipBlock", None)
         if cls is None:
             raise Unavailable("dynkernels.nn.SkipBlock is not in this build")
-        if execution == "sparse":
-            if backend == "triton" and device.type == "cpu":
-                raise Unavailable("Triton is timed on GPUs only")
-            resolved("gather_rows", backend, device)
-        m = cls(block, execution=execution, backend=backend).eval()
+        b = resolved("gather_rows", backend, cfg) if execution == "sparse" else backend
+        m = cls(block, execution=execution, backend=b).eval()
         if with_plan:
             return lambda x, gate, plan: m(x, gate, plan=plan)
         return lambda x, gate, plan: m(x, gate)
 
     label = "pytorch" if execution == "masked" else backend
-    return Variant(name, build, backend=label, work="dense" if execution == "masked" else "sparse", compare_to=compare_to)
-
-
-def _plan_row(gate: torch.Tensor):
-    """Row 0 of a SkipPlan of this gate (built once, outside any timed call), or None."""
-    plan_cls = getattr(_common.nn_modules(), "SkipPlan", None)
-    return None if plan_cls is None else plan_cls(gate.unsqueeze(1))[0]
-
-
-PLAN_BACKENDS = ("cpu", "triton", "cuda")  # timed with a precomputed plan too
+    return Variant(name, build, backend=label, work="dense" if execution == "masked" else "sparse",
+                   compare_to=compare_to, capturable=with_plan or execution == "masked")
 
 
 def _case(cfg: RunConfig, spec, dtype, batch, fmt, d) -> Case:
@@ -130,18 +138,16 @@ def _case(cfg: RunConfig, spec, dtype, batch, fmt, d) -> Case:
 
     def setup():
         dt, dev = DTYPES[dtype], cfg.device
-        mf = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
         g, gd = seeded(5), seeded(5, dev)
         torch.manual_seed(5)
-        block = factory(c)
-        _random_bn(block, g)
-        block = block.to(dev, dt).to(memory_format=mf).eval()
+        block = _make_block(factory, c, dev, dt, fmt, g)
+        plan_cls = _common.nn_modules().SkipPlan
         sets = []
         for _ in range(cfg.input_sets):
-            x = randn((batch, c, hw, hw), dev, dt, gd).contiguous(memory_format=mf)
+            x = randn((batch, c, hw, hw), dev, dt, gd).contiguous(memory_format=memory_format(fmt))
             gate = sample_gate(batch, d, dev, dtype=dt, generator=g)
-            sets.append((x, gate, _plan_row(gate)))
-        per_sample = accounting.module_flops_per_sample(block, sets[0][0])
+            sets.append((x, gate, plan_cls(gate.unsqueeze(1))[0]))  # the plan: built once, outside any timed call
+        per_sample = accounting.counted_flops(lambda: block(sets[0][0][:1]))
         k = int((sets[0][1] > 0).sum())
 
         def masked(x, gate, plan):
@@ -149,25 +155,86 @@ def _case(cfg: RunConfig, spec, dtype, batch, fmt, d) -> Case:
             return block(x) * m + x * (1 - m)
 
         variants = [
-            Variant("dense", lambda: lambda x, gate, plan: block(x), work="dense", shared_key=(config, "dense")),
-            Variant("masked", lambda: masked, work="dense", shared_key=(config, "masked")),
+            Variant("dense", lambda: lambda x, gate, plan: block(x), work="dense", shared_key=(config, "dense"), capturable=True),
+            Variant("masked", lambda: masked, work="dense", shared_key=(config, "masked"), capturable=True),
             Variant("naive", lambda: lambda x, gate, plan: naive_skip(block, x, gate), compare_to="masked"),
-            _skipblock_variant("SkipBlock-masked", block, "masked", "auto", dev, None),
+            _skipblock_variant("SkipBlock-masked", block, "masked", "auto", cfg, None),
         ] + [
-            _skipblock_variant(f"SkipBlock-{b}", block, "sparse", b, dev, "SkipBlock-masked") for b in OUR_BACKENDS
+            _skipblock_variant(f"SkipBlock-{b}", block, "sparse", b, cfg, "SkipBlock-masked") for b in OUR_BACKENDS
         ] + [
-            _skipblock_variant(f"SkipBlock-{b}+plan", block, "sparse", b, dev, "SkipBlock-masked", with_plan=True)
-            for b in PLAN_BACKENDS if (b == "cpu") == (dev.type == "cpu")  # the backends that can run here
+            _skipblock_variant(f"SkipBlock-{b}+plan", block, "sparse", b, cfg, "SkipBlock-masked", with_plan=True)
+            for b in ("cpu", "triton", "cuda")
         ]
-        if sets[0][2] is None:
-            variants = [v for v in variants if not v.name.endswith("+plan")]
         return Setup(sets, variants, dense_flops=batch * per_sample, sparse_flops=k * per_sample)
 
-    return Case(NAME, "SkipBlock", config, shape_str, batch, dtype, d, setup, memory_format=fmt)
+    return Case(NAME, "SkipBlock", config, shape_str, batch, dtype, d, setup, layout=fmt)
 
 
-def cases(cfg: RunConfig) -> List[Case]:
+def sweep(cfg: RunConfig) -> List[Case]:
     configs, densities = _sweep(cfg)
     # a density below one sample per batch would run one sample anyway: not a point of the sweep
     return [_case(cfg, spec, dtype, batch, fmt, d) for dtype, batch, fmt, specs in configs for spec in specs
             for d in densities if d * batch >= 1]
+
+
+def gpu_bottlenecks(cfg: RunConfig) -> List[Case]:
+    """SkipBlock with and without a plan, CUDA and Triton kernels, on ResNet-101 bottlenecks."""
+    blocks, batch, dtype = (SMOKE_BLOCKS[1:], 4, "float32") if cfg.smoke else (R101_BOTTLENECKS, 128, "bfloat16")
+    variants = ["dense", "masked"] + [f"SkipBlock-{b}{p}" for b in ("cuda", "triton") for p in ("", "+plan")]
+    out = []
+    for i, spec in enumerate(blocks):
+        for keep, need in ((0.5, 1.8), (1.0, 0.97)):
+            targets = {} if i else {v: Target(f"{v} keep {keep:g} over the dense block ({spec[0]}, N={batch})", need)
+                                    for v in variants[2:]}
+            out.append(replace(_case(cfg, spec, dtype, batch, CL, keep), variants=variants, targets=targets,
+                               graph=True, host_time=True))
+    return out
+
+
+def _chain_case(cfg: RunConfig, n_blocks, c, hw, batch, d, threads) -> Case:
+    """SkipSequential over n_blocks basic blocks, each kept by exactly round(d * N) samples."""
+    shape_str = f"chain of {n_blocks} basic blocks: {c}ch @{hw}x{hw}"
+    config = f"{shape_str}, N={batch}, float32, {threads} thread{'s' * (threads > 1)}"
+
+    def setup():
+        nn_ = _common.nn_modules()
+        g, dev = seeded(8), cfg.device
+        torch.manual_seed(8)
+        blocks = [_make_block(basic_block, c, dev, torch.float32, NCHW, g) for _ in range(n_blocks)]
+        policy = torch.stack([sample_gate(batch, d, dev, generator=g) for _ in blocks], dim=1)
+        sets = [(torch.randn(batch, c, hw, hw, generator=g).to(dev), policy) for _ in range(cfg.input_sets)]
+        per_block = accounting.counted_flops(lambda: blocks[0](sets[0][0][:1]))
+
+        def dense():
+            chain_of_blocks = nn.Sequential(*blocks)
+            return lambda x, policy: chain_of_blocks(x)
+
+        def chain(execution, backend="auto"):
+            def build():
+                b = resolved("gather_rows", backend, cfg) if execution == "sparse" else backend
+                m = nn_.SkipSequential([nn_.SkipBlock(blk, execution=execution, backend=b) for blk in blocks]).eval()
+                return lambda x, policy: m(x, policy)
+            return build
+
+        variants = [
+            Variant("dense", dense, work="dense"),
+            Variant("SkipSequential-masked", chain("masked"), work="dense"),
+            Variant("SkipSequential-auto", chain("sparse"), backend="auto", compare_to="SkipSequential-masked"),
+        ]
+        return Setup(sets, variants, dense_flops=n_blocks * batch * per_block,
+                     sparse_flops=float(policy.sum()) * per_block)
+
+    return Case(NAME, "SkipSequential", config, shape_str, batch, "float32", d, setup, baseline="SkipSequential-masked",
+                threads=threads)
+
+
+def cpu_chain(cfg: RunConfig) -> List[Case]:
+    """A chain of 4 basic blocks under SkipSequential against its masked execution, on the CPU."""
+    n_blocks, c, hw, batch = (2, 4, 5, 4) if cfg.smoke else (4, 64, 16, 64)
+    target = Target("SkipSequential, 4 basic blocks, keep 0.5, over masked (CPU; 1 and 2 threads)", 1.6)
+    return [replace(_chain_case(cfg, n_blocks, c, hw, batch, 0.5, threads), targets={"SkipSequential-auto": target})
+            for threads in cpu_threads(cfg)]
+
+
+def headline(cfg: RunConfig) -> List[Case]:
+    return (gpu_bottlenecks(cfg) if cfg.gpu_targets else []) + (cpu_chain(cfg) if cfg.cpu_targets else [])
