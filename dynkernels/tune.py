@@ -133,25 +133,25 @@ class _Inputs:
 
     _data: Dict[tuple, Tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def __init__(self, key: ConvKey, density: float, seed: int = 0):
+    def __init__(self, key: ConvKey, density: float, device: str = "cuda", seed: int = 0):
         dt = getattr(torch, key.dtype)
         g = torch.Generator().manual_seed(seed)
-        data_key = (key.cin, key.cout, key.kh, key.kw, key.ho, key.wo, key.n, key.dtype)
+        data_key = (key.cin, key.cout, key.kh, key.kw, key.ho, key.wo, key.n, key.dtype, device)
         if data_key not in self._data:
             self._data.clear()  # one layer at a time on the GPU
-            gd = torch.Generator("cuda").manual_seed(seed)
+            gd = torch.Generator(device).manual_seed(seed)
             cl = torch.channels_last
-            x = torch.randn(key.n, key.cin, key.ho, key.wo, generator=gd, device="cuda", dtype=dt)
-            w = torch.randn(key.cout, key.cin, key.kh, key.kw, generator=gd, device="cuda", dtype=dt)
+            x = torch.randn(key.n, key.cin, key.ho, key.wo, generator=gd, device=device, dtype=dt)
+            w = torch.randn(key.cout, key.cin, key.kh, key.kw, generator=gd, device=device, dtype=dt)
             w /= math.sqrt(key.cin * key.kh * key.kw)
             self._data[data_key] = (x.contiguous(memory_format=cl), w.contiguous(memory_format=cl))
         self.x, self.weight = self._data[data_key]
         self.pad = key.kh // 2
         side = math.sqrt(density) if key.gating == "in+out" else density
-        self.out_gate = exact_gate(key.n, key.cout, side, g).to("cuda", dt)
+        self.out_gate = exact_gate(key.n, key.cout, side, g).to(device, dt)
         self.in_gate = None
         if key.gating == "in+out":
-            self.in_gate = exact_gate(key.n, key.cin, side, g).to("cuda", dt)
+            self.in_gate = exact_gate(key.n, key.cin, side, g).to(device, dt)
             # the input's gated-off channels hold zeros, as a previous gated layer leaves them
             self.x = (self.x * (self.in_gate > 0).to(dt)[:, :, None, None]).contiguous(memory_format=torch.channels_last)
 
@@ -172,20 +172,23 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class Tuner:
-    def __init__(self, out_dir: str, warmup_ms: float, rep_ms: float, use_triton: bool, use_cuda: bool, log):
-        from .ops import channel_sparse_conv2d as conv_ops
+    """Times the candidates of one entry at a time (on `device`: the GPU; CPU tensors under
+    the Triton interpreter only for testing the tuner's bookkeeping)."""
 
-        self.conv_ops = conv_ops
-        self.out_dir, self.warmup_ms, self.rep_ms, self.log = out_dir, warmup_ms, rep_ms, log
-        self.use_triton = use_triton and conv_ops.triton_available()
-        self.cuda_ids = cuda_candidates() if use_cuda and conv_ops.cuda_kernels_compiled() else []
-        self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+    def __init__(self, warmup_ms: float, rep_ms: float, use_triton: bool, use_cuda: bool, log, device: str = "cuda"):
+        from ._extension import cuda_kernels_compiled, triton_available
+
+        self.warmup_ms, self.rep_ms, self.log, self.device = warmup_ms, rep_ms, log, device
+        self.use_triton = use_triton and triton_available()
+        self.cuda_ids = cuda_candidates() if use_cuda and cuda_kernels_compiled() and device == "cuda" else []
+        self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
         self.dense_ms: Dict[tuple, float] = {}
 
     def _time(self, what: str, fn) -> Optional[float]:
         try:
             fn()
-            torch.cuda.synchronize()
+            if self.device == "cuda":
+                torch.cuda.synchronize()
             ms = _bench(fn, self.warmup_ms, self.rep_ms)
         except Exception as e:  # a configuration that does not compile or launch here
             self.log(f"    {what}: failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
@@ -194,15 +197,16 @@ class Tuner:
         return ms
 
     def entry(self, label: str, key: ConvKey, density: float) -> Entry:
-        inp = _Inputs(key, density)
-        args = inp.args()
-        dense = lambda: self.conv_ops.dense_channel_gated_conv2d(*args)  # noqa: E731
+        from .ops.channel_sparse_conv2d import _triton, dense_channel_gated_conv2d
+
+        args = _Inputs(key, density, self.device).args()
+        dense = lambda: dense_channel_gated_conv2d(*args)  # noqa: E731
         if key not in self.dense_ms:  # dense execution costs the same at every density
             self.dense_ms[key] = self._time("dense", dense)
         reference = dense()
         best_t = best_t_ms = best_c = best_c_ms = None
         if self.use_triton:
-            triton_op = self.conv_ops._triton().channel_sparse_conv2d_triton
+            triton_op = _triton().channel_sparse_conv2d_triton
             timed = []
             for cfg in triton_candidates(key, density, self.num_sms):
                 ms = self._time(f"triton {cfg.to_list()}", lambda: triton_op(*args, cfg.to_list()))
@@ -238,11 +242,11 @@ def _compile_job(kh: int, gating: str, dtype: str, configs: List[List[int]]) -> 
     specialises like every layer of the tuning set (channel counts and strides divisible by 16,
     spatial sizes not), which leaves the compiled kernels in Triton's on-disk cache."""
     t0 = time.monotonic()
-    from .ops import channel_sparse_conv2d as conv_ops
+    from .ops.channel_sparse_conv2d import _triton
 
     key = ConvKey(64, 64, kh, kh, (1, 1), 14, 14, 16, dtype, gating)
     args = _Inputs(key, 0.5).args()
-    op = conv_ops._triton().channel_sparse_conv2d_triton
+    op = _triton().channel_sparse_conv2d_triton
     errors = []
     for cfg in configs:
         try:
@@ -330,7 +334,7 @@ def main(argv=None) -> int:
     meta = {"torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
             "created": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "command": "python -m dynkernels.tune " + " ".join(argv if argv is not None else sys.argv[1:])}
-    tuner = Tuner(args.out, args.warmup_ms, args.rep_ms, not args.no_triton, not args.no_cuda, log)
+    tuner = Tuner(args.warmup_ms, args.rep_ms, not args.no_triton, not args.no_cuda, log)
     log(f"{device}: {len(work)} entries; triton {'on' if tuner.use_triton else 'off'}, cuda config ids "
         f"{tuner.cuda_ids}; budget {args.budget_s:.0f} s; {meta}", echo=True)
     start = time.monotonic()

@@ -56,7 +56,7 @@ INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1,
 
 
 @triton.jit
-def _gather_weight_tile(w_rows, in_idx_n, step, n_steps, in_cnt, Cin, WC, rk,
+def _gather_weight_tile(w_ptr, w_row_offs, in_idx_n, step, n_steps, in_cnt, Cin, WC, rk,
                         KH: tl.constexpr, KW: tl.constexpr, BLOCK_K: tl.constexpr):
     """B tile [BLOCK_N, BLOCK_K] of K step `step` with an input gate: weight[co_j, tap, in_idx[k]],
     zero for k past the active input count (and for a step past the last one)."""
@@ -65,7 +65,9 @@ def _gather_weight_tile(w_rows, in_idx_n, step, n_steps, in_cnt, Cin, WC, rk,
     k = kb * BLOCK_K + rk
     ok = (k < in_cnt) & (step < n_steps)
     ci = tl.load(in_idx_n + k, mask=ok & (k < Cin), other=0)
-    return tl.load(w_rows[:, None] + tap * WC + ci[None, :], mask=ok[None, :], other=0.0)
+    # int32 element offsets (the weight has < 2**31 elements): a pointer per element would
+    # take two registers each, and this tile is gathered element by element.
+    return tl.load(w_ptr + (w_row_offs[:, None] + (tap * WC + ci)[None, :]), mask=ok[None, :], other=0.0)
 
 
 @triton.jit
@@ -143,7 +145,8 @@ def _channel_sparse_conv2d_kernel(
         w_rows = w_ptr + co.to(tl.int64) * (KH * KW * WC)
         in_idx_n = in_idx_ptr + n * Cin
         if IN_GATED:
-            b_next = _gather_weight_tile(w_rows, in_idx_n, first, last, in_cnt, Cin, WC, rk, KH, KW, BLOCK_K)
+            w_row_offs = co * (KH * KW * WC)
+            b_next = _gather_weight_tile(w_ptr, w_row_offs, in_idx_n, first, last, in_cnt, Cin, WC, rk, KH, KW, BLOCK_K)
         for step in range(first, last):
             kb = step // (KH * KW)
             tap = step - kb * (KH * KW)
@@ -157,7 +160,7 @@ def _channel_sparse_conv2d_kernel(
             a = tl.load(x_n + (ih * W + iw)[:, None] * XC + k[None, :], mask=inside[:, None] & k_ok[None, :], other=0.0)
             if IN_GATED:
                 b = b_next
-                b_next = _gather_weight_tile(w_rows, in_idx_n, step + 1, last, in_cnt, Cin, WC, rk, KH, KW, BLOCK_K)
+                b_next = _gather_weight_tile(w_ptr, w_row_offs, in_idx_n, step + 1, last, in_cnt, Cin, WC, rk, KH, KW, BLOCK_K)
             else:
                 b = tl.load(w_rows[:, None] + tap * WC + k[None, :], mask=k_ok[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
@@ -269,16 +272,14 @@ def _channel_lists(gate: torch.Tensor):
     return idx, count
 
 
-def _is_aligned(t: torch.Tensor) -> bool:
-    return t.data_ptr() % 16 == 0
-
-
 def _nhwc_input(x: torch.Tensor, in_idx: Optional[torch.Tensor], in_cnt: Optional[torch.Tensor]):
     """(x as NHWC [N, H, W, XC] memory, XC): x itself when it already is channels_last with a
-    channel count divisible by CHANNEL_ALIGN and there is no input gate; else one
+    channel count divisible by CHANNEL_ALIGN and there is no input gate (a base address that is
+    not 16-byte aligned only costs vector width: Triton specialises on the pointers' alignment);
+    else one
     _pack_nhwc_kernel launch (compacting the active input channels when in_idx is given)."""
     n, cin, h, w = x.shape
-    if in_idx is None and cin % CHANNEL_ALIGN == 0 and x.permute(0, 2, 3, 1).is_contiguous() and _is_aligned(x):
+    if in_idx is None and cin % CHANNEL_ALIGN == 0 and x.permute(0, 2, 3, 1).is_contiguous():
         return x, cin
     xc = _round_up(cin, CHANNEL_ALIGN)
     buf = torch.empty((n, h, w, xc), device=x.device, dtype=x.dtype)
@@ -297,7 +298,7 @@ def _packed_weight(weight: torch.Tensor):
     cin = weight.shape[1]
     khwc = weight.permute(0, 2, 3, 1)
     if cin % CHANNEL_ALIGN == 0:
-        return (khwc if khwc.is_contiguous() and _is_aligned(weight) else khwc.contiguous()), cin
+        return (khwc if khwc.is_contiguous() else khwc.contiguous()), cin
     wc = _round_up(cin, CHANNEL_ALIGN)
     packed = weight.new_zeros((weight.shape[0], weight.shape[2], weight.shape[3], wc))
     packed[..., :cin] = khwc
@@ -332,6 +333,10 @@ def channel_sparse_conv2d_triton(
     ho, wo = y.shape[2:]
     if y.numel() == 0:
         return y
+    c8 = _round_up(cin, CHANNEL_ALIGN)
+    if max(h * w * c8, ho * wo * cout, cout * kh * kw * c8) >= 2**31:  # the kernel's int32 offsets
+        raise ValueError("channel_sparse_conv2d: backend='triton' needs each sample's input and output and the weight "
+                         f"to have fewer than 2**31 elements, got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
     cfg = _pick_config(x, weight, in_gate, y.shape, stride, config)
     gate = out_gate if out_gate.dtype.is_floating_point else out_gate.to(x.dtype)
     out_idx, out_cnt = _channel_lists(gate)

@@ -2,8 +2,8 @@
 
     python -m dynkernels.triton.compile_report [--configs shipped|candidates] [--json]
 
-For each tile configuration (by default every one the package can choose: the shipped tables'
-and the heuristic's for the ResNet-18/50 layer set), compiles the kernel as the launcher would
+For each tile configuration (by default shipped_configs(): those of the shipped tables, the
+heuristic's over the tuning set of dynkernels.tune and the tuner's candidates), compiles the kernel as the launcher would
 specialise it for a channels_last 3x3 layer (256 -> 256 channels at 14x14), for fp16 and bf16,
 with and without an input gate, and reads from the PTX, the TTGIR and the cubin:
   wgmma        wgmma.mma_async instructions (Hopper tensor cores)
@@ -14,14 +14,16 @@ with and without an input gate, and reads from the PTX, the TTGIR and the cubin:
 Needs Triton's CUDA backend (ptxas and cuobjdump ship with it) and TRITON_INTERPRET unset.
 """
 import argparse
+import glob
 import json
+import os
 import re
 import subprocess
 import sys
 import tempfile
 from typing import Dict, Iterable, List, Tuple
 
-from .. import tuned_configs
+from .. import tune, tuned_configs
 from .._extension import triton_interpret
 from ..tuned_configs import ConvKey, TileConfig
 
@@ -31,34 +33,16 @@ _LAYER = dict(N=128, H=14, W=14, Ho=14, Wo=14, Cin=256, Cout=256, XC=256, WC=256
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
 _ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
 
-# The layer set the heuristic is checked over (with the tuner's batch sizes and densities).
-LAYER_SET = [  # (cin, cout, k, hw): the stride-1 3x3 and 1x1 conv layers of ResNet-18 and -50
-    (64, 64, 3, 56), (128, 128, 3, 28), (256, 256, 3, 14), (512, 512, 3, 7),
-    (256, 64, 1, 56), (64, 256, 1, 56), (512, 128, 1, 28), (128, 512, 1, 28),
-    (1024, 256, 1, 14), (256, 1024, 1, 14), (2048, 512, 1, 7), (512, 2048, 1, 7),
-]
-BATCHES = (64, 128)
-DENSITIES = {"out": (0.05, 0.1, 0.25, 0.5, 1.0), "in+out": (0.0625, 0.25, 0.49, 1.0)}
-
-
-def heuristic_configs(dtype: str = "bfloat16") -> List[Tuple[ConvKey, float, TileConfig]]:
-    """(layer key, density, heuristic config) over the layer set, batches, gatings and densities."""
-    out = []
-    for cin, cout, k, hw in LAYER_SET:
-        for n in BATCHES:
-            for gating, densities in DENSITIES.items():
-                key = ConvKey(cin, cout, k, k, (1, 1), hw, hw, n, dtype, gating)
-                out += [(key, d, tuned_configs.triton_heuristic(key, d)) for d in densities]
-    return out
+def heuristic_configs() -> List[Tuple[ConvKey, float, TileConfig]]:
+    """(key, density, heuristic config) over the tuning set (dynkernels.tune.tuning_set)."""
+    return [(key, d, tuned_configs.triton_heuristic(key, d)) for _, key, d in tune.tuning_set(dtypes=("bfloat16",))]
 
 
 def shipped_configs() -> List[TileConfig]:
-    """Every distinct configuration the package may choose on a GPU: the tables in
-    dynkernels/configs/ and the heuristic over the layer set."""
-    import glob
-    import os
-
+    """Every distinct configuration the package may run on a GPU: the tables in
+    dynkernels/configs/, the heuristic's over the tuning set, and the tuner's candidates."""
     found = {cfg for _, _, cfg in heuristic_configs()}
+    found |= {TileConfig(*t) for t in tune.TRITON_TILES}
     for path in sorted(glob.glob(os.path.join(tuned_configs.PACKAGE_CONFIG_DIR, "*.json"))):
         found |= {e.triton for e in tuned_configs.load_table(path).entries if e.triton is not None}
     return sorted(found, key=lambda c: c.to_list())
