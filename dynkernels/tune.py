@@ -115,7 +115,7 @@ def split_k_candidates(best: TileConfig, key: ConvKey, density: float, num_sms: 
 
 def cuda_candidates() -> List[int]:
     """The CUDA kernel's config ids (none in a build without the CUDA kernels)."""
-    return tuned_configs.cuda_config_ids()
+    return list(tuned_configs.cuda_config_ids())
 
 
 # ----------------------------------------------------------------------------- timing (GPU)
@@ -257,12 +257,9 @@ def _compile_job(kh: int, gating: str, dtype: str, configs: List[List[int]]) -> 
     return len(configs), time.monotonic() - t0, errors
 
 
-def precompile(work, jobs: int, num_sms: int, log) -> None:
-    """Compile the Triton candidates of `work` in `jobs` processes at once (Triton compiles on
-    the CPU, one kernel at a time per process), so that timing finds them in the cache."""
-    import concurrent.futures
-    import multiprocessing
-
+def compile_tasks(work, num_sms: int, per_task: int = 4) -> List[Tuple[int, str, str, List[List[int]]]]:
+    """(kh, gating, dtype, configs) jobs for _compile_job: each distinct Triton candidate of
+    `work` once per kind of compiled kernel (kernel size, gating, dtype), per_task per job."""
     kinds: Dict[tuple, dict] = {}
     for _, key, density in work:
         for cfg in triton_candidates(key, density, num_sms):
@@ -270,8 +267,17 @@ def precompile(work, jobs: int, num_sms: int, log) -> None:
     tasks = []
     for (kh, gating, dtype), cfgs in kinds.items():
         cfgs = [list(c) for c in cfgs]
-        for i in range(0, len(cfgs), 4):
-            tasks.append((kh, gating, dtype, cfgs[i:i + 4]))
+        tasks += [(kh, gating, dtype, cfgs[i:i + per_task]) for i in range(0, len(cfgs), per_task)]
+    return tasks
+
+
+def precompile(work, jobs: int, num_sms: int, log) -> None:
+    """Compile the Triton candidates of `work` in `jobs` processes at once (Triton compiles on
+    the CPU, one kernel at a time per process), so that timing finds them in the cache."""
+    import concurrent.futures
+    import multiprocessing
+
+    tasks = compile_tasks(work, num_sms)
     t0 = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     done = 0
@@ -339,7 +345,10 @@ def main(argv=None) -> int:
         f"{tuner.cuda_ids}; budget {args.budget_s:.0f} s; {meta}", echo=True)
     start = time.monotonic()
     if tuner.use_triton and args.jobs > 0:
-        precompile(work, args.jobs, tuner.num_sms, log)
+        try:
+            precompile(work, args.jobs, tuner.num_sms, log)
+        except Exception as e:  # e.g. a worker that died: the kernels then compile while timing
+            log(f"precompile failed ({type(e).__name__}: {e}); compiling while timing instead", echo=True)
     entries: List[Entry] = []
     path = None
     with torch.inference_mode():

@@ -38,6 +38,7 @@ tables are read once and concurrent callers see consistent results.
 """
 import collections
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -132,10 +133,12 @@ class ConvKey:
 
     @classmethod
     def of(cls, x: torch.Tensor, weight: torch.Tensor, in_gate, out_shape: Sequence[int], stride: Sequence[int]):
+        # int(): under tracing with dynamic shapes this specialises on the sizes, as the choice of
+        # a tile does anyway (and keeps the key hashable)
         return cls(
-            cin=x.shape[1], cout=weight.shape[0], kh=weight.shape[2], kw=weight.shape[3], stride=tuple(stride),
-            ho=out_shape[2], wo=out_shape[3], n=x.shape[0], dtype=str(x.dtype).replace("torch.", ""),
-            gating="out" if in_gate is None else "in+out",
+            cin=int(x.shape[1]), cout=int(weight.shape[0]), kh=int(weight.shape[2]), kw=int(weight.shape[3]),
+            stride=(int(stride[0]), int(stride[1])), ho=int(out_shape[2]), wo=int(out_shape[3]), n=int(x.shape[0]),
+            dtype=str(x.dtype).replace("torch.", ""), gating="out" if in_gate is None else "in+out",
         )
 
     @property
@@ -349,13 +352,23 @@ _choices: "collections.OrderedDict[tuple, Optional[Entry]]" = collections.Ordere
 _CHOICE_CACHE_SIZE = 4096
 
 
+@functools.lru_cache(maxsize=None)
+def _device_properties(index: int):
+    return torch.cuda.get_device_properties(index)
+
+
+def _index(device) -> int:
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def device_name(device: torch.device) -> str:
-    """torch.cuda.get_device_name of a CUDA device (a host-side property query)."""
-    return torch.cuda.get_device_name(device)
+    """torch.cuda.get_device_name of a CUDA device (a host-side property query, cached)."""
+    return _device_properties(_index(device)).name
 
 
 def num_sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    return _device_properties(_index(device)).multi_processor_count
 
 
 def find_table_file(name: str) -> Optional[str]:
@@ -425,8 +438,10 @@ def cuda_conv_configs() -> List[dict]:
     return list(fn()) if fn is not None else []
 
 
-def cuda_config_ids() -> List[int]:
-    return [int(c["id"]) for c in cuda_conv_configs()]
+@functools.lru_cache(maxsize=None)
+def cuda_config_ids() -> Tuple[int, ...]:
+    """The CUDA kernel's config ids (read once: a build's configurations do not change)."""
+    return tuple(int(c["id"]) for c in cuda_conv_configs())
 
 
 def cuda_config(device: torch.device, key: ConvKey, density: Optional[float] = None) -> int:

@@ -71,7 +71,12 @@ def test_cuda_candidates(monkeypatch):
         assert tune.cuda_candidates() == []
     fake = type("C", (), {"cuda_conv_configs": staticmethod(lambda: [{"id": 0, "BM": 128}, {"id": 1, "BM": 64}])})
     monkeypatch.setattr(_extension, "_C", fake)
-    assert tune.cuda_candidates() == [0, 1]
+    tuned_configs.cuda_config_ids.cache_clear()
+    try:
+        assert tune.cuda_candidates() == [0, 1]
+    finally:
+        monkeypatch.undo()
+        tuned_configs.cuda_config_ids.cache_clear()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -98,3 +103,13 @@ def test_tuner_bookkeeping_under_the_interpreter(monkeypatch, tmp_path):
     assert any(line.startswith("    triton [32, 16, 16, 1, 1, 1, 8]") for line in lines)
     path = tuned_configs.write_table(tuned_configs.Table("Fake GPU", (e,), {}), str(tmp_path))
     assert tuned_configs.load_table(path).entries == (e,)
+
+
+def test_compile_tasks_cover_each_candidate_once():
+    work = tune.tuning_set()
+    tasks = tune.compile_tasks(work, 132, per_task=4)
+    compiled = [(kh, gating, dtype, tuple(cfg)) for kh, gating, dtype, cfgs in tasks for cfg in cfgs]
+    assert len(compiled) == len(set(compiled))
+    wanted = {(key.kh, key.gating, key.dtype, tuple(c.to_list())) for _, key, d in work for c in tune.triton_candidates(key, d)}
+    assert set(compiled) == wanted
+    assert all(1 <= len(cfgs) <= 4 for *_, cfgs in tasks)

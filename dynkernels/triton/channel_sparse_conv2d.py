@@ -132,7 +132,6 @@ def _channel_sparse_conv2d_kernel(
             in_cnt = tl.load(in_cnt_ptr + n)
             k_len = tl.multiple_of((in_cnt + 7) // 8 * 8, 8)  # the buffer holds zeros up to here
         else:
-            in_cnt = XC
             k_len = XC
         # K steps: input-channel blocks (outer) x taps (inner), so that the channel list of a
         # block stays in L1 across its taps.
@@ -165,7 +164,7 @@ def _channel_sparse_conv2d_kernel(
                 b = tl.load(w_rows[:, None] + tap * WC + k[None, :], mask=k_ok[None, :], other=0.0)
             acc = tl.dot(a, tl.trans(b), acc, input_precision=INPUT_PRECISION, out_dtype=ACC_DTYPE)
 
-    if SPLIT_K > 1:  # partial sums [SPLIT_K, N, P, Cout] by list position j
+    if SPLIT_K > 1:  # partial sums [SPLIT_K, N, P, Cout] (accumulator dtype) by list position j
         part = ws_ptr + ((tl.program_id(1) * N + n) * P) * Cout
         tl.store(part + p[:, None] * Cout + j[None, :], acc, mask=p_mask[:, None] & (j < Cout)[None, :])
     else:
@@ -355,7 +354,8 @@ def channel_sparse_conv2d_triton(
     syn, syc, _, syp = y.stride()
     p = ho * wo
     split = cfg.split_k
-    ws = torch.empty((split, n, p, cout), device=x.device, dtype=torch.float32) if split > 1 else y
+    ws_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32  # the accumulator's
+    ws = torch.empty((split, n, p, cout), device=x.device, dtype=ws_dtype) if split > 1 else y
     unused = w_packed  # a placeholder for absent optional tensors (never read)
     tiles = n * triton.cdiv(p, cfg.block_m) * triton.cdiv(cout, cfg.block_n)
     wrap_triton(_channel_sparse_conv2d_kernel)[(tiles, split)](
