@@ -15,8 +15,8 @@ and writes DIR/<device>.json (dynkernels.tuned_configs format: the fastest confi
 kernel and its time, and the dense time) and DIR/tune.log (every timing). Copy the JSON into
 dynkernels/configs/ to ship it. The winners are checked against dense execution. Work is done
 most important first (bf16 before fp16, batch 128 before 64) and stops at --budget-s, so a
-partial table is still written; the whole set takes about 5 minutes on an H100 (progress is
-printed per entry).
+partial table is still written; the whole set is sized for about 5 minutes on an H100
+(progress is printed per entry). The Triton candidates are compiled first, in --jobs processes.
 """
 import argparse
 import datetime
@@ -78,10 +78,6 @@ def tuning_set(dtypes: Sequence[str] = DTYPES, batches: Sequence[int] = BATCHES,
     return out
 
 
-def _elem_size(dtype: str) -> int:
-    return {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}[dtype]
-
-
 def triton_candidates(key: ConvKey, density: float, num_sms: int = 132) -> List[TileConfig]:
     """The Triton configurations timed for (key, density), split-K aside: the TRITON_TILES
     whose channel tile is not wider than the expected active channels need (at least 32), whose
@@ -89,10 +85,10 @@ def triton_candidates(key: ConvKey, density: float, num_sms: int = 132) -> List[
     the shared-memory budget, with BLOCK_K cut to the channel count; plus the heuristic's choice
     without split-K. No duplicates, in TRITON_TILES order."""
     active = tuned_configs.expected_active_outputs(key, density)
-    max_n = max(32, 1 << math.ceil(math.log2(active)))
-    max_m = max(64, 1 << math.ceil(math.log2(key.pixels)))
-    max_k = max(16, 1 << math.ceil(math.log2(tuned_configs.channel_stride(key.cin))))
-    elem, gated = _elem_size(key.dtype), key.gating == "in+out"
+    max_n = max(32, tuned_configs.pow2_at_least(active))
+    max_m = max(64, tuned_configs.pow2_at_least(key.pixels))
+    max_k = max(16, tuned_configs.pow2_at_least(tuned_configs.channel_stride(key.cin)))
+    elem, gated = tuned_configs.ELEMENT_SIZE[key.dtype], key.gating == "in+out"
     out = []
     for bm, bn, bk, warps, stages in TRITON_TILES:
         cfg = TileConfig(bm, bn, min(bk, max_k), warps, stages)
@@ -182,7 +178,7 @@ class Tuner:
         self.use_triton = use_triton and triton_available()
         self.cuda_ids = cuda_candidates() if use_cuda and cuda_kernels_compiled() and device == "cuda" else []
         self.num_sms = torch.cuda.get_device_properties(0).multi_processor_count if device == "cuda" else 132
-        self.dense_ms: Dict[tuple, float] = {}
+        self.dense_ms: Dict[ConvKey, Optional[float]] = {}
 
     def _time(self, what: str, fn) -> Optional[float]:
         try:
@@ -297,7 +293,7 @@ def _parse(argv):
     ap.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated, from " + ", ".join(DTYPES))
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--gatings", default="out,in+out")
-    ap.add_argument("--quick", action="store_true", help="bf16, batch 128, densities 0.5 and 1.0 only")
+    ap.add_argument("--quick", action="store_true", help="bf16, the first batch size, densities 0.25, 0.5 and 1.0 only")
     ap.add_argument("--warmup-ms", type=float, default=2.0)
     ap.add_argument("--rep-ms", type=float, default=8.0)
     ap.add_argument("--no-triton", action="store_true")
@@ -350,7 +346,6 @@ def main(argv=None) -> int:
         except Exception as e:  # e.g. a worker that died: the kernels then compile while timing
             log(f"precompile failed ({type(e).__name__}: {e}); compiling while timing instead", echo=True)
     entries: List[Entry] = []
-    path = None
     with torch.inference_mode():
         for i, (label, key, density) in enumerate(work):
             elapsed = time.monotonic() - start
@@ -358,7 +353,13 @@ def main(argv=None) -> int:
                 log(f"time budget used up after {i} of {len(work)} entries ({elapsed:.0f} s); the rest is not tuned", echo=True)
                 break
             log(f"[{i + 1}/{len(work)}] {label}: {key.to_json()} density {density}")
-            e = tuner.entry(label, key, density)
+            try:
+                e = tuner.entry(label, key, density)
+            except Exception as err:  # e.g. out of memory: this entry stays untuned
+                log(f"[{i + 1:3d}/{len(work)}] {label}: failed ({type(err).__name__}: {err})", echo=True)
+                continue
+            if e.dense_ms is None and e.triton is None and e.cuda is None:
+                continue
             entries.append(e)
             fmt = lambda ms: "-" if ms is None else f"{ms:.4f}"  # noqa: E731
             log(f"[{i + 1:3d}/{len(work)}] {elapsed:5.0f}s {label} N={key.n} {key.dtype} {key.gating} d={density}: "

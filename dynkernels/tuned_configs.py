@@ -26,11 +26,12 @@ always use the heuristic. A lookup without a density (no hint) uses DEFAULT_DENS
 
 Heuristic (triton_heuristic): the tile shrinks with the expected work: BLOCK_N is the active
 output-channel count rounded up to a power of two within [32, 128]; BLOCK_M 128, or 64 where a
-sample has at most 64 output pixels or 128-pixel tiles would leave SMs idle; BLOCK_K 64 (the
-channel count if smaller); 8 warps for 128x128 tiles, else 4; the deepest pipeline (2 to 4
-stages) that fits SHARED_MEMORY_BUDGET; split-K doubled (up to 4) while the active tiles times
-the split still fit in one wave (SMs x the programs per SM that shared memory allows, at most 4)
-and each split keeps at least 16 K steps. The CUDA kernel's own
+sample has at most 64 output pixels or 128-pixel tiles would leave SMs idle; BLOCK_K 64 for
+fp16/bf16 and 32 for fp32 (the channel count rounded up to a power of two if smaller); 8 warps
+for 128x128 tiles, else 4; the deepest pipeline (2 to 4 stages) that fits SHARED_MEMORY_BUDGET;
+split-K doubled (up to 4) while the active tiles times the split still fit in one wave (SMs x
+the programs per SM that shared memory allows, at most 4) and each split keeps at least 16 K
+steps. float64 gets a fixed small tile (64, 32, 16; no tensor cores). The CUDA kernel's own
 heuristic is its config id -1.
 
 Lookups are cached per (device, layer, density) in a bounded cache guarded by a lock, so the
@@ -295,7 +296,10 @@ def nearest_entry(table: Optional[Table], key: ConvKey, density: Optional[float]
 
 
 # ----------------------------------------------------------------------------- heuristic
-def _pow2_at_least(v: float) -> int:
+ELEMENT_SIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def pow2_at_least(v: float) -> int:
     return 1 << max(0, math.ceil(math.log2(max(v, 1))))
 
 
@@ -314,19 +318,19 @@ def channel_stride(cin: int) -> int:
 
 def triton_heuristic(key: ConvKey, density: Optional[float], num_sms: int = 132) -> TileConfig:
     """The documented fallback configuration (see the module docstring)."""
-    elem = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}.get(key.dtype, 2)
+    elem = ELEMENT_SIZE[key.dtype]
     in_gated = key.gating == "in+out"
     active = expected_active_outputs(key, density)
     if elem == 8:  # no tensor cores for float64 here: small FMA tiles
         return TileConfig(64, 32, 16, 4, 2)
-    block_n = min(128, max(32, _pow2_at_least(active)))
+    block_n = min(128, max(32, pow2_at_least(active)))
     block_n_tiles = math.ceil(active / block_n)
     if key.pixels <= 64 or key.n * math.ceil(key.pixels / 128) * block_n_tiles < num_sms:
         block_m = 64
     else:
         block_m = 128
     xc = channel_stride(key.cin)
-    block_k = max(16, min(64 if elem == 2 else 32, _pow2_at_least(xc)))
+    block_k = max(16, min(64 if elem == 2 else 32, pow2_at_least(xc)))
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     stages = 2
     for s in (4, 3):

@@ -403,3 +403,21 @@ def test_triton_every_shipped_config_on_gpu():
         want = reference.channel_sparse_conv2d(x.double(), w.double(), b.double(), og, ig, 1, 1, 1, shift.double())
         assert_close(y, want.to(dt), dt)
         assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all(), cfg
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_default_config_comes_from_the_tables(monkeypatch):
+    """Without an explicit config, the Triton op asks dynkernels.tuned_configs for the layer's
+    tile (on a GPU; checked here with the interpreter switched off for the choice only)."""
+    from dynkernels import tuned_configs
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    conv = _triton()
+    seen = []
+    monkeypatch.setattr(conv, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tuned_configs, "triton_config", lambda device, key, density=None: seen.append(key) or "tile")
+    x, w, b, og, ig, *_ = make_inputs(CASES[0], "cpu")
+    assert conv._pick_config(x, w, ig, (2, 7, 7, 6), [1, 1], None) == "tile"
+    assert seen == [tuned_configs.ConvKey(5, 7, 3, 3, (1, 1), 7, 6, 2, "float32", "in+out")]
+    assert conv._pick_config(x, w, ig, (2, 7, 7, 6), [1, 1], [32, 16, 16, 1, 1]).block_m == 32

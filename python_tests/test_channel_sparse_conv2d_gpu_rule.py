@@ -69,6 +69,45 @@ def test_rule_with_a_mocked_device_table(tmp_path, monkeypatch):
         tuned_configs.clear_cache()
 
 
+def test_gpu_choice_with_a_mocked_device(tmp_path, monkeypatch):
+    """What the op does for CUDA tensors, run on CPU tensors with the device name, SM count, the
+    build's kernels and its CUDA config ids mocked, and a table in $DYNKERNELS_CONFIG_DIR."""
+    monkeypatch.setenv(tuned_configs.CONFIG_DIR_ENV, str(tmp_path))
+    monkeypatch.setattr(tuned_configs, "device_name", lambda device: "Mock GPU")
+    monkeypatch.setattr(tuned_configs, "num_sms", lambda device: 132)
+    monkeypatch.setattr(tuned_configs, "cuda_config_ids", lambda: (0, 1, 2))
+    monkeypatch.setattr(conv_ops, "cuda_kernels_compiled", lambda: True)
+    monkeypatch.setattr(conv_ops, "triton_available", lambda: True)
+    x = torch.randn(8, 64, 14, 14, dtype=torch.bfloat16)
+    w = torch.randn(64, 64, 3, 3, dtype=torch.bfloat16)
+    key = ConvKey.of(x, w, None, (8, 64, 14, 14), (1, 1))
+    tile = TileConfig(128, 32, 64, 4, 4)
+    tuned_configs.write_table(Table("Mock GPU", (
+        Entry(key, 1.0, 0.1, tile, 0.3, 2, 0.2),   # dense wins at density 1
+        Entry(key, 0.25, 0.1, tile, 0.03, 7, 0.05),  # Triton wins; CUDA id 7 is not in this build
+    ), {}), str(tmp_path))
+    tuned_configs.clear_cache()
+    try:
+        choose = lambda backend, resolved, d: conv_ops.gpu_choice(  # noqa: E731
+            x, w, None, (1, 1), (1, 1), (1, 1), backend, resolved, d)
+        assert choose("auto", "cuda", 1.0) == ("dense", None)
+        assert choose("auto", "cuda", 0.25) == ("triton", tile.to_list())
+        # no hint: DEFAULT_DENSITY 0.5 ties between 0.25 and 1.0 (the earlier entry wins), and
+        # dense execution is not an option
+        assert choose("auto", "cuda", None) == ("cuda", 2)
+        assert choose("cuda", "cuda", 1.0) == ("cuda", 2)
+        assert choose("cuda", "cuda", 0.25) == ("cuda", -1)  # id 7: the kernel's own heuristic
+        assert choose("triton", "triton", 1.0) == ("triton", tile.to_list())
+        fp32 = x.float()  # no table entries for fp32: heuristic tile, threshold rule
+        assert choose("triton", "triton", 0.5)[1] == tile.to_list()
+        got = conv_ops.gpu_choice(fp32, w.float(), None, (1, 1), (1, 1), (1, 1), "auto", "cuda", 0.5)
+        assert got == ("cuda", -1)
+        got = conv_ops.gpu_choice(fp32, w.float(), None, (1, 1), (1, 1), (1, 1), "triton", "triton", 0.5)
+        assert got == ("triton", tuned_configs.triton_heuristic(ConvKey.of(fp32, w, None, (8, 64, 14, 14), (1, 1)), 0.5).to_list())
+    finally:
+        tuned_configs.clear_cache()
+
+
 # ----------------------------------------------------------------------------- dense execution
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("with_in_gate", [False, True])

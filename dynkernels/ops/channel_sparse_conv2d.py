@@ -236,11 +236,23 @@ def dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, paddi
     return y.contiguous(memory_format=row_layout(x))
 
 
-def _cuda_config_id(x, key, density) -> int:
-    """The tuned table's CUDA config id for this call, or -1 (the kernel's heuristic), also for
-    an id that this build's kernel does not have."""
-    cid = tuned_configs.cuda_config(x.device, key, density)
-    return cid if cid in tuned_configs.cuda_config_ids() else -1
+def gpu_choice(x, weight, in_gate, stride, padding, dilation, backend: str, resolved: str, density):
+    """For CUDA tensors: (what runs, its tile configuration). `resolved` is the backend that
+    resolve() gave; with backend="auto" the GPU rule (channel_sparse_conv2d_gpu_rule) decides
+    between the kernels and dense execution. The configuration comes from the device's tuned
+    table: a TileConfig list for "triton", a config id for "cuda" (-1, the kernel's heuristic,
+    where the table has none or names an id this build lacks), None for "dense"."""
+    key = tuned_configs.ConvKey.of(x, weight, in_gate, conv2d_output_shape(x, weight, stride, padding, dilation), stride)
+    run = resolved
+    if backend == "auto":
+        entry = tuned_configs.entry_for(tuned_configs.device_name(x.device), key, density)
+        run = gpu_execution(entry, density, cuda_kernels_compiled(), triton_available())
+    if run == "triton":
+        return run, tuned_configs.triton_config(x.device, key, density).to_list()
+    if run == "cuda":
+        cid = tuned_configs.cuda_config(x.device, key, density)
+        return run, cid if cid in tuned_configs.cuda_config_ids() else -1
+    return run, None
 
 
 def channel_sparse_conv2d(
@@ -275,20 +287,16 @@ def channel_sparse_conv2d(
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
         b = _check_cuda_kernel_args(x, backend)
-    key = None
+    config = None
     if x.is_cuda and b != "torch":
-        key = tuned_configs.ConvKey.of(x, weight, in_gate, conv2d_output_shape(x, weight, stride, padding, dilation), stride)
-        if backend == "auto":
-            entry = tuned_configs.entry_for(tuned_configs.device_name(x.device), key, density)
-            b = gpu_execution(entry, density, cuda_kernels_compiled(), triton_available())
+        b, config = gpu_choice(x, weight, in_gate, stride, padding, dilation, backend, b, density)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     if b == "dense":
         return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
-        config = tuned_configs.triton_config(x.device, key, density).to_list() if key is not None else None
         return _triton().channel_sparse_conv2d_triton(*args, config)
-    if key is not None:
-        return _lib.channel_sparse_conv2d(*args, _cuda_config_id(x, key, density))
+    if config is not None:
+        return _lib.channel_sparse_conv2d(*args, config)
     return _lib.channel_sparse_conv2d(*args)

@@ -37,6 +37,7 @@ torch.backends.cuda.matmul.allow_tf32 is set (else exact fp32, matching the refe
 fp64 accumulates in fp64. Under TRITON_INTERPRET=1 (CPU tensors, tests) the default tile is
 INTERPRETER_CONFIG.
 """
+import functools
 from typing import List, Optional
 
 import torch
@@ -275,8 +276,7 @@ def _nhwc_input(x: torch.Tensor, in_idx: Optional[torch.Tensor], in_cnt: Optiona
     """(x as NHWC [N, H, W, XC] memory, XC): x itself when it already is channels_last with a
     channel count divisible by CHANNEL_ALIGN and there is no input gate (a base address that is
     not 16-byte aligned only costs vector width: Triton specialises on the pointers' alignment);
-    else one
-    _pack_nhwc_kernel launch (compacting the active input channels when in_idx is given)."""
+    else one _pack_nhwc_kernel launch (compacting the active input channels when in_idx is given)."""
     n, cin, h, w = x.shape
     if in_idx is None and cin % CHANNEL_ALIGN == 0 and x.permute(0, 2, 3, 1).is_contiguous():
         return x, cin
@@ -304,13 +304,18 @@ def _packed_weight(weight: torch.Tensor):
     return packed, wc
 
 
+@functools.lru_cache(maxsize=256)
+def _tile(config: tuple) -> TileConfig:
+    return TileConfig.from_list(config)  # validated once per distinct config (host time per call)
+
+
 def _pick_config(x, weight, in_gate, out_shape, stride, config) -> TileConfig:
     if config is not None:
-        return TileConfig.from_list(config)
+        return _tile(tuple(config))
     if triton_interpret() and not x.is_cuda:
         return INTERPRETER_CONFIG
-    key = tuned_configs.ConvKey.of(x, weight, in_gate, out_shape, stride, density=None)
-    return tuned_configs.triton_config(x.device, key)
+    key = tuned_configs.ConvKey.of(x, weight, in_gate, out_shape, stride)
+    return tuned_configs.triton_config(x.device, key)  # no density hint here: DEFAULT_DENSITY
 
 
 @triton_op("dynkernels::channel_sparse_conv2d_triton", mutates_args=())

@@ -1,17 +1,21 @@
 """Compile the Triton channel-sparse conv kernel for sm_90 (no GPU needed) and report its structure.
 
-    python -m dynkernels.triton.compile_report [--configs shipped|candidates] [--json]
+    python -m dynkernels.triton.compile_report [--config BM,BN,BK,warps,stages[,split,group] ...]
+                                               [--all-variants] [--json]
 
 For each tile configuration (by default shipped_configs(): those of the shipped tables, the
-heuristic's over the tuning set of dynkernels.tune and the tuner's candidates), compiles the kernel as the launcher would
-specialise it for a channels_last 3x3 layer (256 -> 256 channels at 14x14), for fp16 and bf16,
-with and without an input gate, and reads from the PTX, the TTGIR and the cubin:
+heuristic's over the tuning set of dynkernels.tune, and the tuner's candidates), compiles the
+kernel as the launcher specialises it for a channels_last 3x3 layer (256 -> 256 channels at
+14x14), in bf16 or fp16, with or without an input gate (each config in one of the four variants
+in turn; --all-variants: all four), and reads from the PTX, the TTGIR and the cubin:
   wgmma        wgmma.mma_async instructions (Hopper tensor cores)
   cp_async     cp.async copies (global -> shared, the software pipeline's loads)
   loop_async   whether the main loop itself issues them (TTGIR: async copies inside scf.for)
   shared       shared memory bytes, against the num_stages-deep ring the config asks for
   registers, spills (cuobjdump -res-usage: LOCAL/STACK bytes) and LDL/STL in the SASS.
-Needs Triton's CUDA backend (ptxas and cuobjdump ship with it) and TRITON_INTERPRET unset.
+A configuration is ok when it is pipelined (cp.async in the loop, shared memory at least the
+ring), uses wgmma and spills nothing; the exit status is 1 if any is not. Needs Triton's CUDA
+backend (ptxas and cuobjdump ship with it) and TRITON_INTERPRET unset.
 """
 import argparse
 import glob
@@ -31,7 +35,7 @@ from ..tuned_configs import ConvKey, TileConfig
 _LAYER = dict(N=128, H=14, W=14, Ho=14, Wo=14, Cin=256, Cout=256, XC=256, WC=256, sgn=256, sgc=1,
               syn=256 * 196, syp=256, syc=1, stride_h=1, stride_w=1, pad_h=1, pad_w=1, dil_h=1, dil_w=1)
 _PTR = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
-_ELEM = {"float16": 2, "bfloat16": 2, "float32": 4}
+
 
 def heuristic_configs() -> List[Tuple[ConvKey, float, TileConfig]]:
     """(key, density, heuristic config) over the tuning set (dynkernels.tune.tuning_set)."""
@@ -54,8 +58,8 @@ def compile_sm90(cfg: TileConfig, dtype: str, in_gated: bool):
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    from triton.runtime.jit import native_specialize_impl
     from triton.backends.compiler import BaseBackend
+    from triton.runtime.jit import native_specialize_impl
 
     from . import channel_sparse_conv2d as conv
 
@@ -125,7 +129,7 @@ def report(cfg: TileConfig, dtype: str, in_gated: bool) -> dict:
     k = compile_sm90(cfg, dtype, in_gated)
     ptx, ttgir = k.asm["ptx"], k.asm["ttgir"]
     loop = _main_loop(ttgir)
-    ring = cfg.num_stages * cfg.block_m * cfg.block_k * _ELEM[dtype]  # the A operand's stages alone
+    ring = cfg.num_stages * cfg.block_m * cfg.block_k * tuned_configs.ELEMENT_SIZE[dtype]  # the A operand's stages alone
     row = {"config": cfg.to_list(), "dtype": dtype, "in_gated": in_gated,
            "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
            "cp_async": len(re.findall(r"cp\.async\.(?:ca|cg|bulk)", ptx)),
