@@ -253,18 +253,18 @@ def _compile_job(kh: int, gating: str, dtype: str, configs: List[List[int]]) -> 
     return len(configs), time.monotonic() - t0, errors
 
 
-def compile_tasks(work, num_sms: int, per_task: int = 4) -> List[Tuple[int, str, str, List[List[int]]]]:
+def compile_jobs(work, num_sms: int, per_job: int = 4) -> List[Tuple[int, str, str, List[List[int]]]]:
     """(kh, gating, dtype, configs) jobs for _compile_job: each distinct Triton candidate of
-    `work` once per kind of compiled kernel (kernel size, gating, dtype), per_task per job."""
+    `work` once per kind of compiled kernel (kernel size, gating, dtype), per_job per job."""
     kinds: Dict[tuple, dict] = {}
     for _, key, density in work:
         for cfg in triton_candidates(key, density, num_sms):
             kinds.setdefault((key.kh, key.gating, key.dtype), {})[tuple(cfg.to_list())] = None
-    tasks = []
+    job_args = []
     for (kh, gating, dtype), cfgs in kinds.items():
         cfgs = [list(c) for c in cfgs]
-        tasks += [(kh, gating, dtype, cfgs[i:i + per_task]) for i in range(0, len(cfgs), per_task)]
-    return tasks
+        job_args += [(kh, gating, dtype, cfgs[i:i + per_job]) for i in range(0, len(cfgs), per_job)]
+    return job_args
 
 
 def precompile(work, jobs: int, num_sms: int, log) -> None:
@@ -273,16 +273,16 @@ def precompile(work, jobs: int, num_sms: int, log) -> None:
     import concurrent.futures
     import multiprocessing
 
-    tasks = compile_tasks(work, num_sms)
+    job_args = compile_jobs(work, num_sms)
     t0 = time.monotonic()
     ctx = multiprocessing.get_context("spawn")
     done = 0
     with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-        for n, seconds, errors in pool.map(_compile_job, *zip(*tasks)):
+        for n, seconds, errors in pool.map(_compile_job, *zip(*job_args)):
             done += n
             for e in errors:
                 log(f"    precompile failed: {e}")
-    log(f"precompiled {done} Triton kernels in {len(tasks)} tasks on {jobs} processes in {time.monotonic() - t0:.0f} s",
+    log(f"precompiled {done} Triton kernels in {len(job_args)} jobs on {jobs} processes in {time.monotonic() - t0:.0f} s",
         echo=True)
 
 

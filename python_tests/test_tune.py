@@ -105,11 +105,11 @@ def test_tuner_bookkeeping_under_the_interpreter(monkeypatch, tmp_path):
     assert tuned_configs.load_table(path).entries == (e,)
 
 
-def test_compile_tasks_cover_each_candidate_once():
+def test_compile_jobs_cover_each_candidate_once():
     work = tune.tuning_set()
-    tasks = tune.compile_tasks(work, 132, per_task=4)
-    compiled = [(kh, gating, dtype, tuple(cfg)) for kh, gating, dtype, cfgs in tasks for cfg in cfgs]
+    job_args = tune.compile_jobs(work, 132, per_job=4)
+    compiled = [(kh, gating, dtype, tuple(cfg)) for kh, gating, dtype, cfgs in job_args for cfg in cfgs]
     assert len(compiled) == len(set(compiled))
     wanted = {(key.kh, key.gating, key.dtype, tuple(c.to_list())) for _, key, d in work for c in tune.triton_candidates(key, d)}
     assert set(compiled) == wanted
-    assert all(1 <= len(cfgs) <= 4 for *_, cfgs in tasks)
+    assert all(1 <= len(cfgs) <= 4 for *_, cfgs in job_args)

@@ -19,12 +19,16 @@ the kernel tells Triton so (tl.multiple_of): A and B load as 16-byte vectors wit
 num_stages-deep shared-memory ring feeding wgmma on sm_90 (python -m
 dynkernels.triton.compile_report shows it per configuration). With an input gate B is gathered
 along K as well (the weight's input channels out_idx x in_idx): those loads are element-wise and
-cannot be cp.async copies, so they are prefetched one step ahead in registers instead.
+cannot be cp.async copies, so they are prefetched one step ahead in registers instead (and
+each step's dot waits for its wgmma before B's single shared-memory buffer is rewritten).
 Tiles that start past n's active output count do no reduction and write the zeros of the inactive
 channels, so every output element is written exactly once. The epilogue adds the bias, scales by
 the gate, adds the shift and writes exact zeros. With split_k > 1, split_k programs share a
-tile's K range and write fp32 partial sums that _split_k_epilogue_kernel adds up (for layers
-whose active tiles are too few to fill the GPU).
+tile's K range and write partial sums (in the accumulator's dtype) that _split_k_epilogue_kernel
+adds up (for layers whose active tiles are too few to fill the GPU). Grid: one program per
+(sample, pixel tile, channel tile, K split); a sample's programs are adjacent (they share its
+input rows in L2), and within a sample the tiles run GROUP_M pixel tiles at a time across all
+channel tiles.
 
 Layouts: the output keeps x's layout (row_layout). x that is channels_last with a channel count
 divisible by 8 and no input gate is read in place; any other x is repacked once into a padded
@@ -50,7 +54,8 @@ from .._extension import triton_interpret
 from .._layout import conv2d_output_shape, row_layout
 from ..tuned_configs import TileConfig
 
-# Channel runs are padded to a multiple of this many elements (16 bytes of fp16/bf16).
+# Channel runs are padded to a multiple of this many elements (16 bytes of fp16/bf16); the
+# kernels' tl.multiple_of(., 8) hints and tuned_configs.channel_stride rely on it.
 CHANNEL_ALIGN = 8
 # Tiny tiles for the interpreter (it runs each program in Python).
 INTERPRETER_CONFIG = TileConfig(block_m=16, block_n=16, block_k=16, num_warps=1, num_stages=1)
