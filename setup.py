@@ -117,6 +117,8 @@ setup(
     version=read_version(),
     packages=find_packages(include=["dynkernels", "dynkernels.*"]) + ["dynkernels.models"],
     package_dir={"dynkernels.models": "models"},
+    # tuned kernel configurations, one JSON table per GPU model (dynkernels/tuned_configs.py)
+    package_data={"dynkernels": ["configs/*.json"]},
     ext_modules=[extension(with_cuda)],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     zip_safe=False,

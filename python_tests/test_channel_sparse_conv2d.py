@@ -334,3 +334,90 @@ def test_triton_channel_lists_match_compact(device):
     idx, count = _triton()._channel_lists(gate.t().contiguous().t())  # strided rows too
     want_idx, want_count = reference.compact(gate)
     assert torch.equal(idx.cpu(), want_idx.cpu()) and torch.equal(count.cpu(), want_count.cpu())
+
+
+# (cin, in_gate, layout, config): several pixel and channel tiles with partial and dead ones,
+# grouped tile order, split-K, Cin padded to 8 (20) or read in place (16, channels_last).
+TRITON_TILE_CASES = [
+    (20, True, "nchw", [16, 16, 16, 1, 1, 1, 2]),
+    (16, False, "channels_last", [16, 16, 16, 1, 1, 3, 2]),
+    (20, False, "channels_last", [32, 16, 32, 1, 1, 2, 1]),
+    (16, True, "nchw", [16, 32, 16, 1, 1, 2, 8]),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@pytest.mark.parametrize("device", triton_devices())
+@pytest.mark.parametrize("cin,with_in_gate,layout,config", TRITON_TILE_CASES, ids=lambda v: str(v))
+def test_triton_tile_configs(device, cin, with_in_gate, layout, config):
+    """Explicit tile configurations of the Triton kernel against the reference."""
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    n, cout = 2, 40
+    x = torch.randn(n, cin, 6, 7, device=device)
+    w = torch.randn(cout, cin, 3, 3, device=device) / (cin * 9) ** 0.5
+    if layout == "channels_last":
+        x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
+    b, shift = torch.randn(cout, device=device), torch.randn(cout, device=device)
+    og = rand_gate((n, cout), 0.6, device)
+    og[1] = 0
+    og[1, 3] = 1.0  # sample 1: one active channel, every other tile dead
+    ig = rand_gate((n, cin), 0.5, device) if with_in_gate else None
+    y = _triton().channel_sparse_conv2d_triton(x, w, b, og, ig, [1, 1], [1, 1], [1, 1], shift, config)
+    want = reference.channel_sparse_conv2d(x.double(), w.double(), b.double(), og, ig, 1, 1, 1, shift.double())
+    assert_close(y, want.float())
+    assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all()
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+@needs_interpreter
+def test_triton_bad_config_is_a_clear_error():
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    x, w, b, og, ig, s, p, d = make_inputs(CASES[0], "cpu")
+    with pytest.raises(ValueError, match="block_n must be a power of two"):
+        _triton().channel_sparse_conv2d_triton(x, w, b, og, ig, [1, 1], [1, 1], [1, 1], None, [16, 24, 16, 1, 1])
+
+
+@pytest.mark.cuda
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_every_shipped_config_on_gpu():
+    """Each configuration the package can run on a GPU (compile_report.shipped_configs), once,
+    in bf16 / fp16 with and without an input gate in turn, against the float64 reference."""
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+    from dynkernels.triton.compile_report import shipped_configs, variants
+
+    for cfg, dtype, gated in variants(shipped_configs()):
+        dt = getattr(torch, dtype)
+        n, cin, cout = 3, 72, 136  # partial K, channel and pixel tiles
+        x = torch.randn(n, cin, 11, 10, device="cuda", dtype=dt).contiguous(memory_format=torch.channels_last)
+        w = (torch.randn(cout, cin, 3, 3, device="cuda") / (cin * 9) ** 0.5).to(dt)
+        b, shift = torch.randn(cout, device="cuda", dtype=dt), torch.randn(cout, device="cuda", dtype=dt)
+        og = rand_gate((n, cout), 0.5, "cuda")
+        ig = rand_gate((n, cin), 0.5, "cuda") if gated else None
+        y = _triton().channel_sparse_conv2d_triton(x, w, b, og, ig, [1, 1], [1, 1], [1, 1], shift, cfg.to_list())
+        want = reference.channel_sparse_conv2d(x.double(), w.double(), b.double(), og, ig, 1, 1, 1, shift.double())
+        assert_close(y, want.to(dt), dt)
+        assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all(), cfg
+
+
+@pytest.mark.triton
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+def test_triton_default_config_comes_from_the_tables(monkeypatch):
+    """Without an explicit config, the Triton op asks dynkernels.tuned_configs for the layer's
+    tile (on a GPU; checked here with the interpreter switched off for the choice only)."""
+    from dynkernels import tuned_configs
+    from dynkernels.ops.channel_sparse_conv2d import _triton
+
+    conv = _triton()
+    seen = []
+    monkeypatch.setattr(conv, "triton_interpret", lambda: False)
+    monkeypatch.setattr(tuned_configs, "triton_config", lambda device, key, density=None: seen.append(key) or "tile")
+    x, w, b, og, ig, *_ = make_inputs(CASES[0], "cpu")
+    assert conv._pick_config(x, w, ig, (2, 7, 7, 6), [1, 1], None) == "tile"
+    assert seen == [tuned_configs.ConvKey(5, 7, 3, 3, (1, 1), 7, 6, 2, "float32", "in+out")]
+    assert conv._pick_config(x, w, ig, (2, 7, 7, 6), [1, 1], [32, 16, 16, 1, 1]).block_m == 32

@@ -25,7 +25,12 @@ class GatedConv2d(nn.Conv2d):
     `backend` ("auto", "cuda", "cpu", "triton", "torch") picks the kernel of the gated forward;
     `density` (None or a number in [0, 1]) is what the caller knows of its gates on the host,
     the expected fraction of the dense FLOPs they leave active, passed to
-    dynkernels.channel_sparse_conv2d as its hint for backend="auto".
+    dynkernels.channel_sparse_conv2d as its hint (tuned tile choice, and dense execution where
+    that is measured faster with backend="auto").
+    Fast path on a GPU: channels_last activations and weights
+    (`model.to(memory_format=torch.channels_last)`, inputs `x.contiguous(memory_format=
+    torch.channels_last)`). The kernels run on NHWC; other layouts are converted on every call,
+    and the output keeps the input's layout.
     """
 
     def __init__(self, *args, backend: str = "auto", density: Optional[float] = None, **kwargs):
@@ -104,7 +109,9 @@ def convert(
     filter(name, conv) -> bool chooses which convs to swap (default: every nn.Conv2d with
     groups=1 and padding_mode 'zeros', the ones the gated forward supports). Weights, device,
     dtype and training mode are kept (the parameters are the same objects). A model that is
-    itself an nn.Conv2d is returned converted. Returns the model.
+    itself an nn.Conv2d is returned converted. Returns the model. On a GPU, follow with
+    `model.to(memory_format=torch.channels_last)` and feed channels_last inputs: that is the
+    layout the kernels run on (others are converted on every call).
     """
     check_backend("convert", backend)
 

@@ -6,24 +6,29 @@ Contract (DESIGN.md): y[n, c] = out_gate[n, c] * conv2d(x * [in_gate > 0], weigh
 Kernels: torch.ops.dynkernels.channel_sparse_conv2d (C++ on CPU in csrc/cpu, CUDA in
 csrc/cuda; schema in csrc/schemas.cpp) and torch.ops.dynkernels.channel_sparse_conv2d_triton
 (dynkernels/triton/channel_sparse_conv2d.py). This file gives the compiled op its fake kernel,
-both ops their autograd, and the public function that checks arguments and picks the backend.
-No host sync on any path but the "torch" reference's (none there either) and the argument
-checks (shapes only).
+both ops their autograd, dense execution, and the public function that checks arguments and
+picks the backend. No host sync on any path but the "torch" reference's (none there either) and
+the argument checks (shapes only).
 
-"auto" always runs the sparse kernel. On a GPU, choosing dense execution for dense gates would
-need the gate density on the host, i.e. a device sync per call, which this op does not pay. On
-the CPU it would not pay off: the C++ kernel matches the dense conv (oneDNN) up to about
-density 0.9 at one thread and beats it at every density at two (README, CPU results).
+"auto" on CUDA tensors follows channel_sparse_conv2d_gpu_rule (the CUDA kernel, the Triton
+kernel, or dense execution, from the density hint and the device's tuned table; nothing is read
+from the device). On a GPU the kernels run on channels_last (NHWC) activations: other layouts
+are converted once per call. On the CPU "auto" runs the C++ kernel: it matches the dense conv
+(oneDNN) up to about density 0.9 at one thread and beats it at every density at two (README,
+CPU results).
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
-from .. import reference
+from .. import reference, tuned_configs
+from .._extension import cuda_kernels_compiled, triton_available
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
+from .channel_sparse_conv2d_gpu_rule import gpu_execution
 
 _lib = torch.ops.dynkernels
 IntPair = Union[int, Sequence[int]]
@@ -213,6 +218,43 @@ def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
     return "cuda"
 
 
+def dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None):
+    """The contract by dense execution: one conv2d of the whole input (cuDNN / oneDNN), then
+    one pass over its output, y = conv * g' + (bias * g' + shift * [g > 0]) with
+    g' = g where g > 0 else 0. Gated-off channels come out as (signed) zeros for finite
+    inputs. Differentiable by autograd; the output keeps x's layout (row_layout)."""
+    if in_gate is not None:
+        x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
+    conv = F.conv2d(x, weight, None, stride, padding, dilation)
+    active = (out_gate > 0)[:, :, None, None]
+    zero = torch.zeros((), dtype=conv.dtype, device=conv.device)
+    g = torch.where(active, out_gate[:, :, None, None].to(conv.dtype), zero)
+    offset = zero if bias is None else bias[None, :, None, None] * g
+    if shift is not None:
+        offset = offset + torch.where(active, shift[None, :, None, None], zero)
+    y = torch.addcmul(offset, conv, g)
+    return y.contiguous(memory_format=row_layout(x))
+
+
+def gpu_choice(x, weight, in_gate, stride, padding, dilation, backend: str, resolved: str, density):
+    """For CUDA tensors: (what runs, its tile configuration). `resolved` is the backend that
+    resolve() gave; with backend="auto" the GPU rule (channel_sparse_conv2d_gpu_rule) decides
+    between the kernels and dense execution. The configuration comes from the device's tuned
+    table: a TileConfig list for "triton", a config id for "cuda" (-1, the kernel's heuristic,
+    where the table has none or names an id this build lacks), None for "dense"."""
+    key = tuned_configs.ConvKey.of(x, weight, in_gate, conv2d_output_shape(x, weight, stride, padding, dilation), stride)
+    run = resolved
+    if backend == "auto":
+        entry = tuned_configs.entry_for(tuned_configs.device_name(x.device), key, density)
+        run = gpu_execution(entry, density, cuda_kernels_compiled(), triton_available())
+    if run == "triton":
+        return run, tuned_configs.triton_config(x.device, key, density).to_list()
+    if run == "cuda":
+        cid = tuned_configs.cuda_config(x.device, key, density)
+        return run, cid if cid in tuned_configs.cuda_config_ids() else -1
+    return run, None
+
+
 def channel_sparse_conv2d(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -231,21 +273,30 @@ def channel_sparse_conv2d(
 
     x [N, Cin, H, W], weight [Cout, Cin, kh, kw], bias [Cout] or None, out_gate [N, Cout],
     in_gate [N, Cin] or None, shift [Cout] or None (added after the gate scale, on the active
-    channels only). Output [N, Cout, Ho, Wo]; inactive channels are exactly 0.
+    channels only). Output [N, Cout, Ho, Wo] in x's layout; inactive channels are exactly 0.
+    On a GPU, channels_last x (and weight) is the fast path: other layouts are converted per call.
 
     density: what the caller knows on the host about the gates (e.g. a fixed k of
     k-winners-take-all): the expected fraction of the dense conv's FLOPs that the gates leave
-    active (output density, times input density when in_gate is given). It is a hint for
-    backend="auto" only and is never checked against the gates.
+    active (output density, times input density when in_gate is given). It is never checked
+    against the gates. On CUDA tensors it picks the kernels' tuned tile configuration, and with
+    backend="auto" whether dense execution runs (channel_sparse_conv2d_gpu_rule).
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
-    check_density("channel_sparse_conv2d", density)
+    density = check_density("channel_sparse_conv2d", density)
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
         b = _check_cuda_kernel_args(x, backend)
+    config = None
+    if x.is_cuda and b != "torch":
+        b, config = gpu_choice(x, weight, in_gate, stride, padding, dilation, backend, b, density)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+    if b == "dense":
+        return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
-        return _triton().channel_sparse_conv2d_triton(*args)
+        return _triton().channel_sparse_conv2d_triton(*args, config)
+    if config is not None:
+        return _lib.channel_sparse_conv2d(*args, config)
     return _lib.channel_sparse_conv2d(*args)
