@@ -92,13 +92,13 @@ def naive_channel_sparse_conv2d(x, weight, out_gate, in_gate, stride, padding):
     return y
 
 
-def _gated_conv2d_variant(cin, cout, k, stride, padding, weight_of, fmt) -> Variant:
+def _gated_conv2d_variant(cin, cout, k, stride, padding, weight_of, fmt, density=None) -> Variant:
     def build():
         cls = getattr(_common.nn_modules(), "GatedConv2d", None)
         if cls is None:
             raise Unavailable("dynkernels.nn.GatedConv2d is not in this build")
         w = weight_of()
-        m = cls(cin, cout, k, stride=stride, padding=padding, bias=False).to(device=w.device, dtype=w.dtype)
+        m = cls(cin, cout, k, stride=stride, padding=padding, bias=False, density=density).to(device=w.device, dtype=w.dtype)
         m.weight.data.copy_(w)
         m = m.to(memory_format=memory_format(fmt)).eval()
         return lambda x, w, og, ig: m(x, og, ig)
@@ -112,6 +112,9 @@ def _case(cfg: RunConfig, shape, dtype, batch, fmt, mode, d, threads=None) -> Ca
     base_key = (shape_str, dtype, batch, fmt, threads)
     config = f"{shape_str}, N={batch}, {dtype}, {fmt}, {mode}" + (f", {threads} thread{'s' * (threads > 1)}" if threads else "")
     ho = accounting.conv2d_out_size(hw, k, stride, padding)
+    # The gates have exactly d of each sample's channels active, so the caller knows the active
+    # FLOP fraction on the host: the density hint that backend="auto" may use.
+    hint = d * d if mode == "in+out" else d
 
     def setup():
         dt, dev, mf = DTYPES[dtype], cfg.device, memory_format(fmt)
@@ -138,9 +141,10 @@ def _case(cfg: RunConfig, shape, dtype, batch, fmt, mode, d, threads=None) -> Ca
                     compare_to="reference"),
         ] + backend_variants(
             "channel_sparse_conv2d", cfg,
-            lambda b: lambda x, w, og, ig: dynkernels.ops.channel_sparse_conv2d(x, w, None, og, ig, stride, padding, backend=b),
+            lambda b: lambda x, w, og, ig: dynkernels.ops.channel_sparse_conv2d(
+                x, w, None, og, ig, stride, padding, backend=b, density=hint),
             compare_to="reference",
-        ) + [_gated_conv2d_variant(cin, cout, k, stride, padding, lambda: weight, fmt)]
+        ) + [_gated_conv2d_variant(cin, cout, k, stride, padding, lambda: weight, fmt, hint)]
         return Setup(sets, variants, dense_flops=accounting.conv2d_flops(batch * cout, cin, (k, k), (ho, ho)),
                      sparse_flops=accounting.channel_sparse_conv_flops(og, ig, cin, (k, k), (ho, ho)),
                      dense_bytes=batch * cin * hw * hw * el + out_and_weight, sparse_bytes=active_in * hw * hw * el + out_and_weight)
@@ -201,7 +205,8 @@ def _training_case(cfg: RunConfig, shape, batch, fmt, mode, d, threads) -> Case:
         g, mf = seeded(9), memory_format(fmt)
         torch.manual_seed(9)
         conv = torch.nn.Conv2d(cin, cout, k, stride, padding).to(cfg.device, memory_format=mf)
-        gated = _common.nn_modules().GatedConv2d.from_conv(conv)  # the same parameters
+        hint = d * d if mode == "in+out" else d  # exact gates: the caller knows the active fraction
+        gated = _common.nn_modules().GatedConv2d.from_conv(conv, density=hint)  # the same parameters
         sets = []
         for _ in range(cfg.input_sets):
             og = exact_gate(batch, cout, d, cfg.device, generator=g)
