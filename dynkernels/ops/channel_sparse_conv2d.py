@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import reference
+from ..flops import register_channel_sparse_formula
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
@@ -188,6 +189,7 @@ def _register_autograd(conv_op):
 
 
 _register_autograd(_lib.channel_sparse_conv2d.default)
+register_channel_sparse_formula(_lib.channel_sparse_conv2d)  # FlopCounterMode: active triples only
 
 
 @functools.lru_cache(maxsize=None)
@@ -196,6 +198,7 @@ def _triton():
     from ..triton import channel_sparse_conv2d as triton_conv
 
     _register_autograd(triton_conv.channel_sparse_conv2d_triton)
+    register_channel_sparse_formula(_lib.channel_sparse_conv2d_triton)
     return triton_conv
 
 
