@@ -163,7 +163,7 @@ def test_converted_model_fine_tunes():
 
 def test_errors():
     for bad in (0.0, 1.01, -1, "1", None):
-        with pytest.raises(ValueError, match=r"fbs_convert: density must be a number in \(0, 1\]"):
+        with pytest.raises(ValueError, match=r"fbs_convert: density must be in \(0, 1\]"):
             fbs_convert(tiny_vgg(), bad)
     with pytest.raises(ValueError, match="has no Conv2d followed by a BatchNorm2d"):
         fbs_convert(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), 0.5)
