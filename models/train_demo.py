@@ -199,8 +199,16 @@ def main(argv=None) -> List[Run]:
     args = p.parse_args(argv)
     if args.epochs < 1 or args.finetune_epochs < 1:
         p.error("--epochs and --finetune-epochs must be at least 1")
+    threads = torch.get_num_threads()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    try:
+        return _run_and_write(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_and_write(args) -> List[Run]:
     start = time.perf_counter()
     runs = run_all(args.quick, args.epochs, args.finetune_epochs, args.seed)
     os.makedirs(args.out, exist_ok=True)

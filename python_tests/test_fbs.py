@@ -217,3 +217,15 @@ def test_errors():
         m(torch.randn(2, 6, 9, 9), torch.ones(2, 5))
     with pytest.raises(ValueError, match="pads asymmetrically"):
         FBSConv2d(4, 4, 2, padding="same")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resnet18_sparse_equals_masked_on_gpu_channels_last(dtype):
+    """Unverified here (no GPU): the CUDA channel-sparse kernel under the FBS fold."""
+    torch.manual_seed(0)
+    model = trained_stats(fbs_resnet18(10, stem="cifar", width=0.25), 16).cuda().to(dtype)
+    x = torch.randn(5, 3, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        sparse, masked = both(model, lambda: model(x))
+    assert_close(sparse.float(), masked.float(), rtol=RTOL if dtype == torch.float32 else 0.05)

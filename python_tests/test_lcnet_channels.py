@@ -150,3 +150,15 @@ def test_dense_baseline_and_errors():
     assert isinstance(branch, ChannelGatedBranch)
     with pytest.raises(ValueError, match="the salience must be set"):
         branch(torch.randn(2, 64, 8, 8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparse_equals_masked_on_gpu_channels_last(dtype):
+    """Unverified here (no GPU): SkipBlock and the channel-sparse kernel together on CUDA."""
+    torch.manual_seed(0)
+    model = trained_stats(lcnet_resnet18_cifar(10, width=0.25), 16).cuda().to(dtype)
+    x = torch.randn(5, 3, 16, 16, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        sparse, masked = both(model, lambda: model(x))
+    assert_close(sparse.float(), masked.float(), rtol=RTOL if dtype == torch.float32 else 0.05)

@@ -10,7 +10,7 @@ from dynkernels.models import train_demo  # noqa: E402
 
 
 def test_quick_run_writes_table_json_and_plot(tmp_path):
-    runs = train_demo.main(["--quick", "--out", str(tmp_path)])
+    runs = train_demo.main(["--quick", "--threads", "1", "--out", str(tmp_path)])
     names = [(r.family, r.name) for r in runs]
     assert ("M-CifarNet", "dense") in names and ("M-CifarNet", "FBS") in names
     assert ("ResNet-18", "dense") in names and ("ResNet-18", "LC-Net") in names
