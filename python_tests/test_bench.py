@@ -411,6 +411,7 @@ def test_models_family_runs_and_records_missing_models(monkeypatch):
         assert rows["dense"]["ideal_speedup"] > 1.0
     assert len(built) == 4  # masked base + sparse torch/cpu/auto, built once for both densities
     fbs = next(c for c in cases if c.op == "fbs_resnet18")
+    monkeypatch.setitem(sys.modules, "dynkernels.models.fbs", None)  # a build without the module
     (row,) = r.run_case(fbs)
     assert row["status"] == "skipped" and "dynkernels.models.fbs is not available" in row["reason"], row["reason"]
 
