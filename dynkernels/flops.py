@@ -63,7 +63,8 @@ def register_channel_sparse_formula(op_packet) -> None:
 
 
 def count(fn: Callable, *args, **kwargs) -> int:
-    """Total FLOPs of fn(*args, **kwargs) (no gradient), as FlopCounterMode counts them."""
+    """Total FLOPs of fn(*args, **kwargs) (no gradient), as FlopCounterMode counts them. fn runs
+    twice when its call registers a formula (an op's first use), so that the count includes it."""
     known = len(flop_registry)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         fn(*args, **kwargs)

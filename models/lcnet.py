@@ -232,7 +232,7 @@ class LCNetSaliences(NamedTuple):
     def l1(self, block_weight: float = 1.0, channel_weight: float = 1.0) -> torch.Tensor:
         """The salience L1 penalty: block_weight * mean |S_L| + channel_weight * mean over the
         blocks of mean |S_C| (means over samples and units, so the weights do not depend on
-        the depth or width). Add it to the task loss to push saliences to 0 (skips)."""
+        the depth or width). Add it to the classification loss to push saliences to 0 (skips)."""
         parts = []
         if self.blocks is not None:
             parts.append(block_weight * self.blocks.abs().mean())

@@ -38,7 +38,7 @@ BETA_INIT = 0.1  # the reference's constant per-channel shift
 
 def check_fbs_density(owner: str, density) -> float:
     if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0.0 < density <= 1.0:
-        raise ValueError(f"{owner}: density must be a number in (0, 1], got {density!r}")
+        raise ValueError(f"{owner}: density must be in (0, 1], got {density!r}")
     return float(density)
 
 
