@@ -7,7 +7,9 @@ CUDA, dynkernels.triton, dynkernels.reference).
 from ._version import __version__
 from ._extension import build_info, cuda_kernels_compiled, triton_available
 from . import reference
+from . import flops
 from . import ops
+from .flops import FlopCount, model_flops
 from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows, scatter_rows
 
 __all__ = [
@@ -22,4 +24,7 @@ __all__ = [
     "scatter_add_rows",
     "scatter_rows",
     "channel_sparse_conv2d",
+    "flops",
+    "FlopCount",
+    "model_flops",
 ]

@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynkernels import flops
 from dynkernels.nn.skip_block import SkipPlan, check_execution, gather_kept, merge_kept
 from dynkernels.ops import check_backend
 from dynkernels.ops import _checks
@@ -220,36 +221,25 @@ class BlockDropResNet(nn.Module):
 
     # ------------------------------------------------------------------------- FLOPs
     def _count_flops(self, input_size: int):
-        """(FLOPs of the parts every sample runs, FLOPs of each block's branch), one sample."""
-        owner = {}
-        for t, _, _, branch in self._stages():
-            for m in branch.modules():
-                owner[m] = t
-        per_block = [0.0] * self.num_blocks
-        fixed = [0.0]
-
-        def count(module, inputs, output):
-            if isinstance(module, nn.Conv2d):
-                macs = output.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
-            else:
-                macs = module.in_features * module.out_features
-            if module in owner:
-                per_block[owner[module]] += 2.0 * macs
-            else:
-                fixed[0] += 2.0 * macs
-
-        hooks = [m.register_forward_hook(count) for m in self.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        """(FLOPs of the parts every sample runs, FLOPs of each block's branch), one sample,
+        counted by dynkernels.flops from the layers that run (a dense forward, then each
+        branch on the input it saw)."""
+        inputs = {}
+        hooks = [
+            branch.register_forward_pre_hook(lambda m, args, t=t: inputs.__setitem__(t, args[0]))
+            for t, _, _, branch in self._stages()
+        ]
         was_training = self.training
         p = next(self.parameters())
         try:
             self.eval()
-            with torch.no_grad():
-                self.forward(torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+            total = flops.count(self.forward, torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
+            per_block = [float(flops.count(branch, inputs[t])) for t, _, _, branch in self._stages()]
         finally:
             self.train(was_training)
             for h in hooks:
                 h.remove()
-        return fixed[0], torch.tensor(per_block, dtype=torch.float64)
+        return total - sum(per_block), torch.tensor(per_block, dtype=torch.float64)
 
     def _flops(self, input_size):
         size = self.input_size if input_size is None else int(input_size)

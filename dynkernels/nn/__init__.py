@@ -1,11 +1,16 @@
-"""Modules: GatedConv2d, sample-gated block wrappers and gates."""
-from .gated_conv import GatedConv2d, convert, fbs_gate
+"""Modules: GatedConv2d, FBS layers, sample-gated block wrappers and gates."""
+from .fbs import FBSConv2d, fbs_convert, fbs_gate
+from .fold import fold_batchnorm
+from .gated_conv import GatedConv2d, convert
 from .skip_block import RowPlan, SkipBlock, SkipPlan, SkipSequential, gather_kept, merge_kept
 
 __all__ = [
     "GatedConv2d",
     "convert",
     "fbs_gate",
+    "FBSConv2d",
+    "fbs_convert",
+    "fold_batchnorm",
     "SkipBlock",
     "SkipPlan",
     "SkipSequential",

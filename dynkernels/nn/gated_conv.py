@@ -1,11 +1,9 @@
 """GatedConv2d: a drop-in nn.Conv2d that can compute only the active channels of each sample,
-convert() to swap it into an existing model, and fbs_gate(), FBS's channel saliency gate."""
-import math
+and convert() to swap it into an existing model."""
 from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..ops import channel_sparse_conv2d, check_backend
 from ..ops.channel_sparse_conv2d import check_density
@@ -131,20 +129,3 @@ def convert(
                 setattr(module, child_name, GatedConv2d.from_conv(child, backend=backend))
     return model
 
-
-def fbs_gate(x: torch.Tensor, fc: nn.Linear, density: float) -> torch.Tensor:
-    """FBS channel saliency (Gao et al., ICLR'19): k-winners-take-all of ReLU(fc(GAP(x))).
-
-    x [N, C, H, W]; fc maps C to Cout. Keeps the ceil(density * Cout) largest saliencies of each
-    sample (their values; the rest are 0). The result is an out_gate [N, Cout] for GatedConv2d.
-    """
-    if not 0.0 < density <= 1.0:
-        raise ValueError(f"fbs_gate: density must be in (0, 1], got {density!r}")
-    if x.dim() != 4:
-        raise ValueError(f"fbs_gate: x must be [N, C, H, W], got shape {tuple(x.shape)}")
-    saliency = F.relu(fc(x.mean(dim=(2, 3))))
-    k = math.ceil(density * saliency.shape[1])
-    if k >= saliency.shape[1]:
-        return saliency
-    top = saliency.topk(k, dim=1)
-    return torch.zeros_like(saliency).scatter(1, top.indices, top.values)

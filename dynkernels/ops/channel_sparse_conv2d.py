@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .. import reference, tuned_configs
 from .._extension import cuda_kernels_compiled, triton_available
+from ..flops import register_channel_sparse_formula
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
@@ -193,6 +194,7 @@ def _register_autograd(conv_op):
 
 
 _register_autograd(_lib.channel_sparse_conv2d.default)
+register_channel_sparse_formula(_lib.channel_sparse_conv2d)  # FlopCounterMode: active triples only
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,6 +203,7 @@ def _triton():
     from ..triton import channel_sparse_conv2d as triton_conv
 
     _register_autograd(triton_conv.channel_sparse_conv2d_triton)
+    register_channel_sparse_formula(_lib.channel_sparse_conv2d_triton)
     return triton_conv
 
 

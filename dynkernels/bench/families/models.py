@@ -50,7 +50,7 @@ def _sweep(cfg: RunConfig):
 
 BLOCKDROP = {"resnet110_cifar": ({"num_classes": 10}, "policy_net_cifar"),
              "resnet101_imagenet": ({"num_classes": 1000}, "policy_net_imagenet")}
-OTHERS = {"fbs_resnet18": ("fbs", "resnet18"), "lcnet_resnet50": ("lcnet", "resnet50")}  # (module, constructor)
+OTHERS = {"fbs_resnet18": ("fbs", "fbs_resnet18"), "lcnet_resnet50": ("lcnet", "resnet50")}  # (module, constructor)
 
 
 def _import(module: str):
