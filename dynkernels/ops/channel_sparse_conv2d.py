@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 
 from .. import reference
+from .._extension import _C
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
@@ -200,7 +201,21 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- public op
-def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
+@functools.lru_cache(maxsize=None)
+def cuda_conv_configs() -> tuple:
+    """The CUDA kernel's tile configurations, one dict per `config` id (dynkernels._C.cuda_conv_configs());
+    empty without CUDA kernels, or where the kernels come from the CMake library instead of dynkernels._C."""
+    return tuple(_C.cuda_conv_configs()) if _C is not None else ()
+
+
+def check_config(op: str, config) -> int:
+    """config: -1 (the kernel's own choice) or an int >= 0 (a tile configuration id)."""
+    if isinstance(config, bool) or not isinstance(config, int) or config < -1:
+        raise ValueError(f"{op}: config must be -1 (the CUDA kernel's own choice) or a tile configuration id >= 0, got {config!r}")
+    return config
+
+
+def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, backend: str, config: int) -> str:
     """Limits of the hand-written CUDA kernel, checked here rather than by its own TORCH_CHECKs:
     on the H100 test machine (torch 2.11+cu130) an error thrown inside the nvcc-compiled
     extension crashed the process instead of raising (see README, "Known issues")."""
@@ -210,6 +225,20 @@ def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
         raise TypeError("channel_sparse_conv2d: backend='cuda' supports float32, float16 and bfloat16 x, got float64 (use backend='torch' or 'auto')")
     if x.shape[0] > 65535:
         raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most 65535 samples, got {x.shape[0]}")
+    cout, kc = weight.shape[0], -(-x.shape[1] // 8) * 8  # kc: channels padded to 16-byte vectors
+    if cout > 65535 * 64:
+        raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most {65535 * 64} output channels, got {cout}")
+    if x.shape[2] * x.shape[3] * kc > 2**31 - 1 or cout * weight.shape[2] * weight.shape[3] * kc > 2**31 - 1:
+        raise ValueError(
+            "channel_sparse_conv2d: backend='cuda' needs H * W * Cin and Cout * kh * kw * Cin (Cin rounded up to a "
+            f"multiple of 8) below 2^31, got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}"
+        )
+    n = len(cuda_conv_configs())
+    if config >= n:
+        raise ValueError(
+            f"channel_sparse_conv2d: config {config} is not a tile configuration of the CUDA kernel: use -1 "
+            f"(its own choice) or an id in [0, {n}) of dynkernels._C.cuda_conv_configs()"
+        )
     return "cuda"
 
 
@@ -226,6 +255,7 @@ def channel_sparse_conv2d(
     shift: Optional[torch.Tensor] = None,
     backend: str = "auto",
     density: Optional[float] = None,
+    config: int = -1,
 ) -> torch.Tensor:
     """conv2d computing only channels with out_gate > 0 (scaled by it) from inputs with in_gate > 0.
 
@@ -237,15 +267,19 @@ def channel_sparse_conv2d(
     k-winners-take-all): the expected fraction of the dense conv's FLOPs that the gates leave
     active (output density, times input density when in_gate is given). It is a hint for
     backend="auto" only and is never checked against the gates.
+
+    config: the tile configuration of the CUDA kernel (an id of dynkernels._C.cuda_conv_configs(),
+    or -1 for its choice by layer shape); the other backends ignore it.
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     check_density("channel_sparse_conv2d", density)
+    check_config("channel_sparse_conv2d", config)
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
-        b = _check_cuda_kernel_args(x, backend)
+        b = _check_cuda_kernel_args(x, weight, backend, config)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
         return _triton().channel_sparse_conv2d_triton(*args)
-    return _lib.channel_sparse_conv2d(*args)
+    return _lib.channel_sparse_conv2d(*args, config if b == "cuda" else -1)
