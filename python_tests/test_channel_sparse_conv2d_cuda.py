@@ -32,7 +32,9 @@ CONFIGS = [-1] + [c["id"] for c in cuda_conv_configs()]
 # (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation): partial M, N and K tiles (tiles
 # are 64 or 128 channels x 64 or 128 pixels x 32 or 64 input channels), several tiles along M
 # and N, Cin not a multiple of 8, N = 1, 1x1 / 3x3 / 5x5 / 7x7 and non-square kernels, stride 2,
-# dilation 2.
+# dilation 2. With an input gate, the shapes with at least 4 pixel tiles per sample (the 20x20
+# output, and 15x15 with 64-pixel tiles) run the GEMM on per-sample compacted weight rows, the
+# others gather the weight in the GEMM (compact_weights_per_sample).
 SHAPES = [
     (2, 16, 9, 11, 24, (3, 3), 1, 1, 1),
     (1, 3, 17, 13, 70, (3, 3), 2, 1, 1),

@@ -12,7 +12,10 @@
 //     aligned, no in_gate); otherwise gather_nhwc_kernel (any strides) or
 //     gather_nhwc_from_channels_last_kernel (channel stride 1) writes a buffer holding, per
 //     sample, only the active input channels (compacted to j < count, zeros up to Kc).
-//  3. The weight as [Cout, KH, KW, Kc] (zero padded).
+//  3. The weight as [Cout, KH, KW, Kc] (zero padded). With an input gate, where a sample has
+//     many pixel tiles (compact_weights_per_sample), compact_weight_rows_kernel also writes each
+//     sample's weight rows restricted to its active input channels, so that the GEMM reads them
+//     with 16-byte loads instead of gathering them in every pixel tile.
 //  4. channel_sparse_conv2d_gemm_kernel (channel_sparse_conv2d_gemm.cuh): the implicit GEMM over
 //     active output channels x output pixels x (kernel window x active input channels):
 //     cp.async pipeline, ldmatrix and mma.sync tensor cores for fp16/bf16 (fp32 accumulation),
@@ -144,6 +147,35 @@ __global__ void gather_nhwc_from_channels_last_kernel(const Raw* __restrict__ x,
   const int ca = in_count ? in_count[n] : Cin;
   const int* list = in_list ? in_list + (int64_t)n * Cin : nullptr;
   for (int j = threadIdx.x & 31; j < Kc; j += 32) dst[j] = j < ca ? src[list ? list[j] : j] : Raw(0);
+}
+
+// wc[n, m, rs, j] = wt[out_list[n, m], rs, in_list[n, j]] for j < in_count[n], 0 for
+// in_count[n] <= j < Kc: sample n's weight rows (active output channels m < out_count[n], in
+// their compacted order) restricted to its active input channels, k-contiguous. Rows past the
+// active count are not written (the GEMM never reads them). grid: (Cout, N); block: 128; one
+// 16-byte vector of consecutive j per thread and step.
+template <typename Raw>
+__global__ void compact_weight_rows_kernel(const Raw* __restrict__ wt, int taps, int Kc, int Cin, int Cout,
+                                           const int* __restrict__ out_list, const int* __restrict__ out_count,
+                                           const int* __restrict__ in_list, const int* __restrict__ in_count,
+                                           Raw* __restrict__ wc) {
+  constexpr int VEC = 16 / sizeof(Raw);
+  const int n = blockIdx.y, m = blockIdx.x;
+  if (m >= out_count[n]) return;
+  const int ca = in_count[n];
+  const int* list = in_list + (int64_t)n * Cin;
+  const Raw* src = wt + (int64_t)out_list[(int64_t)n * Cout + m] * taps * Kc;
+  uint4* dst = reinterpret_cast<uint4*>(wc + ((int64_t)n * Cout + m) * taps * Kc);
+  for (int v = threadIdx.x; v < taps * Kc / VEC; v += blockDim.x) {
+    const int rs = v * VEC / Kc, j0 = v * VEC - rs * Kc;
+    union {
+      uint4 u;
+      Raw r[VEC];
+    } out;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i) out.r[i] = j0 + i < ca ? src[rs * Kc + list[j0 + i]] : Raw(0);
+    dst[v] = out.u;
+  }
 }
 
 // ------------------------------------------------------------------------------ host side
@@ -359,6 +391,24 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
   P.y_sn = y.stride(0); P.y_sc = y.stride(1); P.y_sp = y.stride(3);
   P.pixel_major = fmt == at::MemoryFormat::ChannelsLast;
   const int cfg = config >= 0 ? static_cast<int>(config) : default_tile_config(Cout, Ho * Wo);
+  const int bn = dtype == at::kFloat ? kFmaTileConfig.bn : kTileConfigs[cfg].bn;
+  Tensor wc;
+  if (in_gate.has_value() && compact_weights_per_sample(Ho * Wo, bn, N * Cout * KH * KW * Cpad)) {
+    wc = at::empty({N, Cout, KH * KW, Cpad}, weight.options());
+    const dim3 grid(Cout, N);
+    if (dtype == at::kFloat)
+      compact_weight_rows_kernel<uint32_t><<<grid, 128, 0, stream>>>(
+          static_cast<const uint32_t*>(P.wt), KH * KW, Cpad, Cin, Cout, P.out_list, P.out_count, in_list_p, in_count_p,
+          static_cast<uint32_t*>(wc.mutable_data_ptr()));
+    else
+      compact_weight_rows_kernel<uint16_t><<<grid, 128, 0, stream>>>(
+          static_cast<const uint16_t*>(P.wt), KH * KW, Cpad, Cin, Cout, P.out_list, P.out_count, in_list_p, in_count_p,
+          static_cast<uint16_t*>(wc.mutable_data_ptr()));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    P.wt = wc.const_data_ptr();
+    P.w_sample_stride = Cout * KH * KW * Cpad;
+    P.in_list = nullptr;  // the GEMM reads the compacted rows like an ungated weight (in_count: its K extent)
+  }
   const int device = x.device().index();
   switch (dtype) {
     case at::kFloat: launch_gemm<float>(cfg, P, device, stream); break;

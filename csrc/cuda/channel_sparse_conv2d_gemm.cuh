@@ -12,9 +12,10 @@
 //    count and the image border), STAGES - 1 K tiles in flight while the tensor cores work on
 //    the oldest: ldmatrix.x4 (LDSM) from XOR-swizzled rows into mma.sync.m16n8k16 (HMMA) with
 //    fp32 accumulators. With an input gate the A operand (the weight restricted to the
-//    sample's active input channels) is gathered element by element instead: its global loads
-//    for stage t + STAGES - 1 are issued before the MMAs of stage t and stored to shared
-//    memory after them. Warps whose rows are all past the active count, and fragments whose
+//    sample's active input channels) either comes compacted per sample by the host's prologue
+//    (then it is read like an ungated weight) or, in the GATHER_K instantiations, is gathered
+//    element by element: its global loads for stage t + STAGES - 1 are issued before the MMAs
+//    of stage t and stored to shared memory after them. Warps whose rows are all past the active count, and fragments whose
 //    pixels are past the image or whose channels are past the active input count, skip their
 //    MMAs.
 //  - Epilogue: the accumulators go through a padded fp32 staging tile (aliasing the ring) so
@@ -247,7 +248,7 @@ __global__ void __launch_bounds__(threads_of(Compute::tile)) channel_sparse_conv
     if (m0 + m < P.Cout) {
       r.channel = P.out_list[(int64_t)n * P.Cout + m0 + m];
       if (m0 + m < count) {
-        r.w_off = r.channel * taps * P.Kc;  // < 2^31: checked by the host
+        r.w_off = weight_row_offset(P, m0 + m, r.channel);  // < 2^31: checked by the host
         r.gate = P.out_gate[(int64_t)n * P.Cout + r.channel];
         r.bias = P.bias ? static_cast<float>(static_cast<const T*>(P.bias)[r.channel]) : 0.0f;
         r.shift = P.shift ? static_cast<float>(static_cast<const T*>(P.shift)[r.channel]) : 0.0f;
@@ -258,10 +259,10 @@ __global__ void __launch_bounds__(threads_of(Compute::tile)) channel_sparse_conv
   __syncthreads();
 
   if (m0 < count) {  // block-uniform: the barriers inside are reached by all threads or none
-    const Raw* const wt = static_cast<const Raw*>(P.wt);
+    const Raw* const wt = static_cast<const Raw*>(P.wt) + n * P.w_sample_stride;
     const Raw* const xb = static_cast<const Raw*>(P.xb);
     const int* const in_list_n = GATHER_K ? P.in_list + (int64_t)n * P.Cin : nullptr;
-    const int ca = GATHER_K ? P.in_count[n] : P.Cin;  // reduction channels per tap
+    const int ca = P.in_count ? P.in_count[n] : P.Cin;  // reduction channels per tap
     const int chunks = (ca + L::BK - 1) / L::BK;
     const int tiles = taps * chunks;  // K tiles; 0 when no input channel is active
     const int rows = count - m0, cols = HWo - p0;

@@ -14,7 +14,10 @@
 // K tile (rs, j0) is BK consecutive channels j0 .. j0 + BK of one kernel tap, so every load is a
 // 16-byte vector (Kc, the channel stride of xb and wt, is a multiple of 8 elements).
 // With an input gate, j runs over the sample's compacted active input channels: xb holds them
-// compacted, and A is gathered element by element: A[m, (rs, j)] = wt[out_list[m], rs, in_list[j]].
+// compacted, and A[m, (rs, j)] = wt[out_list[m], rs, in_list[j]] is either gathered element by
+// element by the GEMM kernel, or (where a sample has many pixel tiles, see
+// compact_weights_per_sample) compacted once per sample by a prologue into k-contiguous rows
+// wt_n[m, rs, j], which the GEMM then reads like an ungated weight.
 #pragma once
 
 #include <cstdint>
@@ -105,6 +108,16 @@ DK_HD constexpr int smem_bytes(const TileConfig& c, int elem_bytes) {
   return row_table_offset(c, elem_bytes) + c.bm * static_cast<int>(sizeof(RowInfo));
 }
 
+// With an input gate: compact each sample's weight rows (active outputs x active inputs) once
+// before the GEMM, rather than gathering them element by element in every pixel tile. Worth its
+// extra pass over those rows (written once, read by every pixel tile of the sample) where a
+// sample has at least 4 pixel tiles; with 1 or 2 (7x7, 14x14) the GEMM reads them about as often.
+// The compacted rows take N x Cout x KH*KW x Kc elements (sized for all channels active): not
+// past 2^27 elements (256 MiB in 16 bits), where the GEMM gathers instead.
+inline bool compact_weights_per_sample(int64_t pixels, int bn, int64_t compacted_elements) {
+  return (pixels + bn - 1) / bn >= 4 && compacted_elements <= (int64_t(1) << 27);
+}
+
 // config = -1. Only the shape is known on the host (the active counts live on the device), so
 // the active count is bounded by Cout: the tile along M is at most Cout rounded up to 64, and
 // along N 64 pixels where a sample has few (7x7: 49 of 64 columns used instead of 49 of 128).
@@ -119,7 +132,10 @@ inline int default_tile_config(int64_t cout, int64_t pixels) {
 // Kc) are int32: the host checks both sizes.
 struct Params {
   const void* xb;         // [N, H, W, Kc] NHWC input (16-byte aligned; channel j < Kc)
-  const void* wt;         // [Cout, KH*KW, Kc] weight (entries Cin <= j < Kc are zero)
+  const void* wt;         // [Cout, KH*KW, Kc] weight (entries Cin <= j < Kc are zero), or per
+                          // sample compacted rows (w_sample_stride > 0)
+  int64_t w_sample_stride;  // 0: wt is shared, row = output channel; else sample n's rows start at
+                            // wt + n * w_sample_stride, row m = the m-th active output channel
   const void* bias;       // [Cout] or nullptr
   const void* shift;      // [Cout] or nullptr: added after the gate scale
   const float* out_gate;  // [N, Cout] float32
@@ -229,6 +245,11 @@ DK_HD Coord epilogue_element(int e, bool pixel_major, int bm, int bn) {
 }
 
 // ------------------------------------------------------------------------- global addresses
+// Element offset of tile row m0 + m's weight row (output channel `channel`) from the sample's
+// weight base (wt + n * w_sample_stride).
+DK_HD int weight_row_offset(const Params& P, int m, int channel) {
+  return (P.w_sample_stride ? m : channel) * (P.KH * P.KW * P.Kc);
+}
 // Top-left input coordinate of output pixel p's window.
 DK_HD Coord window_origin(const Params& P, int p) {
   const int oh = p / P.Wo, ow = p - (p / P.Wo) * P.Wo;
