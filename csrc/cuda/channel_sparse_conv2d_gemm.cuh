@@ -64,6 +64,15 @@ template <int pending> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(pending) : "memory");
 }
 
+// v, opaque to the optimizer: a value computed once stays in its register instead of being
+// recomputed from threadIdx in every iteration of the main loop (which the compiler otherwise
+// prefers for the ldmatrix addresses, at some 30 instructions per stage).
+template <typename I> __device__ __forceinline__ I keep_in_register(I v) {
+  static_assert(sizeof(I) == 4, "one 32-bit register");
+  asm volatile("" : "+r"(v));
+  return v;
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
@@ -104,8 +113,16 @@ template <typename T, int CFG> struct MmaCompute {
   static constexpr int WTM = tile.bm / tile.warps_m, WTN = tile.bn / tile.warps_n;
   static constexpr int MT = WTM / 16, NT = WTN / 8, CPR = tile.bk / 8;
   float acc[MT][NT][4];
+  Coord w;                 // the warp tile's first row and pixel
+  uint32_t a_lane, b_lane;  // this lane's ldmatrix addresses (bytes in a stage) at fragment 0, k step 0
 
-  __device__ __forceinline__ void zero() {
+  // Zero accumulators; the lane's ldmatrix addresses, once (ldmatrix_address steps them).
+  __device__ __forceinline__ void init() {
+    const int lane = threadIdx.x & 31;
+    w = warp_origin(threadIdx.x >> 5, tile.bm, tile.bn, tile.warps_m, tile.warps_n);
+    const Coord la = ldmatrix_a_lane(lane), lb = ldmatrix_b_lane(lane);
+    a_lane = keep_in_register(16u * swizzled_chunk(w.row + la.row, la.col, CPR));
+    b_lane = keep_in_register(16u * swizzled_chunk(w.col + lb.row, lb.col, CPR));
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -115,11 +132,8 @@ template <typename T, int CFG> struct MmaCompute {
   }
 
   __device__ __forceinline__ void step(const Raw* a, const Raw* b, int rows, int cols, int ks) {
-    const int lane = threadIdx.x & 31;
-    const Coord w = warp_origin(threadIdx.x >> 5, tile.bm, tile.bn, tile.warps_m, tile.warps_n);
     if (w.row >= rows || w.col >= cols) return;  // warp-uniform: nothing of this warp is active
     const uint32_t a_base = smem_u32(a), b_base = smem_u32(b);
-    const Coord la = ldmatrix_a_lane(lane), lb = ldmatrix_b_lane(lane);
 #pragma unroll
     for (int kk = 0; kk < tile.bk / 16; ++kk) {
       if (kk * 16 >= ks) break;  // block-uniform
@@ -127,12 +141,11 @@ template <typename T, int CFG> struct MmaCompute {
       uint32_t bf[NT][2];
 #pragma unroll
       for (int mi = 0; mi < MT; ++mi)
-        if (w.row + mi * 16 < rows)
-          ldmatrix_x4(af[mi], a_base + 16u * swizzled_chunk(w.row + mi * 16 + la.row, 2 * kk + la.col, CPR));
+        if (w.row + mi * 16 < rows) ldmatrix_x4(af[mi], a_base + ldmatrix_address(a_lane, mi, kk, CPR));
 #pragma unroll
       for (int nj = 0; nj < NT / 2; ++nj) {
         uint32_t r[4];
-        ldmatrix_x4(r, b_base + 16u * swizzled_chunk(w.col + nj * 16 + lb.row, 2 * kk + lb.col, CPR));
+        ldmatrix_x4(r, b_base + ldmatrix_address(b_lane, nj, kk, CPR));
         bf[2 * nj][0] = r[0];
         bf[2 * nj][1] = r[1];
         bf[2 * nj + 1][0] = r[2];
@@ -149,7 +162,6 @@ template <typename T, int CFG> struct MmaCompute {
   // Accumulators -> staging tile (every element of the warp tile, skipped fragments hold 0).
   __device__ __forceinline__ void stage(float* st, bool pixel_major) const {
     const int lane = threadIdx.x & 31;
-    const Coord w = warp_origin(threadIdx.x >> 5, tile.bm, tile.bn, tile.warps_m, tile.warps_n);
 #pragma unroll
     for (int mi = 0; mi < MT; ++mi)
 #pragma unroll
@@ -171,7 +183,7 @@ struct FmaCompute {
   static_assert(threads_of(tile) == 128 && tile.bm == 64 && tile.bn == 64, "the thread mapping below");
   float acc[8][4];
 
-  __device__ __forceinline__ void zero() {
+  __device__ __forceinline__ void init() {
 #pragma unroll
     for (int i = 0; i < 8; ++i)
 #pragma unroll
@@ -267,40 +279,51 @@ __global__ void __launch_bounds__(threads_of(Compute::tile)) channel_sparse_conv
     const int tiles = taps * chunks;  // K tiles; 0 when no input channel is active
     const int rows = count - m0, cols = HWo - p0;
 
-    // Per-thread copy state, constant over the K loop: the weight rows of its A chunks, the
-    // window origins of its B chunks (pixel rows), its chunk column and its destinations.
-    int a_w_off[L::A_CHUNKS];
+    // Per-thread copy state, constant over the K loop: the weight-row offsets of its A chunks
+    // (-1: inactive row), the window origins and pixel offsets of its B chunks (a bit per valid
+    // pixel), its chunk column and its destinations. Per stage, only the block-uniform tap and
+    // channel offsets are added.
+    int a_off[L::A_CHUNKS];
     Coord b_origin[L::B_CHUNKS];
+    int b_off[L::B_CHUNKS];
     uint32_t b_pixel_valid = 0;
+    const Coord q0 = load_chunk(tid, 0, L::THREADS, L::CPR);  // round i: row q0.row + i * THREADS / CPR
+    const int col = q0.col * L::VEC;                          // the chunk's first channel within a stage
 #pragma unroll
-    for (int i = 0; i < L::A_CHUNKS; ++i) a_w_off[i] = row_info[load_chunk(tid, i, L::THREADS, L::CPR).row].w_off;
+    for (int i = 0; i < L::A_CHUNKS; ++i) {
+      const int w_off = row_info[load_chunk(tid, i, L::THREADS, L::CPR).row].w_off;
+      a_off[i] = w_off < 0 ? -1 : w_off + col;
+    }
 #pragma unroll
     for (int i = 0; i < L::B_CHUNKS; ++i) {
       const int p = p0 + load_chunk(tid, i, L::THREADS, L::CPR).row;
       b_origin[i] = window_origin(P, p < HWo ? p : 0);
+      b_off[i] = b_pixel_offset(P, b_origin[i]) + col;
       b_pixel_valid |= uint32_t(p < HWo) << i;
     }
-    const Coord q0 = load_chunk(tid, 0, L::THREADS, L::CPR);  // round i: row q0.row + i * THREADS / CPR
     const uint32_t dst0 = 16u * swizzled_chunk(q0.row, q0.col, L::CPR);
     const uint32_t sA_u32 = smem_u32(sA), sB_u32 = smem_u32(sB);
     const Raw* const x_n = xb + (int64_t)n * P.H * P.W * P.Kc;
 
-    // K tile kt -> ring slot: cp.async of B (and of A without an input gate).
+    // K tile kt -> ring slot: cp.async of B (and of A without an input gate). The offsets are
+    // a_chunk_offset and b_chunk_offset (channels_sparse_conv2d_tiles.h) in their split form.
     auto issue = [&](int slot, const KTileIter& kt) {
-      const int j = kt.j0 + q0.col * L::VEC;
+      const bool j_inside = kt.j0 + col < P.Kc;
       if (!GATHER_K) {
         const uint32_t dst = sA_u32 + slot * (L::STAGE_A * sizeof(Raw)) + dst0;
+        const int stage_off = kt.rs * P.Kc + kt.j0;
 #pragma unroll
         for (int i = 0; i < L::A_CHUNKS; ++i) {
-          const int off = a_chunk_offset(P, a_w_off[i], kt.rs, j);
-          cp_async_16(dst + 16u * i * L::THREADS, wt + (off < 0 ? 0 : off), off >= 0);
+          const bool valid = j_inside && a_off[i] >= 0;  // then the offset is >= 0: unsigned, no sign extension
+          cp_async_16(dst + 16u * i * L::THREADS, wt + (valid ? uint32_t(a_off[i] + stage_off) : 0u), valid);
         }
       }
       const uint32_t dst = sB_u32 + slot * (L::STAGE_B * sizeof(Raw)) + dst0;
+      const int stage_off = b_tap_offset(P, kt.r, kt.s) + kt.j0;
 #pragma unroll
       for (int i = 0; i < L::B_CHUNKS; ++i) {
-        const int off = (b_pixel_valid >> i) & 1u ? b_chunk_offset(P, b_origin[i], kt.r, kt.s, j) : -1;
-        cp_async_16(dst + 16u * i * L::THREADS, x_n + (off < 0 ? 0 : off), off >= 0);
+        const bool valid = j_inside && ((b_pixel_valid >> i) & 1u) && b_tap_inside(P, b_origin[i], kt.r, kt.s);
+        cp_async_16(dst + 16u * i * L::THREADS, x_n + (valid ? uint32_t(b_off[i] + stage_off) : 0u), valid);
       }
     };
 
@@ -335,7 +358,7 @@ __global__ void __launch_bounds__(threads_of(Compute::tile)) channel_sparse_conv
     };
 
     Compute comp;
-    comp.zero();
+    comp.init();
     // Prologue: K tiles 0 .. STAGES - 2 into slots 0 .. STAGES - 2, one commit group each (empty
     // groups past the last tile keep the group count uniform for cp_async_wait).
     KTileIter next = KTileIter::first();  // the next K tile to issue

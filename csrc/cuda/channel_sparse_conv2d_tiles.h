@@ -128,8 +128,8 @@ inline int default_tile_config(int64_t cout, int64_t pixels) {
 }
 
 // ------------------------------------------------------------------------- kernel arguments
-// Element offsets within one sample's input (H * W * Kc) and within the weight (Cout * KH * KW *
-// Kc) are int32: the host checks both sizes.
+// Element offsets within one sample's (padded) input ((H + 2 ph) * (W + 2 pw) * Kc) and within the
+// weight (Cout * KH * KW * Kc) are int32: the host checks both sizes.
 struct Params {
   const void* xb;         // [N, H, W, Kc] NHWC input (16-byte aligned; channel j < Kc)
   const void* wt;         // [Cout, KH*KW, Kc] weight (entries Cin <= j < Kc are zero), or per
@@ -222,6 +222,15 @@ DK_HD Coord ldmatrix_a_lane(int lane) { return {(lane & 7) + ((lane >> 3) & 1) *
 // first n8 fragment, then b0, b1 of the second.
 DK_HD Coord ldmatrix_b_lane(int lane) { return {(lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1}; }
 
+// A lane's ldmatrix address (bytes within a stage) for 16-row fragment f at k16 step kk, from its
+// address at (0, 0), 16 * swizzled_chunk(row0 + l.row, l.col) with row0 % 16 == 0: 16 more rows
+// are whole groups of 8 lines (an add of 16 * cpr chunks) and chunk l.col + 2 kk = l.col ^ 2 kk
+// flips chunk bits only (an XOR), and the swizzle commutes with both (the CPU test checks it),
+// so the kernel computes the swizzle once per lane and then one XOR per k step.
+DK_HD uint32_t ldmatrix_address(uint32_t at_origin, int f, int kk, int cpr) {
+  return (at_origin ^ (uint32_t(kk) << 5)) + uint32_t(f) * 256u * uint32_t(cpr);
+}
+
 // mma.m16n8k16 accumulator element e (< 4) of a lane: row lane / 4 (+ 8 for e >= 2), column
 // 2 (lane % 4) + e % 2 of the 16 x 8 fragment.
 DK_HD int acc_row(int lane, int e) { return (lane >> 2) + ((e >> 1) << 3); }
@@ -258,11 +267,18 @@ DK_HD Coord window_origin(const Params& P, int p) {
 // Element offset within sample n's input (xb + n * H * W * Kc) of the 16-byte B chunk at channel
 // j, at tap (r, s) of the window whose origin is `o`; -1 where the chunk is zero-filled instead
 // (outside the image, or j past the channels). Chunks are 16-byte aligned: Kc and j are
-// multiples of 8 elements.
+// multiples of 8 elements. The offset splits into a per-thread part (its pixel, fixed over the
+// K loop), a per-stage part (the tap, the same for the whole block) and j, which is how the
+// kernel computes it; the CPU test checks the split against the direct (ih * W + iw) * Kc + j.
+// All parts are int32: the host checks (H + 2 ph) * (W + 2 pw) * Kc < 2^31.
+DK_HD int b_pixel_offset(const Params& P, Coord o) { return (o.row * P.W + o.col) * P.Kc; }
+DK_HD int b_tap_offset(const Params& P, int r, int s) { return (r * P.dil_h * P.W + s * P.dil_w) * P.Kc; }
+DK_HD bool b_tap_inside(const Params& P, Coord o, int r, int s) {
+  return unsigned(o.row + r * P.dil_h) < unsigned(P.H) && unsigned(o.col + s * P.dil_w) < unsigned(P.W);
+}
 DK_HD int b_chunk_offset(const Params& P, Coord o, int r, int s, int j) {
-  const int ih = o.row + r * P.dil_h, iw = o.col + s * P.dil_w;
-  if (ih < 0 || ih >= P.H || iw < 0 || iw >= P.W || j >= P.Kc) return -1;
-  return (ih * P.W + iw) * P.Kc + j;
+  if (!b_tap_inside(P, o, r, s) || j >= P.Kc) return -1;
+  return b_pixel_offset(P, o) + b_tap_offset(P, r, s) + j;
 }
 // Element offset in wt of the A chunk at channel j of tap rs of the weight row at w_off; -1 where
 // zero-filled (inactive row, or j past the channels).

@@ -96,6 +96,22 @@ static void check_swizzle() {
     }
 }
 
+// b_chunk_offset's split form against the direct offset, over origins around a padded image.
+static void check_b_offsets() {
+  Params P{};
+  P.H = 7; P.W = 9; P.Kc = 24; P.dil_h = 2; P.dil_w = 1;
+  for (int oh = -3; oh < 9; ++oh)
+    for (int ow = -3; ow < 11; ++ow)
+      for (int r = 0; r < 3; ++r)
+        for (int s = 0; s < 4; ++s)
+          for (int j : {0, 8, 16, 24}) {
+            const int ih = oh + r * P.dil_h, iw = ow + s * P.dil_w;
+            const bool inside = ih >= 0 && ih < P.H && iw >= 0 && iw < P.W && j < P.Kc;
+            const int want = inside ? (ih * P.W + iw) * P.Kc + j : -1;
+            CHECK(b_chunk_offset(P, Coord{oh, ow}, r, s, j) == want, "origin (%d, %d) tap (%d, %d) j %d", oh, ow, r, s, j);
+          }
+}
+
 static void check_k_tiles() {
   for (int chunks : {1, 2, 3, 16})
     for (int kh : {1, 3})
@@ -183,7 +199,11 @@ static void check_ldmatrix_banks() {
               for (int lane = 8 * mat; lane < 8 * mat + 8; ++lane) {
                 const Coord l = operand == 0 ? ldmatrix_a_lane(lane) : ldmatrix_b_lane(lane);
                 const int base = operand == 0 ? w.row : w.col;
-                slots.insert(swizzled_chunk(base + 16 * f + l.row, 2 * kk + l.col, cpr) & 7);
+                const uint32_t direct = 16u * swizzled_chunk(base + 16 * f + l.row, 2 * kk + l.col, cpr);
+                const uint32_t origin = 16u * swizzled_chunk(base + l.row, l.col, cpr);
+                CHECK(ldmatrix_address(origin, f, kk, cpr) == direct, "%s warp %d lane %d f %d kk %d: stepped address",
+                      k.name, warp, lane, f, kk);
+                slots.insert(direct / 16 & 7);
               }
               CHECK(slots.size() == 8, "%s warp %d operand %d fragment %d: ldmatrix conflict", k.name, warp, operand, f);
             }
@@ -408,16 +428,25 @@ static std::vector<double> emulate(const Case& k, const Problem& pr, const Data&
                   ++dst_n[chunk * sp.vec + e];
                 }
               };
+              // The kernel's split offsets (per-thread part + per-stage part), next to the direct ones.
+              const int col = q0.col * sp.vec;
               if (!gather_k)
                 for (int i = 0; i < sp.a_chunks; ++i) {
                   const Coord q = load_chunk(tid, i, T, sp.cpr);
-                  const int off = a_chunk_offset(P, rows_info[q.row].w_off, kt.rs, j);
+                  const int w_off = rows_info[q.row].w_off;
+                  const int a_off = w_off < 0 ? -1 : w_off + col;
+                  const bool valid = kt.j0 + col < P.Kc && a_off >= 0;
+                  const int off = valid ? a_off + kt.rs * P.Kc + kt.j0 : -1;
+                  CHECK(off == a_chunk_offset(P, w_off, kt.rs, j), "%s: A offset", k.name);
                   copy(sA, sA_n, swizzled_chunk(q.row, q.col, sp.cpr), weights, off, w_base, (long)weights.size());
                 }
               for (int i = 0; i < sp.b_chunks; ++i) {
                 const Coord q = load_chunk(tid, i, T, sp.cpr);
                 const int p = p0 + q.row;
-                const int off = p < HWo ? b_chunk_offset(P, window_origin(P, p), kt.r, kt.s, j) : -1;
+                const Coord o = window_origin(P, p < HWo ? p : 0);
+                const bool valid = kt.j0 + col < P.Kc && p < HWo && b_tap_inside(P, o, kt.r, kt.s);
+                const int off = valid ? b_pixel_offset(P, o) + col + b_tap_offset(P, kt.r, kt.s) + kt.j0 : -1;
+                CHECK(off == (p < HWo ? b_chunk_offset(P, o, kt.r, kt.s, j) : -1), "%s: B offset", k.name);
                 copy(sB, sB_n, swizzled_chunk(q.row, q.col, sp.cpr), d.xb, off, (long)n * P.H * P.W * P.Kc,
                      (long)d.xb.size());
               }
@@ -448,17 +477,18 @@ static std::vector<double> emulate(const Case& k, const Problem& pr, const Data&
                 const Coord w = warp_origin(warp, c.bm, c.bn, c.warps_m, c.warps_n);
                 if (w.row >= rows || w.col >= cols) continue;
                 for (int kk = 0; kk < c.bk / 16 && kk * 16 < ks; ++kk) {
+                  // The kernel's addresses: the lane's origin, stepped by ldmatrix_address (bytes; 16-bit elements).
                   std::vector<Frag> bf(NT / 2);
                   for (int nj = 0; nj < NT / 2; ++nj)
                     bf[nj] = ldmatrix_x4(sB, [&](int lane) {
                       const Coord l = ldmatrix_b_lane(lane);
-                      return swizzled_chunk(w.col + nj * 16 + l.row, 2 * kk + l.col, sp.cpr) * sp.vec;
+                      return (int)ldmatrix_address(16u * swizzled_chunk(w.col + l.row, l.col, sp.cpr), nj, kk, sp.cpr) / 2;
                     });
                   for (int mi = 0; mi < MT; ++mi) {
                     if (w.row + mi * 16 >= rows) continue;
                     const Frag af = ldmatrix_x4(sA, [&](int lane) {
                       const Coord l = ldmatrix_a_lane(lane);
-                      return swizzled_chunk(w.row + mi * 16 + l.row, 2 * kk + l.col, sp.cpr) * sp.vec;
+                      return (int)ldmatrix_address(16u * swizzled_chunk(w.row + l.row, l.col, sp.cpr), mi, kk, sp.cpr) / 2;
                     });
                     for (int ni = 0; ni < NT; ++ni) {
                       float(&acc)[32][4] = *reinterpret_cast<float(*)[32][4]>(
@@ -569,6 +599,7 @@ int main() {
   check_configs();
   check_swizzle();
   check_k_tiles();
+  check_b_offsets();
   check_copy_maps();
   check_ldmatrix_banks();
   check_emulation();
