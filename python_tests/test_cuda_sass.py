@@ -1,8 +1,8 @@
 """The machine code (SASS) of the CUDA channel_sparse_conv2d GEMM kernels in the built extension.
 
 Runs without a GPU wherever the CUDA kernels are compiled (CI). For every instantiation of
-channel_sparse_conv2d_gemm_kernel (fp16 and bf16 x every tile configuration x with and without
-an input gate, and the two fp32 ones) and every GPU architecture in the build, it asserts the
+channel_sparse_conv2d_gemm_kernel (fp16 and bf16 x every tile configuration x with the weight
+gathered in the kernel or read as k-contiguous rows, and the two fp32 ones) and every GPU architecture in the build, it asserts the
 structure the kernel's speed rests on: tensor-core MMAs (HMMA with fp32 accumulation; FFMA for
 fp32), the cp.async pipeline (LDGSTS and its waits), ldmatrix (LDSM) for the tensor-core operands,
 and no local-memory traffic (no LDL/STL: nothing spilled). It prints registers and shared memory
@@ -58,7 +58,7 @@ def _demangle(names):
 
 
 def _instantiation(demangled):
-    """(dtype, config id or 'fp32', input gate) of a GEMM kernel's demangled name."""
+    """(dtype, config id or 'fp32', gathered weight) of a GEMM kernel's demangled name."""
     m = re.search(KERNEL + r"<(c10::Half|c10::BFloat16|float), [\w:]*(MmaCompute<[\w:]+, (\d+)>|FmaCompute), (true|false)>",
                   demangled)
     assert m, f"unexpected kernel name {demangled}"
@@ -102,7 +102,7 @@ def test_pipeline_and_tensor_core_instructions(sass):
     for arch, per_arch in kernels.items():
         for name, ops in per_arch.items():
             dtype, cfg, gated = _instantiation(demangled[name])
-            what = f"{arch} {dtype} config {cfg} {'in+out gate' if gated else 'out gate'}"
+            what = f"{arch} {dtype} config {cfg} {'gathered weight' if gated else 'weight rows'}"
             base = {op.split(".")[0] for op in ops}
             assert "LDGSTS" in base, f"{what}: no cp.async (LDGSTS)"
             assert "LDGDEPBAR" in base and "DEPBAR" in base, f"{what}: no cp.async group commit / wait"
@@ -137,9 +137,10 @@ def test_report_registers_and_shared_memory(sass, capsys):
         c = configs.get(cfg)
         tile = f"{c['BM']}x{c['BN']}x{c['BK']} {c['stages']}st {c['warps']}w" if c else "64x64x32 3st 4w"
         dynamic = c["smem_bytes"] if c else None
-        rows.append(f"{arch} {dtype:4} {str(cfg):4} {'in+out' if gated else 'out':6} {tile:22} REG {u['REG']:>3}  "
-                    f"dynamic smem {dynamic if dynamic is not None else 'fp32':>6}  static smem {u['SHARED']}")
+        rows.append(f"{arch} {dtype:4} {str(cfg):4} {'gather' if gated else 'rows':6} {tile:22} REG {u['REG']:>3}  "
+                    f"dynamic smem {dynamic if dynamic is not None else '-':>6}  static smem {u['SHARED']}")
     assert rows
     with capsys.disabled():
-        print("\nchannel_sparse_conv2d GEMM kernels (arch, dtype, config, gates, tile, registers, shared memory):")
+        print("\nchannel_sparse_conv2d GEMM kernels (arch, dtype, config, weight gathered / as rows, tile, registers, "
+              "shared memory):")
         print("\n".join("  " + r for r in rows))

@@ -312,10 +312,11 @@ Tensor channel_sparse_conv2d_cuda(const Tensor& x, const Tensor& weight, const s
   TORCH_CHECK(Cout <= kIntMax && Cpad <= kIntMax && H * W <= kIntMax && Ho * Wo <= kIntMax &&
                   KH * KW <= kIntMax && H + 2 * ph <= kIntMax && W + 2 * pw <= kIntMax,
               kOp, ": sizes past 2^31 - 1 are not supported");
-  // The GEMM kernel's element offsets within one sample's input and within the weight are int32.
-  TORCH_CHECK(H * W * Cpad <= kIntMax && Cout * KH * KW * Cpad <= kIntMax, kOp,
-              ": the CUDA kernel needs H * W * Cin and Cout * kh * kw * Cin (Cin rounded up to a multiple of 8) ",
-              "below 2^31, got x of shape ", x.sizes(), " and weight of shape ", weight.sizes());
+  // The GEMM kernel's element offsets within one sample's padded input and within the weight are int32.
+  TORCH_CHECK((H + 2 * ph) * (W + 2 * pw) * Cpad <= kIntMax && Cout * KH * KW * Cpad <= kIntMax, kOp,
+              ": the CUDA kernel needs (H + 2 padding) * (W + 2 padding) * Cin and Cout * kh * kw * Cin (Cin rounded ",
+              "up to a multiple of 8) below 2^31, got x of shape ", x.sizes(), ", padding ", padding,
+              " and weight of shape ", weight.sizes());
 
   const c10::cuda::CUDAGuard guard(x.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();

@@ -215,7 +215,7 @@ def check_config(op: str, config) -> int:
     return config
 
 
-def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, backend: str, config: int) -> str:
+def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, padding, backend: str, config: int) -> str:
     """Limits of the hand-written CUDA kernel, checked here rather than by its own TORCH_CHECKs:
     on the H100 test machine (torch 2.11+cu130) an error thrown inside the nvcc-compiled
     extension crashed the process instead of raising (see README, "Known issues")."""
@@ -228,10 +228,12 @@ def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, backend: str,
     cout, kc = weight.shape[0], -(-x.shape[1] // 8) * 8  # kc: channels padded to 16-byte vectors
     if cout > 65535 * 64:
         raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most {65535 * 64} output channels, got {cout}")
-    if x.shape[2] * x.shape[3] * kc > 2**31 - 1 or cout * weight.shape[2] * weight.shape[3] * kc > 2**31 - 1:
+    padded = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+    if padded * kc > 2**31 - 1 or cout * weight.shape[2] * weight.shape[3] * kc > 2**31 - 1:
         raise ValueError(
-            "channel_sparse_conv2d: backend='cuda' needs H * W * Cin and Cout * kh * kw * Cin (Cin rounded up to a "
-            f"multiple of 8) below 2^31, got x of shape {tuple(x.shape)} and weight of shape {tuple(weight.shape)}"
+            "channel_sparse_conv2d: backend='cuda' needs (H + 2 padding) * (W + 2 padding) * Cin and "
+            "Cout * kh * kw * Cin (Cin rounded up to a multiple of 8) below 2^31, got x of shape "
+            f"{tuple(x.shape)}, padding {tuple(padding)} and weight of shape {tuple(weight.shape)}"
         )
     n = len(cuda_conv_configs())
     if config >= n:
@@ -276,7 +278,7 @@ def channel_sparse_conv2d(
     check_config("channel_sparse_conv2d", config)
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
-        b = _check_cuda_kernel_args(x, weight, backend, config)
+        b = _check_cuda_kernel_args(x, weight, padding, backend, config)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
