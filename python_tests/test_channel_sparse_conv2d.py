@@ -72,6 +72,26 @@ def test_matches_reference(device, backend, case, layout):
     assert (y[inactive] == 0).all(), "inactive output channels must be exactly zero"
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not dynkernels.cuda_kernels_compiled(), reason="this build has no CUDA kernels")
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_cuda_kernel_every_config(case, dtype, layout):
+    """The cuda-cuda pair of test_matches_reference with every tile configuration of the CUDA kernel."""
+    from dynkernels.ops.channel_sparse_conv2d import cuda_conv_configs
+
+    args = make_inputs(case, "cuda", dtype)
+    if layout == "channels_last":
+        args = (args[0].contiguous(memory_format=torch.channels_last),) + args[1:]
+    want = expected(*args)
+    inactive = (args[3] <= 0)[:, :, None, None].expand_as(want)
+    for config in [-1] + [c["id"] for c in cuda_conv_configs()]:
+        y = run(args, "cuda", config=config)
+        assert_close(y, want, dtype)
+        assert (y[inactive] == 0).all(), f"config {config}: inactive output channels must be exactly zero"
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 def test_dtypes(device, backend):
     for dtype in dtypes_for(device, backend):
@@ -299,6 +319,9 @@ BAD = [
     ("shift", dict(shift=torch.randn(4).double()), TypeError, "shift must have x's dtype"),
     ("density", dict(density=1.5), ValueError, r"density must be None or a number in \[0, 1\]"),
     ("density", dict(density="half"), ValueError, "density must be None or a number"),
+    ("config", dict(config=-2), ValueError, r"config must be -1 \(the CUDA kernel's own choice\) or a tile configuration id"),
+    ("config", dict(config=1.0), ValueError, "config must be -1"),
+    ("config", dict(config=True), ValueError, "config must be -1"),
     ("backend", dict(backend="cudnn"), ValueError, "backend must be one of"),
     ("backend", dict(backend="cuda"), ValueError, "backend='cuda' needs CUDA tensors"),
 ]

@@ -4,7 +4,9 @@ on the CPU. Every test needs a GPU (marker `cuda`) and is skipped without one.
 
 The output memory is poisoned with NaN before each call (a freed block of the same size is the
 one the caching allocator hands to the kernel's output), so an element the kernel forgets to
-write shows up as NaN instead of passing by luck.
+write shows up as NaN instead of passing by luck. The tests that compare with the reference run
+every tile configuration (CONFIGS: -1, the kernel's choice, and every id of
+dynkernels._C.cuda_conv_configs()) on the same inputs.
 """
 import math
 
@@ -13,6 +15,8 @@ import torch
 
 import dynkernels
 from dynkernels import reference
+
+from dynkernels.ops.channel_sparse_conv2d import cuda_conv_configs
 
 from _utils import assert_close, rand_gate, skip_cuda_throws
 
@@ -23,10 +27,14 @@ pytestmark = [
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last"]
+CONFIGS = [-1] + [c["id"] for c in cuda_conv_configs()]
 
-# (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation): partial M, N and K tiles
-# (tiles are 64 channels x 64 pixels x 32 input channels), Cin not a multiple of 8, N = 1,
-# 1x1 / 3x3 / 5x5 / 7x7 and non-square kernels, stride 2, dilation 2.
+# (N, Cin, H, W, Cout, (kh, kw), stride, padding, dilation): partial M, N and K tiles (tiles
+# are 64 or 128 channels x 64 or 128 pixels x 32 or 64 input channels), several tiles along M
+# and N, Cin not a multiple of 8, N = 1, 1x1 / 3x3 / 5x5 / 7x7 and non-square kernels, stride 2,
+# dilation 2. With an input gate, the shapes with at least 4 pixel tiles per sample (the 20x20
+# output, and 15x15 with 64-pixel tiles) run the GEMM on per-sample compacted weight rows, the
+# others gather the weight in the GEMM (compact_weights_per_sample).
 SHAPES = [
     (2, 16, 9, 11, 24, (3, 3), 1, 1, 1),
     (1, 3, 17, 13, 70, (3, 3), 2, 1, 1),
@@ -37,6 +45,8 @@ SHAPES = [
     (2, 72, 10, 10, 96, (3, 3), 2, 1, 1),
     (2, 16, 10, 9, 16, (3, 5), (1, 2), (1, 0), 1),
     (2, 16, 20, 20, 16, (3, 3), 1, 1, 1),
+    (2, 100, 13, 12, 200, (3, 3), 1, 1, 1),
+    (3, 64, 7, 7, 136, (3, 3), 1, 1, 1),
 ]
 
 
@@ -63,7 +73,7 @@ def expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
     return y.to(x.dtype)
 
 
-def run_cuda(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
+def run_cuda(x, weight, bias, out_gate, in_gate, stride, padding, dilation, config=-1):
     n, cout = out_gate.shape
     h, w = x.shape[2:]
     kh, kw = weight.shape[2:]
@@ -72,12 +82,12 @@ def run_cuda(x, weight, bias, out_gate, in_gate, stride, padding, dilation):
     wo = (w + 2 * p[1] - d[1] * (kw - 1) - 1) // s[1] + 1
     poison = torch.full((n * cout * ho * wo,), float("nan"), dtype=x.dtype, device=x.device)
     del poison  # its block is what the output gets next
-    return torch.ops.dynkernels.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, s, p, d)
+    return torch.ops.dynkernels.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, s, p, d, None, config)
 
 
-def check(y, x, weight, bias, out_gate, in_gate, stride, padding, dilation):
-    exp = expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
-    assert not torch.isnan(y).any(), "NaN in the output (an element was not written?)"
+def check(y, x, weight, bias, out_gate, in_gate, stride, padding, dilation, exp=None, config=-1):
+    exp = expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation) if exp is None else exp
+    assert not torch.isnan(y).any(), f"config {config}: NaN in the output (an element was not written?)"
     assert_close(y, exp)
     inactive = (out_gate <= 0).cpu()[:, :, None, None].expand_as(exp)
     assert (y.cpu()[inactive] == 0).all(), "inactive output channels must be exactly 0"
@@ -95,8 +105,10 @@ def test_matches_reference(shape, gated_input, layout, dtype):
     x, weight, bias = make_inputs(shape, dtype, layout, bias=cin % 2 == 0)
     out_gate = rand_gate((n, cout), 0.5, device="cuda")
     in_gate = rand_gate((n, cin), 0.5, device="cuda") if gated_input else None
-    y = run_cuda(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
-    check(y, x, weight, bias, out_gate, in_gate, stride, padding, dilation)
+    exp = expected(x, weight, bias, out_gate, in_gate, stride, padding, dilation)
+    for config in CONFIGS:
+        y = run_cuda(x, weight, bias, out_gate, in_gate, stride, padding, dilation, config)
+        check(y, x, weight, bias, out_gate, in_gate, stride, padding, dilation, exp, config)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -108,10 +120,12 @@ def test_all_zero_and_all_one_gates(density, layout, dtype):
     out_gate = torch.full((3, 70), density, device="cuda")
     in_gate = torch.full((3, 40), density, device="cuda")
     for ig in (None, in_gate):
-        y = run_cuda(x, weight, bias, out_gate, ig, 1, 1, 1)
-        check(y, x, weight, bias, out_gate, ig, 1, 1, 1)
-    if density == 0.0:
-        assert (y == 0).all()
+        exp = expected(x, weight, bias, out_gate, ig, 1, 1, 1)
+        for config in CONFIGS:
+            y = run_cuda(x, weight, bias, out_gate, ig, 1, 1, 1, config)
+            check(y, x, weight, bias, out_gate, ig, 1, 1, 1, exp, config)
+            if density == 0.0:
+                assert (y == 0).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -120,8 +134,9 @@ def test_all_input_channels_off_gives_bias_times_gate(dtype):
     x, weight, bias = make_inputs(shape, dtype, "channels_last")
     out_gate = rand_gate((2, 40), 0.5, device="cuda")
     in_gate = torch.zeros(2, 24, device="cuda")
-    y = run_cuda(x, weight, bias, out_gate, in_gate, 1, 1, 1)
-    check(y, x, weight, bias, out_gate, in_gate, 1, 1, 1)
+    for config in CONFIGS:
+        y = run_cuda(x, weight, bias, out_gate, in_gate, 1, 1, 1, config)
+        check(y, x, weight, bias, out_gate, in_gate, 1, 1, 1, config=config)
 
 
 @pytest.mark.parametrize("gate_dtype", [torch.bool, torch.float16, torch.bfloat16, torch.float64], ids=str)
@@ -161,15 +176,35 @@ def test_non_contiguous_inputs(dtype):
     check(y, x, weight, bias, out_gate, in_gate, 1, 1, 1)
 
 
-def test_resnet_layer_shape_bf16_channels_last():
-    """A ResNet-18 3x3 layer shape (64 -> 64 channels, 56x56) at batch 8: many tiles, full K chunks."""
-    shape = (8, 64, 56, 56, 64, (3, 3), 1, 1, 1)
+@pytest.mark.parametrize(
+    "shape",
+    [(4, 64, 56, 56, 64, (3, 3), 1, 1, 1), (4, 256, 14, 14, 256, (3, 3), 1, 1, 1), (2, 512, 7, 7, 2048, (1, 1), 1, 0, 1)],
+    ids=["r18-layer1", "r18-layer3", "r50-layer4-1x1"],
+)
+def test_resnet_layer_shapes_bf16_channels_last(shape):
+    """ResNet layer shapes: many tiles, full K chunks, 7x7 outputs, Cout = 2048; every configuration."""
+    n, cin, _, _, cout, _, stride, padding, dilation = shape
     x, weight, _ = make_inputs(shape, torch.bfloat16, "channels_last", bias=False)
-    out_gate = rand_gate((8, 64), 0.5, device="cuda")
-    in_gate = rand_gate((8, 64), 0.5, device="cuda")
+    out_gate = rand_gate((n, cout), 0.5, device="cuda")
+    in_gate = rand_gate((n, cin), 0.5, device="cuda")
+    shift = torch.randn(cout, device="cuda").to(torch.bfloat16)
     for ig in (None, in_gate):
-        y = run_cuda(x, weight, None, out_gate, ig, 1, 1, 1)
-        check(y, x, weight, None, out_gate, ig, 1, 1, 1)
+        base = expected(x, weight, None, out_gate, ig, stride, padding, dilation).double()
+        exp = torch.where((out_gate > 0).cpu()[:, :, None, None], base + shift.double().cpu()[None, :, None, None],
+                          torch.zeros((), dtype=torch.float64)).to(torch.bfloat16)
+        for config in CONFIGS:
+            y = torch.ops.dynkernels.channel_sparse_conv2d(x, weight, None, out_gate, ig, [stride] * 2, [padding] * 2,
+                                                           [dilation] * 2, shift, config)
+            check(y, x, weight, None, out_gate, ig, stride, padding, dilation, exp, config)
+
+
+def test_out_of_range_config_is_a_clear_error_from_the_python_op():
+    x = torch.randn(2, 8, 6, 6, device="cuda")
+    w = torch.randn(16, 8, 3, 3, device="cuda")
+    g = torch.ones(2, 16, device="cuda")
+    n = len(cuda_conv_configs())
+    with pytest.raises(ValueError, match=rf"config {n} is not a tile configuration .* \[0, {n}\)"):
+        dynkernels.channel_sparse_conv2d(x, w, None, g, padding=1, backend="cuda", config=n)
 
 
 def test_no_host_synchronisation():
@@ -206,3 +241,5 @@ def test_bad_arguments_are_named():
         op(x, w, None, g, None, [0, 1], [1, 1], [1, 1])
     with pytest.raises(RuntimeError, match="larger than the padded input"):
         op(x, torch.randn(16, 8, 9, 9, device="cuda"), None, g, None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match="config must be -1"):
+        op(x, w, None, g, None, [1, 1], [1, 1], [1, 1], None, len(cuda_conv_configs()))

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import reference, tuned_configs
+from ..tuned_configs import cuda_conv_configs
 from .._extension import cuda_kernels_compiled, triton_available
 from ..flops import register_channel_sparse_formula
 from .._layout import conv2d_output_shape, row_layout
@@ -208,7 +209,15 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- public op
-def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
+@functools.lru_cache(maxsize=None)
+def check_config(op: str, config) -> int:
+    """config: -1 (the kernel's own choice) or an int >= 0 (a tile configuration id)."""
+    if isinstance(config, bool) or not isinstance(config, int) or config < -1:
+        raise ValueError(f"{op}: config must be -1 (the CUDA kernel's own choice) or a tile configuration id >= 0, got {config!r}")
+    return config
+
+
+def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, padding, backend: str, config: int) -> str:
     """Limits of the hand-written CUDA kernel, checked here rather than by its own TORCH_CHECKs:
     on the H100 test machine (torch 2.11+cu130) an error thrown inside the nvcc-compiled
     extension crashed the process instead of raising (see README, "Known issues")."""
@@ -218,6 +227,22 @@ def _check_cuda_kernel_args(x: torch.Tensor, backend: str) -> str:
         raise TypeError("channel_sparse_conv2d: backend='cuda' supports float32, float16 and bfloat16 x, got float64 (use backend='torch' or 'auto')")
     if x.shape[0] > 65535:
         raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most 65535 samples, got {x.shape[0]}")
+    cout, kc = weight.shape[0], -(-x.shape[1] // 8) * 8  # kc: channels padded to 16-byte vectors
+    if cout > 65535 * 64:
+        raise ValueError(f"channel_sparse_conv2d: backend='cuda' supports at most {65535 * 64} output channels, got {cout}")
+    padded = (x.shape[2] + 2 * padding[0]) * (x.shape[3] + 2 * padding[1])
+    if padded * kc > 2**31 - 1 or cout * weight.shape[2] * weight.shape[3] * kc > 2**31 - 1:
+        raise ValueError(
+            "channel_sparse_conv2d: backend='cuda' needs (H + 2 padding) * (W + 2 padding) * Cin and "
+            "Cout * kh * kw * Cin (Cin rounded up to a multiple of 8) below 2^31, got x of shape "
+            f"{tuple(x.shape)}, padding {tuple(padding)} and weight of shape {tuple(weight.shape)}"
+        )
+    n = len(cuda_conv_configs())
+    if config >= n:
+        raise ValueError(
+            f"channel_sparse_conv2d: config {config} is not a tile configuration of the CUDA kernel: use -1 "
+            f"(its own choice) or an id in [0, {n}) of dynkernels._C.cuda_conv_configs()"
+        )
     return "cuda"
 
 
@@ -271,6 +296,7 @@ def channel_sparse_conv2d(
     shift: Optional[torch.Tensor] = None,
     backend: str = "auto",
     density: Optional[float] = None,
+    config: int = -1,
 ) -> torch.Tensor:
     """conv2d computing only channels with out_gate > 0 (scaled by it) from inputs with in_gate > 0.
 
@@ -284,22 +310,27 @@ def channel_sparse_conv2d(
     active (output density, times input density when in_gate is given). It is never checked
     against the gates. On CUDA tensors it picks the kernels' tuned tile configuration, and with
     backend="auto" whether dense execution runs (channel_sparse_conv2d_gpu_rule).
+
+    config: the tile configuration of the CUDA kernel (an id of dynkernels._C.cuda_conv_configs()),
+    or -1 for the tuned table's choice (the kernel's own heuristic by layer shape where the table
+    has none); the other backends ignore it.
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     density = check_density("channel_sparse_conv2d", density)
+    check_config("channel_sparse_conv2d", config)
     b = resolve("channel_sparse_conv2d", backend, x.device)
     if b == "cuda":
-        b = _check_cuda_kernel_args(x, backend)
-    config = None
+        b = _check_cuda_kernel_args(x, weight, padding, backend, config)
+    tiles = None
     if x.is_cuda and b != "torch":
-        b, config = gpu_choice(x, weight, in_gate, stride, padding, dilation, backend, b, density)
+        b, tiles = gpu_choice(x, weight, in_gate, stride, padding, dilation, backend, b, density)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     if b == "dense":
         return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
-        return _triton().channel_sparse_conv2d_triton(*args, config)
-    if config is not None:
-        return _lib.channel_sparse_conv2d(*args, config)
-    return _lib.channel_sparse_conv2d(*args)
+        return _triton().channel_sparse_conv2d_triton(*args, tiles)
+    if b == "cuda" and config == -1 and tiles is not None:
+        config = tiles  # the tuned table's id for this layer (-1 where it has none)
+    return _lib.channel_sparse_conv2d(*args, config if b == "cuda" else -1)
