@@ -8,7 +8,7 @@ from ._version import __version__
 from ._extension import build_info, cuda_kernels_compiled, triton_available
 from . import reference
 from . import ops
-from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows, scatter_rows
+from .ops import channel_sparse_conv2d, compact, gather_rows, route, scatter_add_rows, scatter_rows, scatter_rows_
 
 __all__ = [
     "__version__",
@@ -18,8 +18,10 @@ __all__ = [
     "reference",
     "ops",
     "compact",
+    "route",
     "gather_rows",
     "scatter_add_rows",
     "scatter_rows",
+    "scatter_rows_",
     "channel_sparse_conv2d",
 ]
