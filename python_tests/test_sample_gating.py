@@ -636,6 +636,11 @@ def compile_triton_kernels_for_hopper():
     for dt, acc, has_scale in (("bf16", "fp32", True), ("fp16", "fp32", False), ("fp64", "fp64", True)):
         sig = {**ptrs(base_ptr=dt, y_ptr=dt, idx_ptr="i32", count_ptr="i32", inv_ptr="i32", scale_ptr=acc, out_ptr=dt), "N": "i32", "limit": "i32", "row_elems": "i32"}
         cases.append((sg._scatter_add_rows_kernel, sig, {"HAS_SCALE": has_scale, "FP64": dt == "fp64", "BLOCK": 2048}))
+    from dynkernels.triton import route as triton_route
+
+    for choice in ("i64", "u8"):
+        sig = {**ptrs(choice_ptr=choice, idx_ptr="i32", offsets_ptr="i32"), "N": "i32", "num_branches": "i32"}
+        cases.append((triton_route._route_kernel, sig, {"BLOCK_N": 128, "BLOCK_K": 32}))
     for fn, sig, constexprs in cases:
         sig = {**sig, **{name: "constexpr" for name in constexprs}}
         names = list(sig)
