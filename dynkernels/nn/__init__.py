@@ -1,5 +1,7 @@
-"""Modules: GatedConv2d, sample-gated block wrappers and gates."""
+"""Modules: GatedConv2d, sample-gated block wrappers and gates, routed blocks and early exits."""
+from .early_exit import EarlyExit
 from .gated_conv import GatedConv2d, convert, fbs_gate
+from .route_block import RouteBlock, RoutePlan, RouteRow
 from .skip_block import RowPlan, SkipBlock, SkipPlan, SkipSequential, gather_kept, merge_kept
 
 __all__ = [
@@ -12,4 +14,8 @@ __all__ = [
     "RowPlan",
     "gather_kept",
     "merge_kept",
+    "RouteBlock",
+    "RoutePlan",
+    "RouteRow",
+    "EarlyExit",
 ]

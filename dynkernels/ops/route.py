@@ -42,12 +42,12 @@ def check_num_branches(op: str, num_branches) -> int:
     return num_branches
 
 
-def check_choice(op: str, choice, num_branches: int):
-    """choice: [N] or [R, N] integer; its values in [0, num_branches) where that costs no sync
-    (CPU tensors, or a GPU with DYNKERNELS_CHECK_INDICES=1)."""
-    _checks.tensor(op, "choice", choice, (1, 2), "[N] or [R, N]")
+def check_choice(op: str, choice, num_branches: int, name: str = "choice", shape: str = "[N] or [R, N]"):
+    """choice: a 1-D or 2-D integer tensor; its values in [0, num_branches) where that costs no
+    sync (CPU tensors, or a GPU with DYNKERNELS_CHECK_INDICES=1)."""
+    _checks.tensor(op, name, choice, (1, 2), shape)
     if choice.dtype not in _INT_DTYPES:
-        raise TypeError(f"{op}: choice must be an integer tensor (uint8, int8, int16, int32, int64), got {choice.dtype}")
+        raise TypeError(f"{op}: {name} must be an integer tensor (uint8, int8, int16, int32, int64), got {choice.dtype}")
     if choice.shape[-1] > 2**31 - 1:
         raise ValueError(f"{op}: rows longer than 2^31-1 are not supported")
     if choice.numel() and (choice.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
@@ -55,7 +55,16 @@ def check_choice(op: str, choice, num_branches: int):
         if lo < 0 or hi >= num_branches:
             bad = ((choice < 0) | (choice >= num_branches)).nonzero()[0].tolist()
             where = ", ".join(map(str, bad))
-            raise IndexError(f"{op}: choice[{where}] = {int(choice[tuple(bad)])} is out of range for {num_branches} branches")
+            raise IndexError(f"{op}: {name}[{where}] = {int(choice[tuple(bad)])} is out of range for {num_branches} branches")
+
+
+def _route(choice: torch.Tensor, num_branches: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """route with checked arguments and a resolved backend."""
+    if backend == "torch":
+        return reference.route(choice, num_branches)
+    if backend == "triton":
+        return _triton().route_triton(choice, num_branches)
+    return _lib.route(choice, num_branches)
 
 
 def route(choice: torch.Tensor, num_branches: int, *, backend: str = "auto") -> Tuple[torch.Tensor, torch.Tensor]:
@@ -76,9 +85,4 @@ def route(choice: torch.Tensor, num_branches: int, *, backend: str = "auto") -> 
     """
     num_branches = check_num_branches("route", num_branches)
     check_choice("route", choice, num_branches)
-    b = resolve("route", backend, choice.device)
-    if b == "torch":
-        return reference.route(choice, num_branches)
-    if b == "triton":
-        return _triton().route_triton(choice, num_branches)
-    return _lib.route(choice, num_branches)
+    return _route(choice, num_branches, resolve("route", backend, choice.device))
