@@ -23,7 +23,7 @@ of a threshold: a stage run on a smaller batch may round differently (another co
 and such a sample can then exit at a neighbouring exit.
 """
 import math
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -71,6 +71,96 @@ def _map_state(state: State, fn):
     if isinstance(state, torch.Tensor):
         return fn(state)
     return type(state)(fn(t) for t in state) if isinstance(state, tuple) else [fn(t) for t in state]
+
+
+Score = Callable[[int, State, torch.Tensor], torch.Tensor]
+
+
+def _batch(x: State) -> torch.Tensor:
+    first = x if isinstance(x, torch.Tensor) else (x[0] if isinstance(x, (list, tuple)) and x else None)
+    if not isinstance(first, torch.Tensor) or first.dim() == 0:
+        raise ValueError("EarlyExit: x must be a tensor with a batch dimension (or a list of such tensors)")
+    return first
+
+
+def _check_logits(k: int, z, rows: int):
+    if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != rows:
+        raise ValueError(f"EarlyExit: exit {k} must return logits [{rows}, C], got {getattr(z, 'shape', type(z).__name__)}")
+
+
+def _max_softmax_score(k: int, state: State, logits: torch.Tensor) -> torch.Tensor:
+    return max_softmax(logits)
+
+
+def run_masked(
+    x: State, stages: Sequence[Callable], exits: Sequence[Callable], thresholds: Sequence[float], score: Score = _max_softmax_score
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every stage and exit on every sample, then each sample's logits at its first exit whose
+    score(k, state, logits) reaches thresholds[k] (the last exit takes the rest). No host sync."""
+    n = _batch(x).shape[0]
+    logits, scores = [], []
+    state = x
+    for k in range(len(stages)):
+        state = stages[k](state)
+        z = exits[k](state)
+        _check_logits(k, z, n)
+        logits.append(z)
+        if k < len(stages) - 1:
+            scores.append(score(k, state, z))
+    exit_index = torch.full((n,), len(stages) - 1, dtype=torch.int64, device=logits[0].device)
+    for k in reversed(range(len(stages) - 1)):  # the first confident exit wins
+        exit_index = torch.where(scores[k] >= thresholds[k], k, exit_index)
+    stacked = torch.stack(logits, dim=1)  # [N, K, C]
+    pick = exit_index.view(-1, 1, 1).expand(-1, 1, stacked.shape[2])
+    return stacked.gather(1, pick).squeeze(1), exit_index
+
+
+def run_sparse(
+    x: State,
+    stages: Sequence[Callable],
+    exits: Sequence[Callable],
+    thresholds: Sequence[float],
+    score: Score = _max_softmax_score,
+    bucket=None,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage k on the compact batch of the samples still in; each exit's logits written into
+    their rows of the output in place. bucket: a resolved bucket (see nn.bucket). One host
+    sync per exit but the last."""
+    first = _batch(x)
+    n, device = first.shape[0], first.device
+    kernels = _gating.resolved_backend("EarlyExit", backend, device)
+    rows_of = torch.arange(n, dtype=torch.int32, device=device)  # sample of each row of the batch
+    count = torch.full((1,), n, dtype=torch.int32, device=device)  # real rows (the rest pads)
+    real = n
+    out = exit_index = None
+    state = x
+    for k in range(len(stages)):
+        state = stages[k](state)
+        z = exits[k](state)
+        rows = rows_of.shape[0]
+        _check_logits(k, z, rows)
+        if out is None:
+            out = torch.empty((n, z.shape[1]), dtype=z.dtype, device=device)
+            exit_index = torch.empty((n,), dtype=torch.int64, device=device)
+        # every row still in takes this exit's logits; a sample that stays is overwritten later
+        out = _gating._scatter_rows_(out, z, rows_of, count, kernels)
+        _gating._scatter_rows_(exit_index, torch.full((rows,), k, dtype=torch.int64, device=device), rows_of, count, kernels)
+        if k == len(stages) - 1:
+            break
+        stay = ~(score(k, state, z) >= thresholds[k])  # the negation of the masked exit test
+        stay[real:] = False  # padding rows
+        idx, count = ops.compact(stay, backend=kernels)
+        staying = int(count)  # the one host synchronisation of this exit
+        if staying == 0:
+            break
+        if staying == real:  # nobody left: the batch stays as it is
+            continue
+        rows = bucketed_rows(staying, bucket, n)
+        state = _map_state(state, lambda t: _gating._gather_rows(t, idx, count, rows, kernels))
+        rows_of = _gating._gather_rows(rows_of, idx, count, rows, kernels)
+        real = staying
+    return out, exit_index
 
 
 class EarlyExit(nn.Module):
@@ -139,66 +229,9 @@ class EarlyExit(nn.Module):
             raise ValueError(f"EarlyExit: controller {k} must return one score per sample [{logits.shape[0]}], got {getattr(s, 'shape', type(s).__name__)}")
         return s.float()
 
-    def _check_logits(self, k: int, z, rows: int):
-        if not isinstance(z, torch.Tensor) or z.dim() != 2 or z.shape[0] != rows:
-            raise ValueError(f"EarlyExit: exit {k} must return logits [{rows}, C], got {getattr(z, 'shape', type(z).__name__)}")
-
     def forward(self, x: State) -> Tuple[torch.Tensor, torch.Tensor]:
-        first = x if isinstance(x, torch.Tensor) else (x[0] if isinstance(x, (list, tuple)) and x else None)
-        if not isinstance(first, torch.Tensor) or first.dim() == 0:
-            raise ValueError("EarlyExit: x must be a tensor with a batch dimension (or a list of such tensors)")
+        first = _batch(x)
         if self.execution == "masked":
-            return self._masked(x, first.shape[0])
-        return self._sparse(x, first.shape[0], first.device)
-
-    def _masked(self, x, n: int):
-        logits, scores = [], []
-        state = x
-        for k in range(self.num_exits):
-            state = self.stages[k](state)
-            z = self.exits[k](state)
-            self._check_logits(k, z, n)
-            logits.append(z)
-            if k < self.num_exits - 1:
-                scores.append(self.score(k, state, z))
-        exit_index = torch.full(logits[0].shape[:1], self.num_exits - 1, dtype=torch.int64, device=logits[0].device)
-        for k in reversed(range(self.num_exits - 1)):  # the first confident exit wins
-            exit_index = torch.where(scores[k] >= self._thresholds[k], k, exit_index)
-        stacked = torch.stack(logits, dim=1)  # [N, K, C]
-        pick = exit_index.view(-1, 1, 1).expand(-1, 1, stacked.shape[2])
-        return stacked.gather(1, pick).squeeze(1), exit_index
-
-    def _sparse(self, x, n: int, device):
-        bucket = training_bucket("EarlyExit", self.bucket, self, device)
-        kernels = _gating.resolved_backend("EarlyExit", self.backend, device)
-        rows_of = torch.arange(n, dtype=torch.int32, device=device)  # sample of each row of the batch
-        count = torch.full((1,), n, dtype=torch.int32, device=device)  # real rows (the rest pads)
-        real = n
-        out = exit_index = None
-        state = x
-        for k in range(self.num_exits):
-            state = self.stages[k](state)
-            z = self.exits[k](state)
-            rows = rows_of.shape[0]
-            self._check_logits(k, z, rows)
-            if out is None:
-                out = torch.empty((n, z.shape[1]), dtype=z.dtype, device=device)
-                exit_index = torch.empty((n,), dtype=torch.int64, device=device)
-            # every row still in takes this exit's logits; a sample that stays is overwritten later
-            out = _gating._scatter_rows_(out, z, rows_of, count, kernels)
-            _gating._scatter_rows_(exit_index, torch.full((rows,), k, dtype=torch.int64, device=device), rows_of, count, kernels)
-            if k == self.num_exits - 1:
-                break
-            stay = ~(self.score(k, state, z) >= self._thresholds[k])  # the negation of masked's exit test
-            stay[real:] = False  # padding rows
-            idx, count = ops.compact(stay, backend=kernels)
-            staying = int(count)  # the one host synchronisation of this exit
-            if staying == 0:
-                break
-            if staying == real:  # nobody left: the batch stays as it is
-                continue
-            rows = bucketed_rows(staying, bucket, n)
-            state = _map_state(state, lambda t: _gating._gather_rows(t, idx, count, rows, kernels))
-            rows_of = _gating._gather_rows(rows_of, idx, count, rows, kernels)
-            real = staying
-        return out, exit_index
+            return run_masked(x, self.stages, self.exits, self._thresholds, self.score)
+        bucket = training_bucket("EarlyExit", self.bucket, self, first.device)
+        return run_sparse(x, self.stages, self.exits, self._thresholds, self.score, bucket, self.backend)

@@ -111,30 +111,39 @@ def _check_branch_result(owner: str, y: torch.Tensor, rows: int, like: Optional[
 
 
 def run_sparse(
-    x: torch.Tensor, branches: Sequence[Branch], row: RouteRow, bucket=None, backend: str = "auto", owner: str = "RouteBlock"
+    x: torch.Tensor,
+    branches: Sequence[Optional[Branch]],
+    row: RouteRow,
+    bucket=None,
+    backend: str = "auto",
+    out: Optional[torch.Tensor] = None,
+    owner: str = "RouteBlock",
 ) -> torch.Tensor:
     """Branch b on the compact batch of the samples that chose it, merged in place into one output.
 
     row: the RouteRow of x's batch (its idx and counts come from `route`, so they are not
     checked again); bucket: a resolved bucket (None, a step, or sizes; see nn.bucket); backend:
-    for the gathers and merges. Branches that no sample chose are not called; a branch every
-    sample chose runs on x itself (the route is then the identity). No host sync beyond the
-    one that made `row`.
+    for the gathers and merges. out: None (a new output), or a tensor [N, ...] the branches'
+    results are written into (and returned). A branch None is not run: its samples keep their
+    rows of out, which is then required. Branches that no sample chose are not called; a
+    branch every sample chose runs on x itself (the route is then the identity). No host sync
+    beyond the one that made `row`.
     """
     n = x.shape[0]
     if row.idx.shape[0] != n or row.idx.device != x.device:
         raise ValueError(f"{owner}: the route is for {row.idx.shape[0]} samples on {row.idx.device}, x has {n} on {x.device}")
     if len(branches) != row.num_branches:
         raise ValueError(f"{owner}: the route has {row.num_branches} branches but {len(branches)} were given")
+    if out is None and any(b is None for b in branches):
+        raise ValueError(f"{owner}: a branch that is not run (None) keeps its samples' rows of `out`, so out must be given")
     kernels = _gating.resolved_backend(owner, backend, x.device)
-    out = None
     for b, branch in enumerate(branches):
         size = row.size(b)
-        if size == 0:
+        if size == 0 or branch is None:
             continue
         if size == n:  # every sample chose this branch
             y = branch(x)
-            _check_branch_result(owner, y, n, None, b)
+            _check_branch_result(owner, y, n, out, b)
             return y
         rows = bucketed_rows(size, bucket, n)
         part, count = row.idx[row.starts[b]:], row.counts[b : b + 1]
