@@ -29,7 +29,6 @@ import torch
 import torch.nn as nn
 
 from .. import ops
-from ..ops import _checks
 from ..ops import sample_gating as _gating
 from .bucket import bucketed_rows, check_bucket
 from .route_block import training_bucket
