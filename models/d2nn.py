@@ -12,9 +12,9 @@ highest-scoring one):
     the input passes by it (the dummy node);
   - hierarchy: a coarse-to-fine classifier: the root control node picks one subtree (a group of
     classes), whose head classifies within the group.
-The paper trains the control nodes with Q-learning and gives no code release; the layer sizes
-here are ours (3x3 conv + BN + ReLU nodes on 32x32 inputs) and the parameter names follow
-these modules. Control nodes give scores over their options (`ControlNode`); the decision is
+The paper trains the control nodes with Q-learning; we found no public code release of it, so
+the layer sizes here are ours (3x3 conv + BN + ReLU nodes on 32x32 inputs) and the parameter
+names follow these modules. Control nodes give scores over their options (`ControlNode`); the decision is
 their argmax.
 
 Every node that a control node can skip is a branch of a dynkernels.nn.RouteBlock (high-low,
