@@ -10,7 +10,7 @@ from . import reference
 from . import flops
 from . import ops
 from .flops import FlopCount, model_flops
-from .ops import channel_sparse_conv2d, compact, gather_rows, scatter_add_rows, scatter_rows
+from .ops import channel_sparse_conv2d, compact, gather_rows, route, scatter_add_rows, scatter_rows, scatter_rows_
 
 __all__ = [
     "__version__",
@@ -20,9 +20,11 @@ __all__ = [
     "reference",
     "ops",
     "compact",
+    "route",
     "gather_rows",
     "scatter_add_rows",
     "scatter_rows",
+    "scatter_rows_",
     "channel_sparse_conv2d",
     "flops",
     "FlopCount",

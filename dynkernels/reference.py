@@ -2,8 +2,12 @@
 
 These are the `backend="torch"` implementations, the ground truth in the tests and a
 baseline in the benchmarks. They favour clarity over speed, and (unlike the kernels)
-`gather_rows`, `scatter_add_rows` and `scatter_rows` read `count` on the host: one device synchronisation
-each on a GPU. Contract: DESIGN.md, "Functional contract".
+`gather_rows`, `scatter_add_rows`, `scatter_rows` and `scatter_rows_` read `count` on the host: one
+device synchronisation each on a GPU. Contract: DESIGN.md, "Functional contract".
+
+The row ops take idx [M] and count: the rows they move are idx[:n], n = count clamped to
+[0, M] (and to the rows there are room for). compact's idx has M = N; one branch of a route,
+idx[offsets[b]:], is shorter.
 """
 from typing import Optional, Sequence, Tuple, Union
 
@@ -27,8 +31,27 @@ def compact(gate: torch.Tensor, threshold: float = 0.0) -> Tuple[torch.Tensor, t
     return idx, count
 
 
+def route(choice: torch.Tensor, num_branches: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stable partition of the rows by branch: branch 0's rows in increasing order, then branch 1's, ...
+
+    choice: [N] or [R, N] integer. Returns idx (choice's shape, int32) and offsets int32
+    [num_branches + 1] (or [R, num_branches + 1]): branch b owns idx[offsets[b]:offsets[b + 1]].
+    Rows whose choice is outside [0, num_branches) belong to no branch: they come last, in
+    increasing order, after offsets[num_branches] (which then is less than N).
+    """
+    c = choice.to(torch.int64)
+    key = torch.where((c >= 0) & (c < num_branches), c, torch.full_like(c, num_branches))
+    idx = torch.sort(key, dim=-1, stable=True).indices.to(torch.int32)
+    keys = key.reshape(key.shape[0] if key.dim() == 2 else 1, key.shape[-1])
+    counts = keys.new_zeros((keys.shape[0], num_branches + 1)).scatter_add_(1, keys, torch.ones_like(keys))
+    offsets = torch.zeros_like(counts, dtype=torch.int32)
+    offsets[:, 1:] = torch.cumsum(counts[:, :num_branches], dim=1)
+    return idx, offsets.reshape(choice.shape[:-1] + (num_branches + 1,))
+
+
 def _active_rows(idx: torch.Tensor, count: torch.Tensor, limit: int) -> torch.Tensor:
-    n = max(0, min(int(count.reshape(-1)[0].item()), limit))
+    """idx[:n] as int64, n = count clamped to [0, min(limit, M)]."""
+    n = max(0, min(int(count.reshape(-1)[0].item()), limit, idx.shape[0]))
     return idx[:n].long()
 
 
@@ -37,7 +60,7 @@ def gather_rows(
 ) -> torch.Tensor:
     """y[i] = x[idx[i]] for i < count; y has `capacity` rows (default x.shape[0]), the rest zero."""
     capacity = x.shape[0] if capacity is None else capacity
-    rows = _active_rows(idx, count, min(capacity, x.shape[0]))
+    rows = _active_rows(idx, count, capacity)
     y = x.new_zeros((capacity,) + tuple(x.shape[1:]))
     y[: rows.numel()] = x[rows]
     return y
@@ -54,7 +77,7 @@ def scatter_add_rows(
 
     The sum is formed in float32 (float64 for float64 data) and rounded once, like the kernels.
     """
-    rows = _active_rows(idx, count, min(y.shape[0], base.shape[0]))
+    rows = _active_rows(idx, count, y.shape[0])
     n = rows.numel()
     acc = torch.float64 if base.dtype == torch.float64 else torch.float32
     update = y[:n].to(acc)
@@ -73,10 +96,18 @@ def scatter_rows(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: 
     the kept rows from y (a non-finite base value there does not matter), the others from base.
     count is clamped to [0, min(y.shape[0], N)].
     """
-    rows = _active_rows(idx, count, min(y.shape[0], base.shape[0]))
-    out = base.clone()
-    out[rows] = y[: rows.numel()]
-    return out
+    return scatter_rows_(base.clone(), y, idx, count)
+
+
+def scatter_rows_(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """In place: base[idx[i]] = y[i] for i < count; every other row of base is left as it is.
+
+    idx: [M] int32 whose first count entries are distinct rows of base (one branch of a route:
+    idx[offsets[b]:]); count is clamped to [0, min(y.shape[0], M)]. Returns base.
+    """
+    rows = _active_rows(idx, count, y.shape[0])
+    base[rows] = y[: rows.numel()]
+    return base
 
 
 def _pair(v: IntPair) -> Tuple[int, int]:

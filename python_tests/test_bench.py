@@ -448,7 +448,10 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     assert all(c.graph and c.host_time for c in blocks) and {c.density for c in blocks[:2]} == {0.5, 1.0}
     r101 = [c for c in gpu if c.op == "resnet101_imagenet"]
     assert {c.batch for c in r101} == {64, 128} and all(next(iter(c.targets.values())).of_ideal for c in r101)
-    assert {c.op for c in cpu} == {"channel_sparse_conv2d", "GatedConv2d training step", "SkipSequential", "resnet110_cifar"}
+    assert {c.op for c in cpu} == {"channel_sparse_conv2d", "GatedConv2d training step", "SkipSequential", "resnet110_cifar",
+                                   "spottune_resnet26", "msdnet_cifar"}
+    routed = [c for c in cpu if c.op in ("spottune_resnet26", "msdnet_cifar")]
+    assert {(c.op, c.batch, c.threads) for c in routed} == {(op, 64, t) for op in ("spottune_resnet26", "msdnet_cifar") for t in (1, 2)}
 
 
 def test_skip_blocks_family_runs_skipblock_with_and_without_a_plan():
@@ -515,7 +518,8 @@ def test_gpu_suite_headline_phase_on_the_cpu(tmp_path):
     by = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
     assert {("channel_sparse_conv2d", "cuda"), ("channel_sparse_conv2d", "auto"), ("channel_sparse_conv2d", "GatedConv2d"),
             ("SkipBlock", "SkipBlock-cuda+plan"), ("SkipSequential", "SkipSequential-auto"),
-            ("resnet101_imagenet", "agent-cuda"), ("resnet110_cifar", "sparse-auto")} <= by
+            ("resnet101_imagenet", "agent-cuda"), ("resnet110_cifar", "sparse-auto"), ("spottune_resnet26", "sparse-auto"),
+            ("msdnet_cifar", "sparse-auto")} <= by
     r101 = next(r for r in rows if r["op"] == "resnet101_imagenet" and r["variant"] == "sparse-cuda")
     assert 1.0 < r101["ideal_speedup"] < 33 / 25 and r101["target_met"] is not None  # stem, shortcuts, fc always run
     assert all(r["host_ms"] > 0 for r in rows if r["op"] == "SkipBlock" and r["status"] == "ok")

@@ -38,7 +38,7 @@ def _toolkit_present() -> bool:
 def test_cuda_kernels_compiled_whenever_they_should_be():
     info = dynkernels.build_info()
     # The registrations must agree with what the build reports.
-    for op in ("compact", "gather_rows", "scatter_add_rows"):
+    for op in ("compact", "gather_rows", "scatter_add_rows", "scatter_rows_", "route"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynkernels::{op}", "CUDA") == info["cuda_kernels"]
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dynkernels::{op}", "CPU")
     disabled = "DYNKERNELS_WITH_CUDA=0" in (info["cuda_build_note"] or "")
@@ -95,6 +95,8 @@ cases = [
     (ops.gather_rows.default, (torch.zeros(4, 3), idx.long(), count, 4)),
     (ops.scatter_add_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count, None)),
     (ops.scatter_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count)),
+    (ops.scatter_rows_.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count)),
+    (ops.route.default, (torch.zeros(4), 2)),
     (ops.channel_sparse_conv2d.default,
      (torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), None, torch.ones(1, 3), None, [1, 1], [1, 1], [1, 1])),
 ]
@@ -118,9 +120,11 @@ def test_cuda_kernel_argument_errors_raise(context):
         f"instead of raising; output so far:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     )
     lines = proc.stdout.splitlines()
-    assert len(lines) == 5 and all(line.startswith("raised:") for line in lines), proc.stdout
+    assert len(lines) == 7 and all(line.startswith("raised:") for line in lines), proc.stdout
     assert "compact: gate must be [N] or [B, N]" in lines[0]
     assert "gather_rows: idx must be a 1-D int32 tensor" in lines[1]
     assert "scatter_add_rows: y must be [capacity, [3]]" in lines[2]
     assert "scatter_rows: y must be [capacity, [3]]" in lines[3]
-    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[4]
+    assert "scatter_rows_: y must be [capacity, [3]]" in lines[4]
+    assert "route: choice must be an integer tensor" in lines[5]
+    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[6]

@@ -1,4 +1,4 @@
-"""compact, gather_rows, scatter_add_rows and scatter_rows on every backend, against dynkernels.reference.
+"""compact, gather_rows, scatter_add_rows, scatter_rows and scatter_rows_ on every backend, against dynkernels.reference.
 
 Backends come from _utils.device_backends(): the reference and the C++ kernels on the CPU,
 the Triton kernels on CPU tensors under TRITON_INTERPRET=1, and the CUDA / Triton kernels on
@@ -19,13 +19,14 @@ from _utils import HAS_TRITON, assert_close, device_backends, dtypes_for, rand_g
 
 ALL = device_backends()
 KERNELS = device_backends(include_torch=False)
-OPS = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
+OPS = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows", "scatter_rows_")
 
 
 def kernel_op(backend: str, name: str):
-    """The registered operator behind a backend: torch.ops.dynkernels.<name> or <name>_triton."""
+    """The registered operator behind a backend: torch.ops.dynkernels.<name>, <name>_triton, or
+    for an in-place op <name without _>_triton_."""
     if backend == "triton":
-        return getattr(_triton(), f"{name}_triton")
+        return getattr(_triton(), f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton")
     return getattr(torch.ops.dynkernels, name).default
 
 
@@ -80,8 +81,9 @@ def row_cases(device, dtype):
     ]
 
 
-def plans(n, device):
-    """(name, idx, count) for n rows: random, all-zero and all-one gates, and rows of a [B, n] plan."""
+def plans(n, device, permutations_only=False):
+    """(name, idx, count) for n rows: random, all-zero and all-one gates, rows of a [B, n] plan,
+    and (unless permutations_only) one branch's part of a route, idx[offsets[b]:], shorter than n."""
     out = []
     for name, gate in (("random", rand_gate((n,), 0.5, device)), ("none", torch.zeros(n, device=device)), ("all", torch.ones(n, device=device))):
         idx, count = reference.compact(gate)
@@ -89,6 +91,11 @@ def plans(n, device):
     idx2, count2 = reference.compact(rand_gate((3, n), 0.6, device))
     for b in (0, 2):
         out.append((f"plan-row-{b}", idx2[b], count2[b : b + 1]))  # views with storage offsets
+    if not permutations_only:
+        idx, offsets = reference.route(torch.randint(0, 3, (n,), device=device), 3)
+        counts = offsets[1:] - offsets[:-1]
+        for b in (1, 2):
+            out.append((f"route-branch-{b}", idx[int(offsets[b]) :], counts[b : b + 1]))
     return out
 
 
@@ -178,7 +185,7 @@ def test_scatter_rows_matches_reference(device, backend):
     for dtype in dtypes_for(device, backend):
         for name, base in row_cases(device, dtype):
             n = base.shape[0]
-            for plan, idx, count in plans(n, device):
+            for plan, idx, count in plans(n, device, permutations_only=True):
                 active = int(count)
                 # y with fewer rows than count (the rest stay base), exactly count, N and more
                 for rows in sorted({active, max(active - 1, 0), n, n + 1}):
@@ -212,6 +219,50 @@ def test_scatter_rows_is_the_masked_merge(device, backend):
     assert torch.isfinite(out).all()
 
 
+# ----------------------------------------------------------------------------- scatter_rows_
+@pytest.mark.parametrize("device,backend", ALL)
+def test_scatter_rows_inplace_matches_reference(device, backend):
+    for dtype in dtypes_for(device, backend):
+        for name, x in row_cases(device, dtype):
+            base = x.clone(memory_format=row_layout(x))  # written in place: contiguous or channels_last
+            n = base.shape[0]
+            for plan, idx, count in plans(n, device):
+                active = int(count)
+                for rows in sorted({max(active - 1, 0), n + 1}):  # fewer rows than count, more
+                    y = merge_rows(base, rows)
+                    out = base.clone(memory_format=row_layout(base))
+                    ptr = out.data_ptr()
+                    returned = dynkernels.scatter_rows_(out, y, idx, count, backend=backend)
+                    ref = reference.scatter_rows_(base.clone(), y, idx, count)
+                    where = f"{name}, plan {plan}, y rows {rows}, {dtype}"
+                    assert returned is out and out.data_ptr() == ptr, where
+                    assert torch.equal(out.cpu(), ref.cpu()), where  # a copy: exact
+                    assert out.is_contiguous(memory_format=row_layout(base)), where
+    # a copy: any dtype works, integers too
+    base = torch.arange(21, device=device).view(7, 3)
+    idx, offsets = reference.route(torch.tensor([1, 0, 1, 1, 0, 2, 1], device=device), 3)
+    y = -torch.arange(12, device=device).view(4, 3)
+    out = dynkernels.scatter_rows_(base.clone(), y, idx[int(offsets[1]):], offsets[2:3] - offsets[1:2], backend=backend)
+    assert torch.equal(out.cpu(), reference.scatter_rows_(base.clone(), y, idx[int(offsets[1]):], offsets[2:3] - offsets[1:2]).cpu())
+
+
+@pytest.mark.parametrize("device,backend", ALL)
+def test_route_branches_merge_back_in_place(device, backend):
+    """Gather each branch of a route, transform it, merge it back with scatter_rows_: every row
+    is written once, by its own branch (odd N, an empty branch, a branch with every row)."""
+    for choice in (torch.tensor([2, 0, 2, 2, 0, 2, 0], device=device), torch.zeros(5, dtype=torch.int64, device=device)):
+        x = torch.randn(choice.shape[0], 2, 3, device=device)
+        idx, offsets = dynkernels.route(choice, 3, backend="torch")
+        counts = offsets[1:] - offsets[:-1]
+        out = torch.full_like(x, float("nan"))
+        for b, scale in enumerate((2.0, 3.0, -1.0)):
+            start, n = int(offsets[b]), int(counts[b])
+            xb = dynkernels.gather_rows(x, idx[start:], counts[b : b + 1], n, backend=backend)
+            dynkernels.scatter_rows_(out, scale * xb, idx[start:], counts[b : b + 1], backend=backend)
+        expected = x * torch.tensor([2.0, 3.0, -1.0], device=device)[choice].view(-1, 1, 1)
+        assert torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("device,backend", [p for p in KERNELS if p.id != "cpu-cpp"])
 def test_out_of_range_entries_are_skipped(device, backend):
     """The kernels never read or write out of bounds: the CUDA and Triton kernels do not check
@@ -234,6 +285,12 @@ def test_out_of_range_entries_are_skipped(device, backend):
     count = torch.tensor([2], dtype=torch.int32, device=device)
     out = kernel_op(backend, "scatter_rows")(x, y, idx, count)
     assert torch.equal(out[4], y[0]) and torch.equal(out[0], x[0]) and torch.equal(out[1], x[1])
+    # scatter_rows_: positions 1 (row 5) and 2 (row -1) are skipped, the rest of base is untouched
+    out = x.clone()
+    kernel_op(backend, "scatter_rows_")(out, y, idx, torch.tensor([5], dtype=torch.int32, device=device))
+    expected = x.clone()
+    expected[4], expected[0], expected[1] = y[0], y[3], y[4]
+    assert torch.equal(out, expected)
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -253,6 +310,15 @@ def test_gradcheck(device, backend):
     for rows in (2, 3, 4):  # y with fewer rows than count, exactly count, more
         y = torch.randn(rows, 3, **opts, requires_grad=True)
         assert torch.autograd.gradcheck(lambda b, y: dynkernels.scatter_rows(b, y, idx, count, backend=backend), (base, y))
+    # one branch of a route: idx shorter than the rows
+    ridx, offsets = reference.route(torch.tensor([1, 0, 1, 1, 0], device=device), 2)
+    tail, n1 = ridx[int(offsets[1]) :], offsets[2:3] - offsets[1:2]
+    assert torch.autograd.gradcheck(lambda x: dynkernels.gather_rows(x, tail, n1, 3, backend=backend), (x,))
+    y = torch.randn(3, 3, **opts, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda b, y: dynkernels.scatter_rows_(b * 1, y, tail, n1, backend=backend), (base, y))
+    y = torch.randn(2, 3, **opts, requires_grad=True)  # fewer rows than count
+    assert torch.autograd.gradcheck(lambda b, y: dynkernels.scatter_rows_(b * 1, y, idx, count, backend=backend), (base, y))
+    assert torch.autograd.gradcheck(lambda b, y: dynkernels.scatter_add_rows(b, y, tail, n1, backend=backend), (base, y))
 
 
 @pytest.mark.parametrize("device,backend", ALL)
@@ -288,6 +354,10 @@ def test_opcheck(device, backend):
             (t(5, 2, 3, 4, grad=True), t(4, 2, 3, 4, grad=True), idx, count),
             (t(5, 2, 3, 4).contiguous(memory_format=torch.channels_last), t(3, 2, 3, 4), idx, count),
         ],
+        "scatter_rows_": [
+            (t(5, 3), t(3, 3), idx, count),
+            (t(5, 2, 3, 4).contiguous(memory_format=torch.channels_last), t(4, 2, 3, 4), idx[2:], count),
+        ],
     }
     # Under TRITON_INTERPRET=1, wrap_triton hands back the interpreted kernel itself, which
     # cannot run on the fake tensors of the fake-tensor and AOT tests: those two run on a GPU.
@@ -321,7 +391,7 @@ def _bad_inputs():
         ("gather-idx-int64", lambda: dk.gather_rows(x, i64, count), TypeError, r"gather_rows: idx must be int32"),
         ("gather-count-float", lambda: dk.gather_rows(x, idx, count.float()), TypeError, r"gather_rows: count must be an int32 tensor with one element"),
         ("gather-count-numel", lambda: dk.gather_rows(x, idx, torch.tensor([1, 2], dtype=torch.int32)), TypeError, r"count must be an int32 tensor with one element"),
-        ("gather-mismatched-n", lambda: dk.gather_rows(torch.randn(6, 3), idx, count), ValueError, r"gather_rows: idx has 5 entries but x has 6 rows"),
+        ("gather-idx-past-x", lambda: dk.gather_rows(x[:3], idx, count), IndexError, r"gather_rows: idx\[2\] = 3 is out of range for x with 3 rows"),
         ("gather-idx-out-of-range", lambda: dk.gather_rows(x, out_of_range, count), IndexError, r"gather_rows: idx\[1\] = 5 is out of range for x with 5 rows"),
         ("gather-idx-negative", lambda: dk.gather_rows(x, negative, count), IndexError, r"gather_rows: idx\[1\] = -1 is out of range"),
         ("gather-capacity-negative", lambda: dk.gather_rows(x, idx, count, -1), ValueError, r"gather_rows: capacity must be a non-negative int, got -1"),
@@ -334,7 +404,7 @@ def _bad_inputs():
         ("scatter-y-rank", lambda: dk.scatter_add_rows(x, torch.randn(3), idx, count), ValueError, r"scatter_add_rows: y must be \[capacity, 3\]"),
         ("scatter-y-dtype", lambda: dk.scatter_add_rows(x, torch.randn(3, 3).double(), idx, count), TypeError, r"scatter_add_rows: y must have base's dtype torch.float32"),
         ("scatter-base-int", lambda: dk.scatter_add_rows(x.int(), x.int(), idx, count), TypeError, r"scatter_add_rows: base must be a floating tensor"),
-        ("scatter-mismatched-n", lambda: dk.scatter_add_rows(torch.randn(4, 3), x, idx, count), ValueError, r"scatter_add_rows: idx has 5 entries but base has 4 rows"),
+        ("scatter-idx-past-base", lambda: dk.scatter_add_rows(x[:3], x, idx, count), IndexError, r"scatter_add_rows: idx\[2\] = 3 is out of range for base with 3 rows"),
         ("scatter-idx-out-of-range", lambda: dk.scatter_add_rows(x, x, out_of_range, count), IndexError, r"scatter_add_rows: idx\[1\] = 5 is out of range"),
         ("scatter-scale-length", lambda: dk.scatter_add_rows(x, x, idx, count, torch.rand(4)), ValueError, r"scatter_add_rows: scale has 4 entries but base has 5 rows"),
         ("scatter-scale-rank", lambda: dk.scatter_add_rows(x, x, idx, count, torch.rand(5, 1)), ValueError, r"scatter_add_rows: scale must be a 1-D tensor"),
@@ -354,6 +424,13 @@ def _bad_inputs():
         ("scatter-rows-repeated", lambda: dk.scatter_rows(x, x, repeated, count), ValueError, r"scatter_rows: idx lists row 1 more than once; idx must be a permutation of base's 5 rows"),
         ("scatter-rows-tail-repeated", lambda: dk.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, 3], dtype=torch.int32), count), ValueError, r"scatter_rows: idx lists row 3 more than once"),
         ("scatter-rows-backend", lambda: dk.scatter_rows(x, x, idx, count, backend="cudnn"), ValueError, r"scatter_rows: backend must be one of"),
+        ("scatter-rows_-y-shape", lambda: dk.scatter_rows_(x.clone(), torch.randn(3, 4), idx, count), ValueError, r"scatter_rows_: y must be \[capacity, 3\] like base's rows"),
+        ("scatter-rows_-y-dtype", lambda: dk.scatter_rows_(x.clone(), x.double(), idx, count), TypeError, r"scatter_rows_: y must have base's dtype torch.float32"),
+        ("scatter-rows_-idx-int64", lambda: dk.scatter_rows_(x.clone(), x, i64, count), TypeError, r"scatter_rows_: idx must be int32"),
+        ("scatter-rows_-not-contiguous", lambda: dk.scatter_rows_(x.t().contiguous().t(), x, idx, count), ValueError, r"scatter_rows_: base is written in place, so it must be contiguous \(or channels_last\)"),
+        ("scatter-rows_-out-of-range", lambda: dk.scatter_rows_(x[:3].clone(), x, idx, count), IndexError, r"scatter_rows_: idx\[2\] = 3 is out of range for base with 3 rows"),
+        ("scatter-rows_-repeated", lambda: dk.scatter_rows_(x.clone(), x, repeated, count), ValueError, r"scatter_rows_: the first count entries of idx list row 1 more than once"),
+        ("scatter-rows_-backend", lambda: dk.scatter_rows_(x.clone(), x, idx, count, backend="cudnn"), ValueError, r"scatter_rows_: backend must be one of"),
     ]
 
 
@@ -373,7 +450,6 @@ def _cpp_bad_inputs(device):
         ("compact-rank", lambda: ops.compact(torch.zeros(2, 2, 2, device=device), 0.0), r"compact: gate must be \[N\] or \[B, N\]"),
         ("gather-idx-int64", lambda: ops.gather_rows(x, idx.long(), count, 5), r"gather_rows: idx must be a 1-D int32 tensor, got Long"),
         ("gather-count-float", lambda: ops.gather_rows(x, idx, count.float(), 5), r"gather_rows: count must be an int32 tensor with one element"),
-        ("gather-mismatched-n", lambda: ops.gather_rows(x[:4], idx, count, 5), r"gather_rows: idx has 5 entries but x has 4 rows"),
         ("gather-capacity", lambda: ops.gather_rows(x, idx, count, -2), r"gather_rows: capacity must be >= 0, got -2"),
         ("scatter-y-shape", lambda: ops.scatter_add_rows(x, x[:, :2], idx, count, None), r"scatter_add_rows: y must be \[capacity, \[3\]\] like base's rows"),
         ("scatter-y-dtype", lambda: ops.scatter_add_rows(x, x.double(), idx, count, None), r"scatter_add_rows: y must have base's dtype Float"),
@@ -383,6 +459,9 @@ def _cpp_bad_inputs(device):
         ("scatter-rows-y-dtype", lambda: ops.scatter_rows(x, x.double(), idx, count), r"scatter_rows: y must have base's dtype Float"),
         ("scatter-rows-0d", lambda: ops.scatter_rows(x[0, 0], x, idx, count), r"scatter_rows: base must have at least one dimension"),
         ("scatter-rows-mismatched-n", lambda: ops.scatter_rows(x[:4], x, idx, count), r"scatter_rows: idx has 5 entries but base has 4 rows"),
+        ("scatter-rows_-y-shape", lambda: ops.scatter_rows_(x.clone(), x[:, :2], idx, count), r"scatter_rows_: y must be \[capacity, \[3\]\] like base's rows"),
+        ("scatter-rows_-not-contiguous", lambda: ops.scatter_rows_(x.t().contiguous().t(), x, idx, count), r"scatter_rows_: base is written in place, so it must be contiguous"),
+        ("scatter-rows_-idx-rank", lambda: ops.scatter_rows_(x.clone(), x, idx.view(1, 5), count), r"scatter_rows_: idx must be a 1-D int32 tensor"),
     ]
     # (a device mismatch is tested in test_wrong_device_errors_on_gpu: with one CPU and one meta
     # tensor the dispatcher picks the meta kernel, which does not check devices)
@@ -394,6 +473,9 @@ def _cpp_bad_inputs(device):
             ("scatter-repeated-rows", lambda: ops.scatter_add_rows(x, x, rep, count, None), r"scatter_add_rows: idx repeats row 2"),
             ("scatter-rows-not-a-permutation", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 4, 4], dtype=torch.int32), count), r"scatter_rows: idx lists row 4 twice; idx must be a permutation of the 5 rows"),
             ("scatter-rows-out-of-range", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32), count), r"scatter_rows: idx\[4\] = -1 is out of range for 5 rows"),
+            ("gather-idx-past-x", lambda: ops.gather_rows(x[:2], idx, count, 5), r"gather_rows: idx\[2\] = 2 is out of range for 2 rows"),
+            ("scatter-rows_-repeated", lambda: ops.scatter_rows_(x.clone(), x, rep, count), r"scatter_rows_: idx repeats row 2"),
+            ("scatter-rows_-out-of-range", lambda: ops.scatter_rows_(x.clone(), x, bad, count), r"scatter_rows_: idx\[1\] = 7 is out of range for 5 rows"),
         ]
     return cases
 
@@ -445,6 +527,7 @@ def test_no_host_sync(backend):
         idx, count = dynkernels.compact(gate, backend=backend)
         y = dynkernels.gather_rows(x, idx, count, 48, backend=backend)
         dynkernels.scatter_rows(x, y, idx, count, backend=backend)
+        dynkernels.scatter_rows_(x.clone(), y, idx, count, backend=backend)
         return dynkernels.scatter_add_rows(x, y, idx, count, gate, backend=backend)
 
     run()  # compile / load kernels first
@@ -545,13 +628,19 @@ def compile_triton_kernels_for_hopper():
     cases = [
         (sg._compact_kernel, {**ptrs(gate_ptr="bf16", idx_ptr="i32", count_ptr="i32"), "N": "i32", "threshold_bits": "i64"}, {"BLOCK": 1024}),
         (sg._compact_kernel, {**ptrs(gate_ptr="u8", idx_ptr="i32", count_ptr="i32"), "N": "i32", "threshold_bits": "i32"}, {"BLOCK": 16}),
-        (sg._gather_rows_kernel, {**ptrs(x_ptr="bf16", idx_ptr="i32", count_ptr="i32", y_ptr="bf16"), "N": "i32", "capacity": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
+        (sg._gather_rows_kernel, {**ptrs(x_ptr="bf16", idx_ptr="i32", count_ptr="i32", y_ptr="bf16"), "N": "i32", "M": "i32", "capacity": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
+        (sg._scatter_rows_inplace_kernel, {**ptrs(base_ptr="bf16", y_ptr="bf16", idx_ptr="i32", count_ptr="i32"), "N": "i32", "limit": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
         (sg._inverse_index_kernel, {**ptrs(idx_ptr="i32", count_ptr="i32", inv_ptr="i32"), "N": "i32", "limit": "i32"}, {"BLOCK": 256}),
         (sg._scatter_rows_kernel, {**ptrs(base_ptr="bf16", y_ptr="bf16", idx_ptr="i32", count_ptr="i32", out_ptr="bf16"), "N": "i32", "limit": "i32", "row_elems": "i32"}, {"BLOCK": 2048}),
     ]
     for dt, acc, has_scale in (("bf16", "fp32", True), ("fp16", "fp32", False), ("fp64", "fp64", True)):
         sig = {**ptrs(base_ptr=dt, y_ptr=dt, idx_ptr="i32", count_ptr="i32", inv_ptr="i32", scale_ptr=acc, out_ptr=dt), "N": "i32", "limit": "i32", "row_elems": "i32"}
         cases.append((sg._scatter_add_rows_kernel, sig, {"HAS_SCALE": has_scale, "FP64": dt == "fp64", "BLOCK": 2048}))
+    from dynkernels.triton import route as triton_route
+
+    for choice in ("i64", "u8"):
+        sig = {**ptrs(choice_ptr=choice, idx_ptr="i32", offsets_ptr="i32"), "N": "i32", "num_branches": "i32"}
+        cases.append((triton_route._route_kernel, sig, {"BLOCK_N": 128, "BLOCK_K": 32}))
     for fn, sig, constexprs in cases:
         sig = {**sig, **{name: "constexpr" for name in constexprs}}
         names = list(sig)

@@ -1,4 +1,5 @@
-// CPU kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md).
+// CPU kernels for compact, gather_rows, scatter_add_rows, scatter_rows and scatter_rows_ (contract:
+// DESIGN.md).
 // Rows are the dim-0 slices; for 4-D tensors in channels_last each row is still one
 // contiguous block, so both layouts are copied block by block and keep their layout.
 #include <ATen/Dispatch.h>
@@ -95,7 +96,7 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
   Tensor y = at::empty(sizes, x.options().memory_format(fmt));
   const Tensor ic = idx.contiguous();
   const int32_t* ip = ic.const_data_ptr<int32_t>();
-  const int64_t n = clamped_count(count, std::min(capacity, N));
+  const int64_t n = clamped_count(count, std::min(capacity, idx.size(0)));
   check_index_range("gather_rows", ip, n, N, /*distinct=*/false);
 
   const int64_t row_bytes = row_numel(x) * static_cast<int64_t>(x.element_size());
@@ -121,7 +122,7 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
   const Tensor yc = y.contiguous(fmt);
   const Tensor ic = idx.contiguous();
   const int32_t* ip = ic.const_data_ptr<int32_t>();
-  const int64_t n = clamped_count(count, std::min(y.size(0), N));
+  const int64_t n = clamped_count(count, std::min(y.size(0), idx.size(0)));
   check_index_range("scatter_add_rows", ip, n, N, /*distinct=*/true);
   const int64_t row = row_numel(base);
 
@@ -149,7 +150,7 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
 // One pass: each output row is copied once, from y (the first count positions of idx) or
 // from base (the others).
 Tensor scatter_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
-  check_scatter_rows_args(base, y, idx, count);
+  check_scatter_rows_args("scatter_rows", base, y, idx, count, /*in_place=*/false);
   const int64_t N = base.size(0);
   const auto fmt = row_layout(base);
   const Tensor bc = base.contiguous(fmt);
@@ -175,6 +176,23 @@ Tensor scatter_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, 
   return out;
 }
 
+// In place: only the first count rows of idx are written (from y); the rest of base is untouched.
+void scatter_rows_inplace_cpu(Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  check_scatter_rows_args("scatter_rows_", base, y, idx, count, /*in_place=*/true);
+  const Tensor yc = y.contiguous(row_layout(base));
+  const Tensor ic = idx.contiguous();
+  const int32_t* ip = ic.const_data_ptr<int32_t>();
+  const int64_t n = clamped_count(count, std::min(y.size(0), idx.size(0)));
+  check_index_range("scatter_rows_", ip, n, base.size(0), /*distinct=*/true);
+  const int64_t row_bytes = row_numel(base) * static_cast<int64_t>(base.element_size());
+  if (row_bytes == 0) return;
+  const char* yp = static_cast<const char*>(yc.const_data_ptr());
+  char* bp = static_cast<char*>(base.mutable_data_ptr());
+  at::parallel_for(0, n, rows_per_task(row_bytes), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(bp + static_cast<int64_t>(ip[i]) * row_bytes, yp + i * row_bytes, row_bytes);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynkernels, CPU, m) {
@@ -182,6 +200,7 @@ TORCH_LIBRARY_IMPL(dynkernels, CPU, m) {
   m.impl("gather_rows", &gather_rows_cpu);
   m.impl("scatter_add_rows", &scatter_add_rows_cpu);
   m.impl("scatter_rows", &scatter_rows_cpu);
+  m.impl("scatter_rows_", &scatter_rows_inplace_cpu);
 }
 
 }  // namespace dynkernels

@@ -1,11 +1,12 @@
-// CUDA kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md), with the
-// semantics, checks and output layouts of csrc/cpu/sample_gating_cpu.cpp.
+// CUDA kernels for compact, gather_rows, scatter_add_rows, scatter_rows and scatter_rows_ (contract:
+// DESIGN.md), with the semantics, checks and output layouts of csrc/cpu/sample_gating_cpu.cpp.
 //
 // No host synchronisation: count is read by the kernels themselves, so gather and scatter
 // launch for every row they might touch (capacity rows, N rows) and the rows past count do
 // the cheap part of the work (write zeros, copy base). An idx entry that is out of range is
-// skipped (gather writes a zero row; scatter_rows leaves that output row unwritten); it never
-// causes an out-of-bounds access.
+// skipped (gather writes a zero row; scatter_rows leaves that output row unwritten, scatter_rows_
+// that row of base untouched); it never causes an out-of-bounds access. idx has M entries
+// (M = N for compact's idx); count is clamped to M as well.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
@@ -200,10 +201,10 @@ void with_vector_type(int bytes, F&& f) {
 template <typename Vec>
 __global__ void __launch_bounds__(kThreads)
     gather_rows_kernel(const Vec* __restrict__ x, const int32_t* __restrict__ idx, const int32_t* __restrict__ count,
-                       Vec* __restrict__ y, int64_t N, int64_t capacity, int64_t row_vecs) {
+                       Vec* __restrict__ y, int64_t N, int64_t M, int64_t capacity, int64_t row_vecs) {
   const int64_t i = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
   if (i >= capacity) return;
-  const int64_t n = device_count(count, capacity < N ? capacity : N);
+  const int64_t n = device_count(count, capacity < M ? capacity : M);
   int64_t r = -1;  // source row, or -1 for a zero row
   if (i < n) {
     r = __ldg(idx + i);
@@ -226,7 +227,7 @@ void launch_gather(const Tensor& xc, const Tensor& idx, const Tensor& count, Ten
   const RowLaunch l = row_launch(y.size(0), row_vecs);
   gather_rows_kernel<Vec><<<l.grid, l.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
       static_cast<const Vec*>(xc.const_data_ptr()), idx.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(),
-      static_cast<Vec*>(y.mutable_data_ptr()), xc.size(0), y.size(0), row_vecs);
+      static_cast<Vec*>(y.mutable_data_ptr()), xc.size(0), idx.size(0), y.size(0), row_vecs);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -334,7 +335,7 @@ Tensor scatter_add_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& 
   Tensor out = at::empty(base.sizes(), base.options().memory_format(fmt));
   const int64_t N = base.size(0), row_elems = row_numel(base);
   if (N == 0 || row_elems == 0) return out;
-  const int64_t limit = std::min(y.size(0), N);
+  const int64_t limit = std::min(y.size(0), idx.size(0));
   const Tensor ic = idx.contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
 
@@ -392,7 +393,7 @@ void launch_scatter_rows(const Tensor& bc, const Tensor& yc, const Tensor& idx, 
 }
 
 Tensor scatter_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
-  check_scatter_rows_args(base, y, idx, count);
+  check_scatter_rows_args("scatter_rows", base, y, idx, count, /*in_place=*/false);
   const c10::cuda::CUDAGuard guard(base.device());
   const auto fmt = row_layout(base);
   const Tensor bc = base.contiguous(fmt);
@@ -408,6 +409,45 @@ Tensor scatter_rows_cuda(const Tensor& base, const Tensor& y, const Tensor& idx,
   return out;
 }
 
+// ----------------------------------------------------------------------------- scatter_rows_
+// In place: the thread row for position i < count copies y[i] to base[idx[i]]; nothing else is
+// read or written. The launch covers min(y rows, M) positions, count is read on the device.
+template <typename Vec>
+__global__ void __launch_bounds__(kThreads)
+    scatter_rows_inplace_kernel(Vec* __restrict__ base, const Vec* __restrict__ y, const int32_t* __restrict__ idx,
+                                const int32_t* __restrict__ count, int64_t N, int64_t limit, int64_t row_vecs) {
+  const int64_t i = int64_t(blockIdx.x) * blockDim.y + threadIdx.y;
+  if (i >= device_count(count, limit)) return;
+  const int64_t r = __ldg(idx + i);
+  if (r < 0 || r >= N) return;  // out of range: skipped
+  copy_row_share(y + i * row_vecs, base + r * row_vecs, int64_t(blockIdx.y) * blockDim.x + threadIdx.x,
+                 int64_t(gridDim.y) * blockDim.x, row_vecs);
+}
+
+template <typename Vec>
+void launch_scatter_rows_inplace(Tensor& base, const Tensor& yc, const Tensor& idx, const Tensor& count,
+                                 int64_t limit, int64_t row_bytes) {
+  const int64_t row_vecs = row_bytes / int64_t(sizeof(Vec));
+  const RowLaunch l = row_launch(limit, row_vecs);
+  scatter_rows_inplace_kernel<Vec><<<l.grid, l.block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      static_cast<Vec*>(base.mutable_data_ptr()), static_cast<const Vec*>(yc.const_data_ptr()),
+      idx.const_data_ptr<int32_t>(), count.const_data_ptr<int32_t>(), base.size(0), limit, row_vecs);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void scatter_rows_inplace_cuda(Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  check_scatter_rows_args("scatter_rows_", base, y, idx, count, /*in_place=*/true);
+  const c10::cuda::CUDAGuard guard(base.device());
+  const Tensor yc = y.contiguous(row_layout(base));
+  const int64_t limit = std::min(y.size(0), idx.size(0));
+  const int64_t row_bytes = row_numel(base) * int64_t(base.element_size());
+  if (limit == 0 || row_bytes == 0 || base.size(0) == 0) return;
+  const Tensor ic = idx.contiguous();
+  with_vector_type(vector_bytes(row_bytes, {base.const_data_ptr(), yc.const_data_ptr()}), [&](auto vec) {
+    launch_scatter_rows_inplace<decltype(vec)>(base, yc, ic, count, limit, row_bytes);
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(dynkernels, CUDA, m) {
@@ -415,6 +455,7 @@ TORCH_LIBRARY_IMPL(dynkernels, CUDA, m) {
   m.impl("gather_rows", &gather_rows_cuda);
   m.impl("scatter_add_rows", &scatter_add_rows_cuda);
   m.impl("scatter_rows", &scatter_rows_cuda);
+  m.impl("scatter_rows_", &scatter_rows_inplace_cuda);
 }
 
 }  // namespace dynkernels

@@ -1,7 +1,9 @@
-"""Modules: GatedConv2d, FBS layers, sample-gated block wrappers and gates."""
+"""Modules: GatedConv2d, FBS layers, sample-gated block wrappers and gates, routed blocks and early exits."""
+from .early_exit import EarlyExit
 from .fbs import FBSConv2d, fbs_convert, fbs_gate
 from .fold import fold_batchnorm
 from .gated_conv import GatedConv2d, convert
+from .route_block import RouteBlock, RoutePlan, RouteRow
 from .skip_block import RowPlan, SkipBlock, SkipPlan, SkipSequential, gather_kept, merge_kept
 
 __all__ = [
@@ -17,4 +19,8 @@ __all__ = [
     "RowPlan",
     "gather_kept",
     "merge_kept",
+    "RouteBlock",
+    "RoutePlan",
+    "RouteRow",
+    "EarlyExit",
 ]

@@ -32,12 +32,14 @@ def gate(op: str, name: str, g, dims=(1, 2), shape="[N] or [B, N]"):
         raise TypeError(f"{op}: {name} must be a floating or bool tensor, got {g.dtype}")
 
 
-def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tensor):
-    """idx: [rows] int32, count: one int32; both on data's device; idx values in range."""
+def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tensor, any_length: bool = False):
+    """idx: int32, [rows] (or, with any_length, [M] for any M), count: one int32; both on data's
+    device; the first count entries of idx index data's rows (checked on CPU tensors, on a GPU
+    only with DYNKERNELS_CHECK_INDICES=1)."""
     tensor(op, "idx", idx, (1,), "a 1-D tensor")
     if idx.dtype != torch.int32:
         raise TypeError(f"{op}: idx must be int32 (as dynkernels.compact returns), got {idx.dtype}")
-    if idx.shape[0] != rows:
+    if not any_length and idx.shape[0] != rows:
         raise ValueError(f"{op}: idx has {idx.shape[0]} entries but {data_name} has {rows} rows; they must match")
     tensor(op, "count", count)
     if count.dtype != torch.int32 or count.numel() != 1:
@@ -45,7 +47,7 @@ def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tenso
     same_device(op, "idx", idx, data_name, data)
     same_device(op, "count", count, data_name, data)
     if idx.device.type == "cpu" or CHECK_INDICES_ON_GPU:
-        n = max(0, min(int(count.reshape(-1)[0]), rows))
+        n = max(0, min(int(count.reshape(-1)[0]), idx.shape[0]))
         head = idx[:n]
         if n and (int(head.min()) < 0 or int(head.max()) >= rows):
             bad = int(((head < 0) | (head >= rows)).nonzero()[0])

@@ -1,16 +1,22 @@
-"""Sample gating ops: compact, gather_rows, scatter_add_rows, scatter_rows (contract: DESIGN.md).
+"""Sample gating ops: compact, gather_rows, scatter_add_rows, scatter_rows, scatter_rows_
+(contract: DESIGN.md).
 
 The compiled kernels are torch.ops.dynkernels.{compact, gather_rows, scatter_add_rows,
-scatter_rows} (schemas in csrc/schemas.cpp, one kernel per device); the Triton kernels are
-torch.ops.dynkernels.{...}_triton (dynkernels/triton/sample_gating.py). This file gives
-both their fake kernels and autograd, and the public functions that check arguments and
-pick the backend. No op here reads a device value on the host (the "torch" reference
-reads count; see dynkernels.reference).
+scatter_rows, scatter_rows_} (schemas in csrc/schemas.cpp, one kernel per device); the Triton
+kernels are torch.ops.dynkernels.{...}_triton and scatter_rows_triton_
+(dynkernels/triton/sample_gating.py). This file gives both their fake kernels and autograd,
+and the public functions that check arguments and pick the backend. No op here reads a
+device value on the host (the "torch" reference reads count; see dynkernels.reference).
+
+The row ops take idx [M] and count and move the rows idx[:count]: compact's idx (M = N), or
+the part of route's idx that belongs to one branch, idx[offsets[b]:] with count
+offsets[b + 1] - offsets[b] (dynkernels.route). scatter_rows alone needs a permutation.
 
 The public functions check every argument and resolve the backend on every call. Callers
-that already did both once for many calls (dynkernels.nn.SkipPlan: its idx and count come
-from compact) use the unchecked `_gather_rows`, `_scatter_add_rows` and `_scatter_rows`,
-which take a resolved backend and go straight to the kernel.
+that already did both once for many calls (dynkernels.nn.SkipPlan / RoutePlan: their idx and
+count come from compact / route) use the unchecked `_gather_rows`, `_scatter_add_rows`,
+`_scatter_rows` and `_scatter_rows_`, which take a resolved backend and go straight to the
+kernel.
 """
 import functools
 from typing import Optional, Tuple
@@ -45,6 +51,11 @@ def _scatter_add_rows_fake(base, y, idx, count, scale):
 @torch.library.register_fake("dynkernels::scatter_rows")
 def _scatter_rows_fake(base, y, idx, count):
     return torch.empty_like(base, memory_format=row_layout(base))
+
+
+@torch.library.register_fake("dynkernels::scatter_rows_")
+def _scatter_rows_inplace_fake(base, y, idx, count):
+    return None
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -141,7 +152,8 @@ def _kernel(name: str, backend: str):
     """The registered operator of a resolved kernel backend ("cpu", "cuda" or "triton")."""
     if backend == "triton":
         _triton()  # registers the *_triton ops and their autograd
-        return getattr(_lib, f"{name}_triton").default
+        # in-place ops keep their trailing underscore last: scatter_rows_ -> scatter_rows_triton_
+        return getattr(_lib, f"{name[:-1]}_triton_" if name.endswith("_") else f"{name}_triton").default
     return getattr(_lib, name).default
 
 
@@ -174,6 +186,48 @@ def _scatter_rows(base, y, idx, count, backend: str):
     if backend == "torch":
         return reference.scatter_rows(base, y, idx, count)
     return _run(_kernel("scatter_rows", backend), base, y, idx, count)
+
+
+def _scatter_rows_kernel_(base, y, idx, count, backend: str):
+    """The in-place kernel itself, no autograd (checked arguments, resolved backend)."""
+    if backend == "torch":
+        reference.scatter_rows_(base, y, idx, count)
+    else:
+        _kernel("scatter_rows_", backend)(base, y, idx, count)
+
+
+class _ScatterRowsInPlace(torch.autograd.Function):
+    """Autograd of scatter_rows_ (torch.library.register_autograd takes functional ops only):
+    base's gradient is grad_out with the written rows zeroed, y's the written rows of grad_out
+    (zero past count), both built from the same backend's kernels."""
+
+    @staticmethod
+    def forward(ctx, base, y, idx, count, backend):
+        _scatter_rows_kernel_(base, y, idx, count, backend)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(idx, count)
+        ctx.rows, ctx.backend = y.shape[0], backend
+        return base
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        idx, count = ctx.saved_tensors
+        grad_base = grad_y = None
+        if ctx.needs_input_grad[1]:
+            grad_y = _gather_rows(grad_out.contiguous(), idx, count, ctx.rows, ctx.backend)
+        if ctx.needs_input_grad[0]:
+            grad_base = grad_out.clone(memory_format=row_layout(grad_out))
+            no_rows = grad_out.new_zeros((ctx.rows,) + tuple(grad_out.shape[1:]))
+            _scatter_rows_kernel_(grad_base, no_rows, idx, count, ctx.backend)
+        return grad_base, grad_y, None, None, None
+
+
+def _scatter_rows_(base, y, idx, count, backend: str):
+    """scatter_rows_ with checked arguments and a resolved backend; returns base."""
+    if torch.is_grad_enabled() and (base.requires_grad or y.requires_grad):
+        return _ScatterRowsInPlace.apply(base, y, idx, count, backend)
+    _scatter_rows_kernel_(base, y, idx, count, backend)
+    return base
 
 
 def _check_permutation(op: str, idx: torch.Tensor, rows: int):
@@ -218,21 +272,23 @@ def gather_rows(
 ) -> torch.Tensor:
     """y[i] = x[idx[i]] for i < count; y has `capacity` rows (default x.shape[0]), the rest zero.
 
-    idx: [x.shape[0]] int32 (as compact returns), count: one int32 (e.g. compact's count, or
-    count[b:b+1] of a [B, N] plan). Differentiable in x. No host sync.
+    idx: [M] int32 rows of x (compact's idx, M = N; or one branch's part of route's idx,
+    idx[offsets[b]:]); count: one int32 (compact's count, count[b:b+1] of a [B, N] plan, or
+    offsets[b+1] - offsets[b]), clamped to [0, min(M, capacity)]. Differentiable in x. No host
+    sync.
     """
     _checks.tensor("gather_rows", "x", x)
     if x.dim() == 0:
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
-    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x)
+    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True)
     return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
 
 
-def _check_merge_args(op: str, base, y, idx, count, floating_base: bool):
-    """The checks the merge ops (scatter_add_rows, scatter_rows) share, in this order: base has
-    rows (and is floating, if asked), y has base's row shape, dtype and device, idx/count
-    index base's rows."""
+def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool):
+    """The checks the merge ops (scatter_add_rows, scatter_rows, scatter_rows_) share, in this
+    order: base has rows (and is floating, if asked), y has base's row shape, dtype and device,
+    idx/count index base's rows (idx has base's N entries where it must be a permutation)."""
     _checks.tensor(op, "base", base)
     if base.dim() == 0:
         raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
@@ -244,7 +300,7 @@ def _check_merge_args(op: str, base, y, idx, count, floating_base: bool):
     if y.dtype != base.dtype:
         raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
     _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base, any_length=not permutation)
 
 
 def scatter_add_rows(
@@ -258,12 +314,13 @@ def scatter_add_rows(
 ) -> torch.Tensor:
     """out = base, except out[idx[i]] = base[idx[i]] + scale[idx[i]] * y[i] for i < count.
 
-    base: [N, ...] floating; y: [capacity, ...] of base's dtype; idx: [N] int32 whose first
-    count entries are distinct rows; scale: [N] floating or None (1). The sum is formed in
-    float32 and rounded once. Differentiable in base, y and scale. No host sync.
+    base: [N, ...] floating; y: [capacity, ...] of base's dtype; idx: [M] int32 whose first
+    count entries are distinct rows (count clamped to [0, min(M, capacity)]); scale: [N]
+    floating or None (1). The sum is formed in float32 and rounded once. Differentiable in
+    base, y and scale. No host sync.
     """
     op = "scatter_add_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=True)
+    _check_merge_args(op, base, y, idx, count, floating_base=True, permutation=False)
     if scale is not None:
         _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
         _checks.floating(op, "scale", scale)
@@ -297,7 +354,45 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=False)
+    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True)
     if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
         _check_permutation(op, idx, base.shape[0])
     return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))
+
+
+def scatter_rows_(
+    base: torch.Tensor,
+    y: torch.Tensor,
+    idx: torch.Tensor,
+    count: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The overwrite merge in place: base[idx[i]] = y[i] for i < count; every other row of base
+    is left as it is. Returns base.
+
+    idx: [M] int32 whose first count entries are distinct rows of base (count clamped to
+    [0, min(M, capacity)]): one branch's part of a route, idx[offsets[b]:] with count
+    offsets[b + 1] - offsets[b], so that merging every branch writes each row of base once
+    (dynkernels.nn.RouteBlock). With idx a permutation (as compact returns), base ends up as
+    scatter_rows(base, y, idx, count) would return it. base: [N, ...] of any dtype, contiguous
+    or channels_last (it is written in place); y: [capacity, ...] of base's dtype and device,
+    its rows past count unread. Range and distinctness are checked on CPU tensors; on CUDA
+    tensors only with DYNKERNELS_CHECK_INDICES=1 (it reads idx: a host sync), the CUDA and
+    Triton kernels skipping out-of-range entries (never an out-of-bounds access; repeated rows
+    are written by one of their entries, unspecified which).
+
+    Each written row is read once from y and written once: count row copies, nothing else.
+    Differentiable in base (grad_out with the written rows zeroed) and y (the written rows of
+    grad_out, zero past count). No host sync.
+    """
+    op = "scatter_rows_"
+    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=False)
+    if not base.is_contiguous(memory_format=row_layout(base)):
+        raise ValueError(f"{op}: base is written in place, so it must be contiguous (or channels_last), got strides {base.stride()}")
+    if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+        n = max(0, min(int(count.reshape(-1)[0]), idx.shape[0], y.shape[0]))
+        if n and int(torch.bincount(idx[:n].long(), minlength=1).max()) > 1:
+            twice = int((torch.bincount(idx[:n].long()) > 1).nonzero()[0])
+            raise ValueError(f"{op}: the first count entries of idx list row {twice} more than once; they must be distinct")
+    return _scatter_rows_(base, y, idx, count, resolve(op, backend, base.device))

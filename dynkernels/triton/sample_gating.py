@@ -1,12 +1,14 @@
-"""Triton kernels for compact, gather_rows, scatter_add_rows and scatter_rows (contract: DESIGN.md).
+"""Triton kernels for compact, gather_rows, scatter_add_rows, scatter_rows and scatter_rows_ (contract: DESIGN.md).
 
 Same semantics and output layouts as the C++/CUDA kernels (csrc/cpu, csrc/cuda), exposed as
-torch.ops.dynkernels.{compact,gather_rows,scatter_add_rows,scatter_rows}_triton with
-torch.library.triton_op so that torch.compile can trace into them; autograd is added by
-dynkernels.ops.sample_gating. No op reads a device value on the host: count is loaded by
-the kernels, so launches cover every row they might touch and the rows past count do the
-cheap part (write zeros, copy base). Out-of-range idx entries are skipped (gather writes a
-zero row, scatter_rows leaves that output row unwritten), never read or written out of bounds.
+torch.ops.dynkernels.{compact,gather_rows,scatter_add_rows,scatter_rows}_triton and
+torch.ops.dynkernels.scatter_rows_triton_ (in place) with torch.library.triton_op so that
+torch.compile can trace into them; autograd is added by dynkernels.ops.sample_gating. No op
+reads a device value on the host: count is loaded by the kernels, so launches cover every row
+they might touch and the rows past count do the cheap part (write zeros, copy base).
+Out-of-range idx entries are skipped (gather writes a zero row, scatter_rows leaves that output
+row unwritten, scatter_rows_ that row of base untouched), never read or written out of bounds.
+idx has M entries (M = N for compact's idx); count is clamped to M as well.
 """
 import math
 import struct
@@ -81,11 +83,11 @@ def compact_triton(gate: torch.Tensor, threshold: float) -> Tuple[torch.Tensor, 
 
 
 # ----------------------------------------------------------------------------- gather_rows
-@triton.jit(do_not_specialize=["N", "capacity"])
-def _gather_rows_kernel(x_ptr, idx_ptr, count_ptr, y_ptr, N, capacity, row_elems, BLOCK: tl.constexpr):
+@triton.jit(do_not_specialize=["N", "M", "capacity"])
+def _gather_rows_kernel(x_ptr, idx_ptr, count_ptr, y_ptr, N, M, capacity, row_elems, BLOCK: tl.constexpr):
     # program (i, chunk): row i of y, columns chunk*BLOCK, (chunk + chunks)*BLOCK, ...
     i = tl.program_id(0).to(tl.int64)
-    n = tl.minimum(tl.maximum(tl.load(count_ptr), 0), tl.minimum(capacity, N))
+    n = tl.minimum(tl.maximum(tl.load(count_ptr), 0), tl.minimum(capacity, M))
     r = tl.load(idx_ptr + i, mask=i < n, other=-1).to(tl.int64)
     valid = (r >= 0) & (r < N)  # rows past count and out-of-range entries give zero rows
     r = tl.where(valid, r, 0)
@@ -101,7 +103,7 @@ def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, 
     """Triton `gather_rows`: y[i] = x[idx[i]] for i < count, zero rows up to capacity."""
     torch._check(x.dim() >= 1, lambda: "gather_rows: x must have at least one dimension")
     torch._check(capacity >= 0, lambda: f"gather_rows: capacity must be >= 0, got {capacity}")
-    torch._check(idx.dim() == 1 and idx.shape[0] == x.shape[0], lambda: "gather_rows: idx must be [x.shape[0]]")
+    torch._check(idx.dim() == 1, lambda: "gather_rows: idx must be 1-D")
     torch._check(count.numel() == 1, lambda: "gather_rows: count must have one element")
     fmt = row_layout(x)
     xc = x.contiguous(memory_format=fmt)
@@ -110,7 +112,7 @@ def gather_rows_triton(x: torch.Tensor, idx: torch.Tensor, count: torch.Tensor, 
     if capacity > 0 and row_elems > 0:
         block = _block(row_elems, 2048)
         grid = (capacity, min(triton.cdiv(row_elems, block), _MAX_GRID_Y))
-        wrap_triton(_gather_rows_kernel)[grid](xc, idx.contiguous(), count, y, x.shape[0], capacity, row_elems, BLOCK=block)
+        wrap_triton(_gather_rows_kernel)[grid](xc, idx.contiguous(), count, y, x.shape[0], idx.shape[0], capacity, row_elems, BLOCK=block)
     return y
 
 
@@ -157,14 +159,19 @@ def _scatter_add_rows_kernel(
         tl.store(out_ptr + r * row_elems + offs, tl.where(active, total.to(b.dtype), b), mask=in_row)
 
 
-def _merge_operands(op: str, base, y, idx, count):
-    """The shape checks the merge ops share, then (base, y) in base's row layout, the empty
-    output in it, and the elements per row."""
+def _check_merge_shapes(op: str, base, y, idx, count, permutation: bool):
+    """The shape checks the merge ops share; idx is [base.shape[0]] for a permutation, else any length."""
     torch._check(base.dim() >= 1, lambda: f"{op}: base must have at least one dimension")
     torch._check(y.dim() == base.dim() and y.shape[1:] == base.shape[1:], lambda: f"{op}: y must be [capacity, *base.shape[1:]]")
     torch._check(y.dtype == base.dtype, lambda: f"{op}: y must have base's dtype")
-    torch._check(idx.dim() == 1 and idx.shape[0] == base.shape[0], lambda: f"{op}: idx must be [base.shape[0]]")
+    torch._check(idx.dim() == 1 and (not permutation or idx.shape[0] == base.shape[0]), lambda: f"{op}: idx must be [base.shape[0]]")
     torch._check(count.numel() == 1, lambda: f"{op}: count must have one element")
+
+
+def _merge_operands(op: str, base, y, idx, count, permutation: bool):
+    """The shape checks, then (base, y) in base's row layout, the empty output in it, and the
+    elements per row."""
+    _check_merge_shapes(op, base, y, idx, count, permutation)
     fmt = row_layout(base)
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device, memory_format=fmt)
     return base.contiguous(memory_format=fmt), y.contiguous(memory_format=fmt), out, math.prod(base.shape[1:])
@@ -176,11 +183,11 @@ def scatter_add_rows_triton(
 ) -> torch.Tensor:
     """Triton `scatter_add_rows`: out = base; out[idx[i]] += scale[idx[i]] * y[i] for i < count."""
     n_rows = base.shape[0]
-    bc, yc, out, row_elems = _merge_operands("scatter_add_rows", base, y, idx, count)
+    bc, yc, out, row_elems = _merge_operands("scatter_add_rows", base, y, idx, count, permutation=False)
     torch._check(scale is None or (scale.dim() == 1 and scale.shape[0] == n_rows), lambda: "scatter_add_rows: scale must be [base.shape[0]]")
     if n_rows == 0 or row_elems == 0:
         return out
-    limit = min(y.shape[0], n_rows)
+    limit = min(y.shape[0], idx.shape[0])
     ic = idx.contiguous()
     inv = torch.empty((n_rows,), dtype=torch.int32, device=base.device)  # see _scatter_add_rows_kernel
     if limit > 0:
@@ -222,10 +229,42 @@ def _scatter_rows_kernel(base_ptr, y_ptr, idx_ptr, count_ptr, out_ptr, N, limit,
 def scatter_rows_triton(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """Triton `scatter_rows`: out[idx[i]] = y[i] for i < count, base[idx[i]] for the other i."""
     n_rows = base.shape[0]
-    bc, yc, out, row_elems = _merge_operands("scatter_rows", base, y, idx, count)
+    bc, yc, out, row_elems = _merge_operands("scatter_rows", base, y, idx, count, permutation=True)
     if n_rows > 0 and row_elems > 0:
         block = _block(row_elems, 2048)
         grid = (n_rows, min(triton.cdiv(row_elems, block), _MAX_GRID_Y))
         limit = min(y.shape[0], n_rows)
         wrap_triton(_scatter_rows_kernel)[grid](bc, yc, idx.contiguous(), count, out, n_rows, limit, row_elems, BLOCK=block)
     return out
+
+
+# ----------------------------------------------------------------------------- scatter_rows_
+@triton.jit(do_not_specialize=["N", "limit"])
+def _scatter_rows_inplace_kernel(base_ptr, y_ptr, idx_ptr, count_ptr, N, limit, row_elems, BLOCK: tl.constexpr):
+    # program (i, chunk): position i < count copies y[i] to base[idx[i]]; nothing else is touched.
+    i = tl.program_id(0).to(tl.int64)
+    n = tl.minimum(tl.maximum(tl.load(count_ptr), 0), limit)
+    listed = i < n
+    r = tl.load(idx_ptr + i, mask=listed, other=-1).to(tl.int64)
+    valid = listed & (r >= 0) & (r < N)  # out-of-range entries are skipped
+    r = tl.where(valid, r, 0)
+    for start in range(tl.program_id(1) * BLOCK, row_elems, tl.num_programs(1) * BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = (offs < row_elems) & valid
+        v = tl.load(y_ptr + i * row_elems + offs, mask=in_row)
+        tl.store(base_ptr + r * row_elems + offs, v, mask=in_row)
+
+
+@triton_op("dynkernels::scatter_rows_triton_", mutates_args={"base"})
+def scatter_rows_triton_(base: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: torch.Tensor) -> None:
+    """Triton `scatter_rows_`: base[idx[i]] = y[i] for i < count, in place."""
+    _check_merge_shapes("scatter_rows_", base, y, idx, count, permutation=False)
+    fmt = row_layout(base)
+    torch._check(base.is_contiguous(memory_format=fmt), lambda: "scatter_rows_: base must be contiguous (or channels_last)")
+    row_elems = math.prod(base.shape[1:])
+    limit = min(y.shape[0], idx.shape[0])
+    if base.shape[0] > 0 and row_elems > 0 and limit > 0:
+        block = _block(row_elems, 2048)
+        grid = (limit, min(triton.cdiv(row_elems, block), _MAX_GRID_Y))
+        yc = y.contiguous(memory_format=fmt)
+        wrap_triton(_scatter_rows_inplace_kernel)[grid](base, yc, idx.contiguous(), count, base.shape[0], limit, row_elems, BLOCK=block)

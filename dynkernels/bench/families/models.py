@@ -8,6 +8,11 @@ every residual branch (_common.bounded_residual_init), so that their activations
 in fp16. FBS ResNet-18 and LC-Net ResNet-50 are covered when dynkernels.models.fbs / .lcnet
 have them.
 
+Routed models (headline, CPU): SpotTune's ResNet-26 (72x72, batch 64, each image fine-tuning
+half of the 12 blocks) and MSDNet CIFAR (batch 64, thresholds calibrated on held-out images so
+that half of the images leave at the first two exits), sparse against masked execution, the
+ideal being masked FLOPs / sparse FLOPs (FlopCounterMode over one call of each).
+
 Headline: on a GPU, BlockDrop ResNet-101 (224x224, batch 64 and 128, bf16, channels_last) with
 25 of its 33 blocks kept per sample against the dense ResNet-101 (the sparse speedup >= 90% of
 the ideal), also with the policy network run first (`agent-cuda`), and ResNet-110 (CIFAR,
@@ -242,5 +247,54 @@ def cpu_blockdrop(cfg: RunConfig) -> List[Case]:
             for threads in cpu_threads(cfg)]
 
 
+def _routed_setup(cfg: RunConfig, name: str, batch: int, size: int, d: float) -> Setup:
+    """SpotTune (inputs: images, a policy fine-tuning round(d * 12) blocks per image) or MSDNet
+    (inputs: images; a fraction d of them leaves at the first two exits), masked and sparse."""
+    dev = cfg.device
+    g, gd = seeded(8), seeded(8, dev)
+    torch.manual_seed(8)
+    if name == "spottune_resnet26":
+        model = _import("spottune").resnet26(10, execution="masked").to(dev).eval()
+        sets = [(randn((batch, 3, size, size), dev, torch.float32, gd), _policy(batch, model.num_blocks, d, True, g).to(dev))
+                for _ in range(cfg.input_sets)]
+    else:
+        msdnet = _import("msdnet")
+        model = msdnet.msdnet_cifar(10, execution="masked").to(dev).eval()
+        held_out = randn((4 * batch, 3, size, size), dev, torch.float32, gd)
+        later = (1 - d) / (model.num_exits - 2)
+        fractions = [d / 2, d / 2] + [later] * (model.num_exits - 2)
+        model.thresholds = msdnet.thresholds_for_fractions(msdnet.exit_confidences(model, held_out), fractions)
+        sets = [(randn((batch, 3, size, size), dev, torch.float32, gd),) for _ in range(cfg.input_sets)]
+
+    def run(execution: str, backend: str = "auto"):
+        def fn(*inputs):
+            model.execution, model.backend = execution, backend
+            return model(*inputs)
+
+        return fn
+
+    with torch.inference_mode():
+        flops = {e: accounting.counted_flops(lambda e=e: run(e)(*sets[0])) for e in ("masked", "sparse")}
+    variants = [Variant("masked", lambda: run("masked"), work="dense")]
+    variants += [Variant(f"sparse-{b}", lambda b=b: run("sparse", resolved("route", b, cfg)), backend=b, compare_to="masked")
+                 for b in OUR_BACKENDS]
+    return Setup(sets, variants, dense_flops=flops["masked"], sparse_flops=flops["sparse"], rtol=10 * RTOL["float32"])
+
+
+def cpu_routing(cfg: RunConfig) -> List[Case]:
+    """SpotTune (half the blocks fine-tuned per image) and MSDNet CIFAR (half of the images out at
+    the first two exits), batch 64, sparse against masked on the CPU."""
+    batch = 2 if cfg.smoke else 64
+    runs = [("spottune_resnet26", 8 if cfg.smoke else 72, 0.5,
+             Target("SpotTune ResNet-26, half the blocks fine-tuned per image, over masked (CPU)", 1.7)),
+            ("msdnet_cifar", 32, 0.5,
+             Target("MSDNet CIFAR, half of the images out at the first two exits: >= 0.8 x ideal over masked (CPU)", 0.8, of_ideal=True))]
+    return [Case(NAME, name, f"{name} N={batch} {size}x{size} float32, {threads} thread{'s' * (threads > 1)}", f"{batch}x3x{size}x{size}",
+                 batch, "float32", d, lambda name=name, size=size, d=d: _routed_setup(cfg, name, batch, size, d),
+                 baseline="masked", threads=threads, variants=["masked", "sparse-auto"], targets={"sparse-auto": target})
+            for name, size, d, target in runs for threads in cpu_threads(cfg)]
+
+
 def headline(cfg: RunConfig) -> List[Case]:
-    return (gpu_blockdrop(cfg) if cfg.gpu_targets else []) + (cpu_blockdrop(cfg) if cfg.cpu_targets else [])
+    cpu = cpu_blockdrop(cfg) + cpu_routing(cfg) if cfg.cpu_targets else []
+    return (gpu_blockdrop(cfg) if cfg.gpu_targets else []) + cpu
