@@ -10,10 +10,11 @@ both ops their autograd, and the public function that checks arguments and picks
 No host sync on any path but the "torch" reference's (none there either) and the argument
 checks (shapes only).
 
-"auto" always runs the sparse kernel. On a GPU, choosing dense execution for dense gates would
-need the gate density on the host, i.e. a device sync per call, which this op does not pay. On
-the CPU it would not pay off: the C++ kernel matches the dense conv (oneDNN) up to about
-density 0.9 at one thread and beats it at every density at two (README, CPU results).
+"auto" on CPU tensors runs the C++ kernel, or dense execution (torch's conv2d, then the gate
+multiply and shift) where the gates' FLOP density (the `density` hint, else read from the
+gates: no sync on CPU tensors) is above the crossover measured for the layout, stride and
+output size (dynkernels/ops/_conv_cpu_auto.py). On a GPU "auto" always runs the sparse kernel:
+reading the gate density there would be a device sync per call, which this op does not pay.
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
@@ -24,6 +25,7 @@ from .. import reference
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
+from ._conv_cpu_auto import dense_then_gate, use_dense_on_cpu
 
 _lib = torch.ops.dynkernels
 IntPair = Union[int, Sequence[int]]
@@ -237,6 +239,13 @@ def channel_sparse_conv2d(
     k-winners-take-all): the expected fraction of the dense conv's FLOPs that the gates leave
     active (output density, times input density when in_gate is given). It is a hint for
     backend="auto" only and is never checked against the gates.
+
+    backend="auto" on CPU tensors runs dense execution (conv2d, then the gate multiply and the
+    shift, with the same result) where that density (the hint, else read from the gates: no
+    sync on CPU tensors) is at or above the crossover measured on the CPU for the input's
+    layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
+    e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs), and the C++
+    channel-sparse kernel below it.
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     check_density("channel_sparse_conv2d", density)
@@ -245,6 +254,10 @@ def channel_sparse_conv2d(
         b = _check_cuda_kernel_args(x, backend)
     if b == "torch":
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+    if b == "cpu" and backend == "auto":
+        out_hw = conv2d_output_shape(x, weight, stride, padding, dilation)[2:]
+        if use_dense_on_cpu(x, out_gate, in_gate, stride, out_hw, density):
+            return dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
         return _triton().channel_sparse_conv2d_triton(*args)
