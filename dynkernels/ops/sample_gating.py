@@ -7,10 +7,13 @@ both their fake kernels and autograd, and the public functions that check argume
 pick the backend. No op here reads a device value on the host (the "torch" reference
 reads count; see dynkernels.reference).
 
-The public functions check every argument and resolve the backend on every call. Callers
-that already did both once for many calls (dynkernels.nn.SkipPlan: its idx and count come
-from compact) use the unchecked `_gather_rows`, `_scatter_add_rows` and `_scatter_rows`,
-which take a resolved backend and go straight to the kernel.
+The public functions check every argument on every call; for CPU tensors on the C++ kernels
+the index values (idx in range, scatter_rows' permutation) are checked by the kernel itself,
+with the same errors, since a few Python-level tensor ops on a small index tensor would cost
+more than moving the rows. Callers that already checked once for many calls
+(dynkernels.nn.SkipPlan: its idx and count come from compact) use the unchecked
+`_gather_rows`, `_scatter_add_rows` and `_scatter_rows`, which take a resolved backend and go
+straight to the kernel.
 """
 import functools
 from typing import Optional, Tuple
@@ -225,14 +228,15 @@ def gather_rows(
     if x.dim() == 0:
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
-    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x)
-    return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
+    b = resolved_backend("gather_rows", backend, x.device)
+    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, values=b != "cpu")
+    return _gather_rows(x, idx, count, capacity, b)
 
 
-def _check_merge_args(op: str, base, y, idx, count, floating_base: bool):
+def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, values: bool):
     """The checks the merge ops (scatter_add_rows, scatter_rows) share, in this order: base has
     rows (and is floating, if asked), y has base's row shape, dtype and device, idx/count
-    index base's rows."""
+    index base's rows (their values too, unless values=False: see _checks.index_args)."""
     _checks.tensor(op, "base", base)
     if base.dim() == 0:
         raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
@@ -244,7 +248,7 @@ def _check_merge_args(op: str, base, y, idx, count, floating_base: bool):
     if y.dtype != base.dtype:
         raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
     _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base, values)
 
 
 def scatter_add_rows(
@@ -263,14 +267,15 @@ def scatter_add_rows(
     float32 and rounded once. Differentiable in base, y and scale. No host sync.
     """
     op = "scatter_add_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=True)
+    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
+    _check_merge_args(op, base, y, idx, count, floating_base=True, values=b != "cpu")
     if scale is not None:
         _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
         _checks.floating(op, "scale", scale)
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    return _scatter_add_rows(base, y, idx, count, scale, resolve(op, backend, base.device))
+    return _scatter_add_rows(base, y, idx, count, scale, b)
 
 
 def scatter_rows(
@@ -297,7 +302,8 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=False)
-    if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
+    _check_merge_args(op, base, y, idx, count, floating_base=False, values=b != "cpu")
+    if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         _check_permutation(op, idx, base.shape[0])
-    return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))
+    return _scatter_rows(base, y, idx, count, b)
