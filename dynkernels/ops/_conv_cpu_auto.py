@@ -35,6 +35,8 @@ execution on any of them; python_tests/test_channel_sparse_conv2d.py tests the r
 """
 import math
 
+import numpy as np
+
 import torch
 import torch.nn.functional as F
 
@@ -60,13 +62,11 @@ def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels
     return density >= cpu_dense_threshold(channels_last, strided, pixels)
 
 
-def _active_count(gate: torch.Tensor, dim=None):
-    """Number of entries > 0 (per row with dim=1), read on the host (CPU tensors only)."""
-    if gate.dtype in (torch.float32, torch.float64, torch.float16, torch.bool):
-        a = gate.detach().numpy() > 0  # numpy: a few microseconds where torch ops take tens
-        return a.sum(dim) if dim is not None else int(a.sum())
-    active = gate > 0
-    return active.sum(dim).numpy() if dim is not None else int(active.sum())
+def _host_view(gate: torch.Tensor):
+    """The gate as a numpy array (no copy) where numpy has its dtype, else as a float32 one:
+    a few microseconds per check where torch ops on a small tensor take several each."""
+    g = gate.detach()
+    return (g if g.dtype in (torch.float32, torch.float64, torch.float16, torch.bool) else g.float()).numpy()
 
 
 def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
@@ -74,12 +74,12 @@ def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
     (active outputs x active inputs) / (Cout x Cin). CPU tensors (a host read, no sync).
     If the output density alone is below `below`, it is returned without reading in_gate
     (the FLOP density can only be lower)."""
-    n, cout = out_gate.shape
-    out_density = _active_count(out_gate) / max(1, n * cout)
+    out_active = _host_view(out_gate) > 0
+    out_density = np.count_nonzero(out_active) / max(1, out_active.size)
     if in_gate is None or (below is not None and out_density < below):
         return out_density
-    cin = in_gate.shape[1]
-    return float(_active_count(out_gate, 1) @ _active_count(in_gate, 1)) / max(1, n * cout * cin)
+    in_active = _host_view(in_gate) > 0
+    return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
 
 
 def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
@@ -99,29 +99,33 @@ def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
 def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift):
     """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask), then
     y = out_gate * y + shift where out_gate > 0 and exact zeros elsewhere, in one pass over y
-    (plus a write of the inactive channels only). The output has conv2d's layout (channels_last
-    for channels_last x, as the kernels give). Differentiable like the reference."""
+    (none when every gate is 1 and there is no shift; plus a write of the inactive channels
+    only). The output has conv2d's layout (channels_last for channels_last x, as the kernels
+    give). Differentiable like the reference. CPU tensors (the gates are read on the host)."""
     if in_gate is not None:
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
-    active = out_gate > 0
     g = out_gate.to(y.dtype)
     t = None if shift is None else shift.to(y.dtype)[None, :, None, None]
-    grad = torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad))
-    if grad:  # out of place, so that autograd keeps what each backward needs
+    gates = _host_view(out_gate)
+    n_idx, c_idx = (gates <= 0).nonzero()  # the inactive (sample, channel) pairs
+    if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
+        # out of place, so that autograd keeps what each backward needs
+        if t is None and not len(n_idx) and not g.requires_grad and (gates == 1).all():
+            return y
         scaled = y * g[:, :, None, None] if t is None else torch.addcmul(t, y, g[:, :, None, None])
-        return torch.where(active[:, :, None, None], scaled, torch.zeros((), dtype=y.dtype))
-    inactive = (~active).nonzero()
-    if len(inactive):
-        g = torch.where(active, g, torch.zeros((), dtype=g.dtype))
-    if t is None:
-        if len(inactive) or not bool((g == 1).all()):
-            y.mul_(g[:, :, None, None])
-    else:
+        if not len(n_idx):
+            return scaled
+        return torch.where((out_gate > 0)[:, :, None, None], scaled, torch.zeros((), dtype=y.dtype))
+    if len(n_idx):
+        g = g * torch.from_numpy(gates > 0)  # inactive gates 0 (also the negative ones)
+    if t is not None:
         torch.addcmul(t, y, g[:, :, None, None], out=y)
-    if len(inactive):
+    elif len(n_idx) or not (gates == 1).all():
+        y.mul_(g[:, :, None, None])
+    if len(n_idx):
         # exact zeros (y * 0 would give -0 for negative y and NaN for an infinite one)
-        n_idx, c_idx = inactive[:, 0], inactive[:, 1]
+        n_idx, c_idx = torch.from_numpy(n_idx), torch.from_numpy(c_idx)
         if y.is_contiguous():
             y.view(y.shape[0] * y.shape[1], -1)[n_idx * y.shape[1] + c_idx] = 0
         else:
