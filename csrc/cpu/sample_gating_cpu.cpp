@@ -128,12 +128,13 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
   const char* src = static_cast<const char*>(xc.const_data_ptr());
   char* dst = static_cast<char*>(y.mutable_data_ptr());
   at::parallel_for(0, capacity, rows_per_task(row_bytes), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      if (i < n)
-        std::memcpy(dst + i * row_bytes, src + static_cast<int64_t>(ip[i]) * row_bytes, row_bytes);
-      else
-        std::memset(dst + i * row_bytes, 0, row_bytes);
+    for (int64_t i = i0; i < std::min(i1, n);) {
+      int64_t run = 1;  // rows that are consecutive in x too: one copy (all of them at density 1)
+      while (i + run < std::min(i1, n) && ip[i + run] == ip[i] + run) ++run;
+      std::memcpy(dst + i * row_bytes, src + static_cast<int64_t>(ip[i]) * row_bytes, run * row_bytes);
+      i += run;
     }
+    if (std::max(i0, n) < i1) std::memset(dst + std::max(i0, n) * row_bytes, 0, (i1 - std::max(i0, n)) * row_bytes);
   });
   return y;
 }
