@@ -3,7 +3,7 @@
 // Per sample n: list its active input channels (in_gate > 0, all when there is no in_gate)
 // and active output channels (out_gate > 0); lay out only the active input channels so that
 // every (channel, tap) pair is one contiguous run of output pixels (stride 1: a row-shift
-// buffer, see SampleConv::lay_out_row_shift; other strides: an im2col; a 1x1 conv of NCHW
+// buffer, see row_shift; other strides: an im2col; a 1x1 conv of NCHW
 // x: x itself); then one register-blocked micro-kernel (conv_gemm.h: AVX-512, AVX2 or portable,
 // picked at run time) multiplies them with the weights of the active (output, input) pairs,
 // read in place, and applies bias, gate scale and shift on the way out. Inactive output
@@ -393,6 +393,10 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   SampleConv<scalar_t> conv = proto;
   for (int64_t n = 0; n < N; ++n) {
     conv.start(n, out_lists[n]);
+    if (out_lists[n].empty()) {
+      conv.finish(n, out_lists[n]);
+      continue;
+    }
     const auto pr = conv.prepare(n, in_lists[n], out_lists[n]);
     at::parallel_for(0, pr.rows, 16, [&](int64_t j0, int64_t j1) {
       auto part = pr;

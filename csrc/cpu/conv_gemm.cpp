@@ -14,7 +14,7 @@
 #include <string>
 #include <utility>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define DK_X86_KERNELS 1
 #else

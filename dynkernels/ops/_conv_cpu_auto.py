@@ -10,7 +10,8 @@ of 64 lanes). The density is the caller's `density` hint when given; otherwise i
 the gates, which on CPU tensors is a host read of memory already on the host (no sync).
 
 Measured on an AMD EPYC (Zen 4, AVX-512; 2 cores) with torch 2.14.1 (oneDNN 3.12), fp32, one
-thread: time of dense execution / time of the C++ kernel with every gate active (density 1):
+thread, thread CPU time on a shared machine (medians of 7 interleaved rounds): time of dense
+execution / time of the C++ kernel with every gate active (density 1):
 
 | layer (batch, channels, kernel, stride, output size) | NCHW | channels_last |
 | --- | --- | --- |
@@ -20,7 +21,7 @@ thread: time of dense execution / time of the C++ kernel with every gate active 
 | 8, 128 -> 128, 3x3, 16x16 | 0.96 | 0.91 |
 | 4, 256 -> 256, 3x3, 14x14 | 0.85 | 0.83 |
 | 4, 64 -> 64, 3x3, 56x56 | 0.97 | 0.74 |
-| 16, 512 -> 512, 3x3, 7x7 | 0.69 | - |
+| 16, 512 -> 512, 3x3, 7x7 | 0.69 | 1.15 (one run, the dense conv unusually slow) |
 | 8, 32 -> 32, 3x3, 16x16 | 1.03 | 0.71 |
 | 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.11, 1.28 | 0.76, 0.80 |
 | 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.07 | 0.76 |
@@ -31,7 +32,7 @@ ratios: at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 2
 (ratio 0.85), at the strided channels_last layer 0.55 (ratio 0.76). CPU_DENSE_FROM holds, per
 layout and stride, a crossover at or below every measured layer's (the vector fill of the
 pixels then lowers it further for small outputs), so that "auto" is not slower than dense
-execution on any of them; python_tests/test_channel_sparse_conv2d.py tests the rule itself.
+execution on any of them; python_tests/test_channel_sparse_conv2d_cpu.py tests the rule itself.
 """
 import math
 
