@@ -1,7 +1,8 @@
 // The Python module dynkernels._C. Importing it runs the TORCH_LIBRARY registrations in
 // the other translation units; its functions say which CUDA version (if any) the CUDA kernels
-// were compiled with, so that import can check it against torch, and which tile
-// configurations the CUDA channel_sparse_conv2d kernel offers.
+// were compiled with, so that import can check it against torch, which tile configurations the
+// CUDA channel_sparse_conv2d kernel offers, and which micro-kernel the CPU channel-sparse conv
+// runs on this CPU.
 // Not part of the CMake library, which is loaded with torch.ops.load_library instead.
 #include <Python.h>
 
@@ -10,6 +11,10 @@
 
 int dynkernels_cuda_version();  // csrc/cuda/cuda_version.cu
 #endif
+
+namespace dynkernels::cpu_conv {
+const char* gemm_isa();  // csrc/cpu/conv_gemm.cpp
+}
 
 static PyObject* cuda_version(PyObject*, PyObject*) {
 #ifdef WITH_CUDA
@@ -42,6 +47,8 @@ static PyObject* cuda_conv_configs(PyObject*, PyObject*) {
   return list;
 }
 
+static PyObject* cpu_conv_isa(PyObject*, PyObject*) { return PyUnicode_FromString(dynkernels::cpu_conv::gemm_isa()); }
+
 static PyMethodDef methods[] = {
     {"cuda_version", cuda_version, METH_NOARGS,
      "CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 for a CPU-only build."},
@@ -51,6 +58,9 @@ static PyMethodDef methods[] = {
      "(warps_m x warps_n) and the shared memory per block (fp16/bf16). config=-1 picks by layer shape: BM 64 for "
      "Cout <= 64, else 128; BN 64 for Ho*Wo <= 64, else 128. fp32 input runs one CUDA-core configuration "
      "(64 x 64 x 32, 3 stages) whatever the id. [] in a build without CUDA kernels."},
+    {"cpu_conv_isa", cpu_conv_isa, METH_NOARGS,
+     "Micro-kernel of the CPU channel_sparse_conv2d on this CPU: 'avx512', 'avx2' or 'portable' (follows "
+     "torch's CPU capability, which ATEN_CPU_CAPABILITY lowers)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dynkernels compiled kernels", -1, methods};

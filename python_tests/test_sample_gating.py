@@ -465,17 +465,22 @@ def _cpp_bad_inputs(device):
     ]
     # (a device mismatch is tested in test_wrong_device_errors_on_gpu: with one CPU and one meta
     # tensor the dispatcher picks the meta kernel, which does not check devices)
+    cases = [(name, call, RuntimeError, match) for name, call, match in cases]
     if device == "cpu":  # index values are checked on the CPU only (on a GPU it would cost a host sync)
+        # with the errors of the Python functions, which leave these checks to the CPU kernels
         bad = torch.tensor([0, 7, 1, 2, 3], dtype=torch.int32)
         rep = torch.tensor([2, 2, 1, 0, 3], dtype=torch.int32)
         cases += [
-            ("gather-idx-out-of-range", lambda: ops.gather_rows(x, bad, count, 5), r"gather_rows: idx\[1\] = 7 is out of range for 5 rows"),
-            ("scatter-repeated-rows", lambda: ops.scatter_add_rows(x, x, rep, count, None), r"scatter_add_rows: idx repeats row 2"),
-            ("scatter-rows-not-a-permutation", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 4, 4], dtype=torch.int32), count), r"scatter_rows: idx lists row 4 twice; idx must be a permutation of the 5 rows"),
-            ("scatter-rows-out-of-range", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 2, 3, -1], dtype=torch.int32), count), r"scatter_rows: idx\[4\] = -1 is out of range for 5 rows"),
-            ("gather-idx-past-x", lambda: ops.gather_rows(x[:2], idx, count, 5), r"gather_rows: idx\[2\] = 2 is out of range for 2 rows"),
-            ("scatter-rows_-repeated", lambda: ops.scatter_rows_(x.clone(), x, rep, count), r"scatter_rows_: idx repeats row 2"),
-            ("scatter-rows_-out-of-range", lambda: ops.scatter_rows_(x.clone(), x, bad, count), r"scatter_rows_: idx\[1\] = 7 is out of range for 5 rows"),
+            ("gather-idx-out-of-range", lambda: ops.gather_rows(x, bad, count, 5), IndexError, r"gather_rows: idx\[1\] = 7 is out of range for x with 5 rows"),
+            # past capacity too, as the Python check does: the first count entries are checked
+            ("gather-idx-past-capacity", lambda: ops.gather_rows(x, bad, count, 1), IndexError, r"gather_rows: idx\[1\] = 7 is out of range"),
+            ("scatter-idx-out-of-range", lambda: ops.scatter_add_rows(x, x, bad, count, None), IndexError, r"scatter_add_rows: idx\[1\] = 7 is out of range for base with 5 rows"),
+            ("scatter-repeated-rows", lambda: ops.scatter_add_rows(x, x, rep, count, None), RuntimeError, r"scatter_add_rows: idx repeats row 2"),
+            ("scatter-rows-not-a-permutation", lambda: ops.scatter_rows(x, x, torch.tensor([0, 4, 2, 4, 2], dtype=torch.int32), count), ValueError, r"scatter_rows: idx lists row 2 more than once; idx must be a permutation of base's 5 rows"),
+            ("scatter-rows-out-of-range", lambda: ops.scatter_rows(x, x, torch.tensor([0, 1, 1, 3, -1], dtype=torch.int32), count), IndexError, r"scatter_rows: idx\[4\] = -1 is out of range for base with 5 rows"),
+            ("gather-idx-past-x", lambda: ops.gather_rows(x[:2], idx, count, 5), IndexError, r"gather_rows: idx\[2\] = 2 is out of range for x with 2 rows"),
+            ("scatter-rows_-repeated", lambda: ops.scatter_rows_(x.clone(), x, rep, count), ValueError, r"scatter_rows_: the first count entries of idx list row 2 more than once"),
+            ("scatter-rows_-out-of-range", lambda: ops.scatter_rows_(x.clone(), x, bad, count), IndexError, r"scatter_rows_: idx\[1\] = 7 is out of range for base with 5 rows"),
         ]
     return cases
 
@@ -484,8 +489,8 @@ def _cpp_bad_inputs(device):
 def test_cpp_op_errors(device):
     if device == "cuda" and not dynkernels.cuda_kernels_compiled():
         pytest.skip("this build has no CUDA kernels")
-    for name, call, match in _cpp_bad_inputs(device):
-        with pytest.raises(RuntimeError, match=match):
+    for name, call, exc, match in _cpp_bad_inputs(device):
+        with pytest.raises(exc, match=match):
             call()
 
 

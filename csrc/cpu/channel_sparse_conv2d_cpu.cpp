@@ -1,30 +1,30 @@
 // CPU kernel for channel_sparse_conv2d (contract: DESIGN.md).
 //
 // Per sample n: list its active input channels (in_gate > 0, all when there is no in_gate)
-// and active output channels (out_gate > 0); gather the weights of the active (output,
-// input) channel pairs; multiply them with only the active input channels (stride 1: kh
-// GEMMs over a buffer of horizontally shifted input rows, see conv_cpu_impl; other strides:
-// im2col of the active channels, then one GEMM); then add the bias, scale by the gate and add
-// the shift while writing the active output channels. Inactive output channels are written as exact
-// zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
-// Samples run in parallel (claimed one by one by the threads of at::parallel_for), each GEMM
-// single-threaded inside its task.
+// and active output channels (out_gate > 0); lay out only the active input channels so that
+// every (channel, tap) pair is one contiguous run of output pixels (stride 1: a row-shift
+// buffer, see row_shift; other strides: an im2col; a 1x1 conv of NCHW
+// x: x itself); then one register-blocked micro-kernel (conv_gemm.h: AVX-512, AVX2 or portable,
+// picked at run time) multiplies them with the weights of the active (output, input) pairs,
+// read in place, and applies bias, gate scale and shift on the way out. Inactive output
+// channels are written as exact zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
+// float16 and bfloat16 are computed in float32 and rounded once.
+// Samples run in parallel (claimed one by one by the threads of at::parallel_for); with fewer
+// samples than threads, each sample's output channels are split among the threads instead.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/from_blob.h>
-#include <ATen/ops/mm.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <cstring>
-#include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "../layout.h"
+#include "conv_gemm.h"
 
 namespace dynkernels {
 namespace {
@@ -58,247 +58,358 @@ inline void valid_range(int64_t size, int64_t out, int64_t s, int64_t p, int64_t
   hi = std::max(lo, std::min(hi, out));
 }
 
-// cols[(i*kh + ky)*kw + kx, (oh - oh0)*Wo + ow] = x[ci[i], oh*sh - ph + ky*dh, ow*sw - pw + kx*dw]
-// (0 outside the input) for the output rows oh0 <= oh < oh1. xs: the sample's base pointer;
-// sc/sy/sx: x's channel/row/column strides (any layout).
-template <typename scalar_t>
-void im2col_active(const scalar_t* xs, int64_t sc, int64_t sy, int64_t sx, const std::vector<int32_t>& ci,
-                   const ConvGeometry& g, int64_t oh0, int64_t oh1, scalar_t* cols) {
-  const int64_t P = (oh1 - oh0) * g.Wo;
-  for (size_t i = 0; i < ci.size(); ++i) {
-    const scalar_t* xc = xs + static_cast<int64_t>(ci[i]) * sc;
+// Row stride of a buffer of rows of n values: a whole number of 64-byte lines, and an odd
+// one, so that walking down a column does not hit the same few cache sets over and over (a
+// row of 256 floats is 1 KiB: 16 such rows share 4 of the 64 sets of a 32 KiB L1).
+template <typename T>
+int64_t padded_stride(int64_t n) {
+  constexpr int64_t line = 64 / sizeof(T);
+  const int64_t lines = (n + line - 1) / line;
+  return (lines | 1) * line;
+}
+
+// dst[k] = src[k * step] for k < count.
+template <typename S, typename T>
+inline void copy_run(T* dst, const S* src, int64_t count, int64_t step) {
+  if (step == 1) {
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(src[k]);
+  } else {
+    for (int64_t k = 0; k < count; ++k) dst[k] = static_cast<T>(src[k * step]);
+  }
+}
+
+// The active input channels of one sample as planes: channel i is src + chan[i] * sc, its
+// rows sy apart and its columns sx apart.
+template <typename S>
+struct Planes {
+  const S* src;
+  const int32_t* chan;
+  int64_t sc, sy, sx;
+  const S* plane(int64_t i) const { return src + static_cast<int64_t>(chan[i]) * sc; }
+};
+
+// cols[((i*kh + ky)*kw + kx) * ld + oh*Wo + ow] = x[i, oh*sh - ph + ky*dh, ow*sw - pw + kx*dw]
+// (0 outside the input): an im2col of the kin planes, rows ld >= Ho * Wo apart.
+template <typename S, typename T>
+void im2col(const Planes<S>& x, int64_t kin, const ConvGeometry& g, int64_t ld, T* cols) {
+  const int64_t P = g.Ho * g.Wo;
+  for (int64_t i = 0; i < kin; ++i) {
+    const S* xc = x.plane(i);
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       int64_t oh_lo, oh_hi;
       valid_range(g.H, g.Ho, g.sh, g.ph, ky * g.dh, oh_lo, oh_hi);
-      oh_lo = std::clamp(oh_lo, oh0, oh1);
-      oh_hi = std::clamp(oh_hi, oh_lo, oh1);
       for (int64_t kx = 0; kx < g.kw; ++kx) {
         int64_t ow_lo, ow_hi;
         valid_range(g.W, g.Wo, g.sw, g.pw, kx * g.dw, ow_lo, ow_hi);
-        scalar_t* row = cols + ((static_cast<int64_t>(i) * g.kh + ky) * g.kw + kx) * P - oh0 * g.Wo;
-        std::fill(row + oh0 * g.Wo, row + oh_lo * g.Wo, scalar_t(0));
+        T* row = cols + ((i * g.kh + ky) * g.kw + kx) * ld;
+        std::fill(row, row + oh_lo * g.Wo, T(0));
         for (int64_t oh = oh_lo; oh < oh_hi; ++oh) {
-          scalar_t* dst = row + oh * g.Wo;
-          const scalar_t* src = xc + (oh * g.sh - g.ph + ky * g.dh) * sy + (kx * g.dw - g.pw) * sx;
-          std::fill(dst, dst + ow_lo, scalar_t(0));
-          if (g.sw * sx == 1) {
-            std::memcpy(dst + ow_lo, src + ow_lo, (ow_hi - ow_lo) * sizeof(scalar_t));
-          } else {
-            const int64_t step = g.sw * sx;
-            for (int64_t ow = ow_lo; ow < ow_hi; ++ow) dst[ow] = src[ow * step];
-          }
-          std::fill(dst + ow_hi, dst + g.Wo, scalar_t(0));
+          T* dst = row + oh * g.Wo;
+          const S* src = xc + (oh * g.sh - g.ph + ky * g.dh) * x.sy + (kx * g.dw - g.pw) * x.sx;
+          std::fill(dst, dst + ow_lo, T(0));
+          copy_run(dst + ow_lo, src + ow_lo * g.sw * x.sx, ow_hi - ow_lo, g.sw * x.sx);
+          std::fill(dst + ow_hi, dst + g.Wo, T(0));
         }
-        std::fill(row + oh_hi * g.Wo, row + oh1 * g.Wo, scalar_t(0));
+        std::fill(row + oh_hi * g.Wo, row + P, T(0));
       }
     }
   }
 }
 
-// Writes exact zeros into the output channels of one sample that are not in `active`.
+// Stride 1: the "row-shift" buffer instead of an im2col. rows[(i*kw + kx)*plane + r*Wo + ow]
+// holds input channel i's zero-padded row r (Hp = H + 2*ph of them) shifted by kx*dw - pw:
+// x[i, r - ph, ow + kx*dw - pw]. Output pixel (oh, ow) at tap (ky, kx) reads it at row
+// oh + ky*dh, so over all pixels the tap is one contiguous run of Ho*Wo values starting at
+// ky*dh*Wo: no wasted columns, and kh times less buffer than an im2col. plane >= Hp * Wo.
+template <typename S, typename T>
+void row_shift(const Planes<S>& x, int64_t kin, const ConvGeometry& g, int64_t plane, T* rows) {
+  // With "same" width (Wo == W) and dense planes, the H shifted rows are one shifted copy of
+  // the whole plane, then the few columns that wrapped into the neighbouring row are zeroed.
+  const bool flat = x.sx == 1 && x.sy == g.W && g.Wo == g.W;
+  const int64_t HW = g.H * g.W;
+  for (int64_t i = 0; i < kin; ++i) {
+    const S* src = x.plane(i);
+    for (int64_t kx = 0; kx < g.kw; ++kx) {
+      int64_t ow_lo, ow_hi;  // output columns whose input column ow + kx*dw - pw is inside
+      valid_range(g.W, g.Wo, 1, g.pw, kx * g.dw, ow_lo, ow_hi);
+      const int64_t shift = kx * g.dw - g.pw;
+      T* dst = rows + (i * g.kw + kx) * plane;
+      std::fill(dst, dst + g.ph * g.Wo, T(0));
+      std::fill(dst + (g.ph + g.H) * g.Wo, dst + (2 * g.ph + g.H) * g.Wo, T(0));
+      T* mid = dst + g.ph * g.Wo;
+      if (flat) {
+        const int64_t k0 = std::clamp<int64_t>(-shift, 0, HW), k1 = std::clamp<int64_t>(HW - shift, k0, HW);
+        std::fill(mid, mid + k0, T(0));
+        copy_run(mid + k0, src + k0 + shift, k1 - k0, 1);
+        std::fill(mid + k1, mid + HW, T(0));
+        if (ow_lo > 0 || ow_hi < g.W)
+          for (int64_t h = 0; h < g.H; ++h) {
+            std::fill(mid + h * g.W, mid + h * g.W + ow_lo, T(0));
+            std::fill(mid + h * g.W + ow_hi, mid + (h + 1) * g.W, T(0));
+          }
+        continue;
+      }
+      for (int64_t h = 0; h < g.H; ++h) {
+        T* drow = mid + h * g.Wo;
+        const S* srow = src + h * x.sy + shift * x.sx;
+        std::fill(drow, drow + ow_lo, T(0));
+        copy_run(drow + ow_lo, srow + ow_lo * x.sx, ow_hi - ow_lo, x.sx);
+        std::fill(drow + ow_hi, drow + g.Wo, T(0));
+      }
+    }
+  }
+}
+
+// Writes exact zeros into the output channels of one NCHW sample that are not in `active`.
 template <typename scalar_t>
-void write_zero_channels(scalar_t* ys, const std::vector<int32_t>& active, int64_t Cout, const ConvGeometry& g,
-                         int64_t syc, int64_t syh, int64_t syw) {
+void write_zero_channels(scalar_t* ys, const std::vector<int32_t>& active, int64_t Cout, int64_t P, int64_t syc) {
   size_t next = 0;  // active is increasing: walk it alongside c
   for (int64_t c = 0; c < Cout; ++c) {
     if (next < active.size() && active[next] == c) {
       ++next;
       continue;
     }
-    scalar_t* dst = ys + c * syc;
-    if (syw == 1 && syh == g.Wo) {
-      std::fill(dst, dst + g.Ho * g.Wo, scalar_t(0));
-    } else {
-      for (int64_t oh = 0; oh < g.Ho; ++oh)
-        for (int64_t ow = 0; ow < g.Wo; ++ow) dst[oh * syh + ow * syw] = scalar_t(0);
-    }
+    std::fill(ys + c * syc, ys + c * syc + P, scalar_t(0));
   }
 }
+
+// Everything the kernel needs for one sample, and the per-thread buffers it reuses.
+template <typename scalar_t>
+struct SampleConv {
+  using T = at::opmath_type<scalar_t>;  // float for float16 / bfloat16 / float32; double
+  // The op's arguments (shared by all samples).
+  const scalar_t* xp;
+  int64_t sxn, sxc, sxh, sxw;
+  const T* wp;  // weight [Cout][Cin * kh * kw] in T
+  const T *gp, *bp, *tp;  // gate [N][Cout]; bias, shift [Cout] or null
+  scalar_t* yp;
+  int64_t syn, syc;
+  bool nhwc_out;  // y channels_last (adjacent channels)
+  int64_t Cin, Cout;
+  ConvGeometry g;
+  // Per-thread buffers.
+  std::vector<T> planes_buf, b_buf, out_buf, bias_j, scale_j, shift_j;
+  std::vector<int64_t> a_row, a_off, b_off_i, b_off_t, c_row, slot_off;
+  std::vector<int32_t> compact_chan;
+
+  // Lays out sample n (active input channels ci, output channels co) and returns its problem.
+  cpu_conv::GemmProblem<T> prepare(int64_t n, const std::vector<int32_t>& ci, const std::vector<int32_t>& co) {
+    const int64_t kin = static_cast<int64_t>(ci.size()), kout = static_cast<int64_t>(co.size());
+    const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo;
+    cpu_conv::GemmProblem<T> pr{};
+    pr.rows = kout;
+    pr.pixels = P;
+    pr.kin = kin;
+    pr.taps = taps;
+    pr.a = wp;
+    a_row.resize(kout);
+    for (int64_t j = 0; j < kout; ++j) a_row[j] = static_cast<int64_t>(co[j]) * Cin * taps;
+    a_off.resize(kin);
+    for (int64_t i = 0; i < kin; ++i) a_off[i] = static_cast<int64_t>(ci[i]) * taps;
+    pr.a_row = a_row.data();
+    pr.a_off = a_off.data();
+
+    // The input channels as planes: x itself when its rows are contiguous (NCHW); otherwise
+    // (channels_last) the active channels copied once, pixel by pixel, into compact [kin, H, W]
+    // planes of T, so that the layouts below read contiguous rows either way.
+    const scalar_t* xs = xp + n * sxn;
+    b_off_i.resize(kin);
+    // Rows of B: a 1x1 conv of dense planes of T reads the planes themselves; stride 1 lays
+    // out kw shifted copies of the Hp padded rows per channel; else kh * kw im2col rows of P.
+    const bool pointwise = taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
+    const bool shift_rows = g.sh == 1 && g.sw == 1;
+    const int64_t ld = padded_stride<T>(shift_rows ? (g.H + 2 * g.ph) * g.Wo : P);
+    auto lay_out = [&](const auto& planes) {
+      using S = std::remove_cv_t<std::remove_pointer_t<decltype(planes.src)>>;
+      if constexpr (std::is_same_v<S, T>) {
+        if (pointwise && planes.sy == g.W) {
+          pr.b = planes.src;
+          for (int64_t i = 0; i < kin; ++i) b_off_i[i] = static_cast<int64_t>(planes.chan[i]) * planes.sc;
+          b_off_t.assign(1, 0);
+          return;
+        }
+      }
+      b_buf.resize(kin * (shift_rows ? g.kw : taps) * ld);
+      if (shift_rows)
+        row_shift(planes, kin, g, ld, b_buf.data());
+      else
+        im2col(planes, kin, g, ld, b_buf.data());
+      pr.b = b_buf.data();
+      for (int64_t i = 0; i < kin; ++i) b_off_i[i] = i * (shift_rows ? g.kw : taps) * ld;
+      b_off_t.resize(taps);
+      for (int64_t ky = 0; ky < g.kh; ++ky)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          b_off_t[ky * g.kw + kx] = shift_rows ? kx * ld + ky * g.dh * g.Wo : (ky * g.kw + kx) * ld;
+    };
+    if (sxw == 1) {
+      lay_out(Planes<scalar_t>{xs, ci.data(), sxc, sxh, 1});
+    } else {
+      const int64_t HW = padded_stride<T>(g.H * g.W);
+      planes_buf.resize(kin * HW);
+      if (std::is_same_v<scalar_t, float> && sxc == 1 && sxh == g.W * sxw) {
+        cpu_conv::gather_planes(reinterpret_cast<const float*>(xs), sxw, ci.data(), kin, g.H * g.W,
+                                reinterpret_cast<float*>(planes_buf.data()), HW);
+      } else {
+        // Pixel by pixel, so that x is read in order (which the prefetchers follow); the
+        // padded plane stride keeps the kin output lines in use from sharing cache sets.
+        for (int64_t h = 0; h < g.H; ++h)
+          for (int64_t w = 0; w < g.W; ++w) {
+            const scalar_t* px = xs + h * sxh + w * sxw;
+            T* dst = planes_buf.data() + h * g.W + w;
+            for (int64_t i = 0; i < kin; ++i) dst[i * HW] = static_cast<T>(px[static_cast<int64_t>(ci[i]) * sxc]);
+          }
+      }
+      compact_chan.resize(kin);
+      for (int64_t i = 0; i < kin; ++i) compact_chan[i] = static_cast<int32_t>(i);
+      lay_out(Planes<T>{planes_buf.data(), compact_chan.data(), HW, g.W, 1});
+    }
+    pr.b_off_i = b_off_i.data();
+    pr.b_off_t = b_off_t.data();
+
+    bias_j.resize(kout);
+    scale_j.resize(kout);
+    shift_j.resize(kout);
+    for (int64_t j = 0; j < kout; ++j) {
+      const int64_t c = co[j];
+      bias_j[j] = bp ? bp[c] : T(0);
+      scale_j[j] = gp[n * Cout + c];
+      shift_j[j] = tp ? tp[c] : T(0);
+    }
+    pr.bias = bias_j.data();
+    pr.scale = scale_j.data();
+    pr.shift = shift_j.data();
+
+    // The results go straight into y where it holds T (float32, float64), in either layout,
+    // else into a buffer of rows that finish() writes out.
+    c_row.resize(kout);
+    if (writes_y_directly()) {
+      pr.c = reinterpret_cast<T*>(yp);
+      pr.c_pixel_stride = nhwc_out ? Cout : 1;
+      for (int64_t j = 0; j < kout; ++j) c_row[j] = n * syn + static_cast<int64_t>(co[j]) * syc;
+    } else {
+      out_buf.resize((kout + 1) * out_stride());  // + a row of zeros for finish()
+      pr.c = out_buf.data();
+      pr.c_pixel_stride = 1;
+      for (int64_t j = 0; j < kout; ++j) c_row[j] = j * out_stride();
+    }
+    pr.c_row = c_row.data();
+    return pr;
+  }
+
+  static constexpr bool writes_y_directly() { return std::is_same_v<scalar_t, T>; }
+  int64_t out_stride() const { return padded_stride<T>(g.Ho * g.Wo); }
+
+  // Zeros of the inactive channels before the kernel runs (channels_last: of the whole
+  // sample, then the kernel overwrites the active channels; a contiguous fill is cheaper than
+  // a strided one) ...
+  void start(int64_t n, const std::vector<int32_t>& co) {
+    const int64_t P = g.Ho * g.Wo;
+    if (!nhwc_out)
+      write_zero_channels(yp + n * syn, co, Cout, P, syc);
+    else if (writes_y_directly())
+      std::fill(yp + n * syn, yp + n * syn + P * Cout, scalar_t(0));
+  }
+
+  // ... and, after it, the buffered results written into y.
+  void finish(int64_t n, const std::vector<int32_t>& co) {
+    if (writes_y_directly()) return;
+    const int64_t kout = static_cast<int64_t>(co.size()), P = g.Ho * g.Wo;
+    scalar_t* ys = yp + n * syn;
+    if (!nhwc_out) {
+      for (int64_t j = 0; j < kout; ++j) {
+        scalar_t* dst = ys + static_cast<int64_t>(co[j]) * syc;
+        copy_run(dst, out_buf.data() + j * out_stride(), P, 1);
+      }
+      return;
+    }
+    // channels_last: pixel by pixel, every channel written once, so the stores run along
+    // channels: the active ones from their buffer row, the others from the row of zeros after
+    // the last (no branch on the gates, which a random gate would mispredict half the time).
+    if (kout == 0) {
+      std::fill(ys, ys + P * Cout, scalar_t(0));
+      return;
+    }
+    const int64_t ld = out_stride();
+    T* out = out_buf.data();
+    std::fill(out + kout * ld, out + kout * ld + P, T(0));
+    slot_off.assign(Cout, kout * ld);
+    for (int64_t j = 0; j < kout; ++j) slot_off[co[j]] = j * ld;
+    const int64_t* off = slot_off.data();
+    for (int64_t p = 0; p < P; ++p) {
+      scalar_t* dst = ys + p * Cout;
+      const T* src = out + p;
+      for (int64_t c = 0; c < Cout; ++c) dst[c] = static_cast<scalar_t>(src[off[c]]);
+    }
+  }
+};
 
 template <typename scalar_t>
 void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& shift, const Tensor& out_gate,
                    const std::vector<std::vector<int32_t>>& in_lists, const std::vector<std::vector<int32_t>>& out_lists,
                    const ConvGeometry& g, Tensor& y) {
-  using opmath_t = at::opmath_type<scalar_t>;
-  const int64_t N = x.size(0), Cin = x.size(1), Cout = weight.size(0);
-  const int64_t taps = g.kh * g.kw;
-  const Tensor w = weight.contiguous();
-  const Tensor gate = out_gate.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous();
-  const Tensor b = bias.defined() ? bias.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
-  const Tensor t = shift.defined() ? shift.to(c10::CppTypeToScalarType<opmath_t>::value).contiguous() : Tensor();
-  const scalar_t* xp = x.const_data_ptr<scalar_t>();
-  const scalar_t* wp = w.const_data_ptr<scalar_t>();
-  const opmath_t* gp = gate.const_data_ptr<opmath_t>();
-  const opmath_t* bp = b.defined() ? b.const_data_ptr<opmath_t>() : nullptr;
-  const opmath_t* tp = t.defined() ? t.const_data_ptr<opmath_t>() : nullptr;
-  scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-  const int64_t sxn = x.stride(0), sxc = x.stride(1), sxh = x.stride(2), sxw = x.stride(3);
-  const int64_t syn = y.stride(0), syc = y.stride(1), syh = y.stride(2), syw = y.stride(3);
-  const auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
-  // Stride 1: kh accumulating GEMMs over a "row-shift" buffer instead of a full im2col.
-  // rows [kw * kin, Hp * Wo] holds, for each horizontal tap kx and active input channel i,
-  // the zero-padded input rows (Hp = H + 2*ph of them) already shifted by kx*dw - pw, one
-  // output-width row each. For the vertical tap ky, every output pixel (oh, ow) then reads
-  // rows[:, (oh + ky*dh) * Wo + ow]: one contiguous window of Ho*Wo columns starting at
-  // ky*dh*Wo, so the conv is kh GEMMs [kout, kw*kin] @ window, with no wasted columns and
-  // kw times less buffer than an im2col. Other strides: im2col + one GEMM.
-  const bool row_shift = g.sh == 1 && g.sw == 1;
-  const int64_t Hp = g.H + 2 * g.ph;
-  const Tensor w_taps = row_shift ? weight.permute({2, 3, 0, 1}).contiguous() : Tensor();  // [kh, kw, Cout, Cin]
-  const scalar_t* wtp = row_shift ? w_taps.const_data_ptr<scalar_t>() : nullptr;
+  using T = at::opmath_type<scalar_t>;
+  constexpr auto kT = c10::CppTypeToScalarType<T>::value;
+  const int64_t N = x.size(0);
+  const Tensor w = weight.to(kT).contiguous();
+  const Tensor gate = out_gate.to(kT).contiguous();
+  const Tensor b = bias.defined() ? bias.to(kT).contiguous() : Tensor();
+  const Tensor t = shift.defined() ? shift.to(kT).contiguous() : Tensor();
+  SampleConv<scalar_t> proto;
+  proto.xp = x.const_data_ptr<scalar_t>();
+  proto.sxn = x.stride(0);
+  proto.sxc = x.stride(1);
+  proto.sxh = x.stride(2);
+  proto.sxw = x.stride(3);
+  proto.wp = w.const_data_ptr<T>();
+  proto.gp = gate.const_data_ptr<T>();
+  proto.bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
+  proto.tp = t.defined() ? t.const_data_ptr<T>() : nullptr;
+  proto.yp = y.mutable_data_ptr<scalar_t>();
+  proto.syn = y.stride(0);
+  proto.syc = y.stride(1);
+  // y has row_layout(x): NCHW (contiguous planes) or channels_last (adjacent channels).
+  proto.nhwc_out = y.stride(1) == 1 && weight.size(0) > 1;
+  proto.Cin = x.size(1);
+  proto.Cout = weight.size(0);
+  proto.g = g;
 
-  // Samples are the unit of parallel work (the nested GEMMs run single-threaded). Each
-  // thread takes the next unclaimed sample, so uneven gate densities and a core shared with
-  // another process do not leave a thread idle behind a static split.
-  const bool nhwc_out = syc == 1 && Cout > 1;  // channels_last y (row_layout of a channels_last x)
-  std::atomic<int64_t> next_sample{0};
-  at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
-    std::vector<scalar_t> in_buf, wg_buf, out_buf, chw_buf;
-    std::vector<int32_t> all_compact, slot;
-    for (int64_t n = next_sample++; n < N; n = next_sample++) {
-      const auto& co = out_lists[n];
-      const int64_t kout = static_cast<int64_t>(co.size());
-      if (!nhwc_out) write_zero_channels(yp + n * syn, co, Cout, g, syc, syh, syw);
-      if (kout == 0 && !nhwc_out) continue;
-      const auto& ci = in_lists[n];  // active input channels: index the weight (and x, for NCHW)
-      const int64_t kin = static_cast<int64_t>(ci.size());
-      // The sample's input: x itself when its rows are contiguous (NCHW); otherwise (e.g.
-      // channels_last) its active channels copied once, pixel by pixel, into a compact
-      // [kin, H, W] buffer, so the loops below read contiguous rows either way.
-      const scalar_t* xs = xp + n * sxn;
-      const std::vector<int32_t>* cx_ptr = &ci;  // the same channels' positions in xs
-      int64_t csc = sxc, csh = sxh, csw = sxw;
-      if (sxw != 1 && kin > 0 && kout > 0) {
-        const int64_t HW = g.H * g.W;
-        chw_buf.resize(kin * HW);
-        for (int64_t h = 0; h < g.H; ++h)
-          for (int64_t w = 0; w < g.W; ++w) {
-            const scalar_t* px = xs + h * sxh + w * sxw;
-            scalar_t* dst = chw_buf.data() + h * g.W + w;
-            for (int64_t i = 0; i < kin; ++i) dst[i * HW] = px[static_cast<int64_t>(ci[i]) * sxc];
-          }
-        all_compact.resize(kin);
-        std::iota(all_compact.begin(), all_compact.end(), 0);  // the buffer holds exactly the active channels
-        xs = chw_buf.data();
-        cx_ptr = &all_compact;
-        csc = HW;
-        csh = g.W;
-        csw = 1;
+  const int threads = at::get_num_threads();
+  if (N >= threads || at::in_parallel_region()) {
+    // Samples are the unit of parallel work. Each thread takes the next unclaimed sample, so
+    // uneven gate densities and a core shared with another process do not leave a thread
+    // idle behind a static split.
+    std::atomic<int64_t> next_sample{0};
+    at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
+      SampleConv<scalar_t> conv = proto;
+      for (int64_t n = next_sample++; n < N; n = next_sample++) {
+        conv.start(n, out_lists[n]);
+        if (!out_lists[n].empty()) cpu_conv::run_gemm(conv.prepare(n, in_lists[n], out_lists[n]));
+        conv.finish(n, out_lists[n]);
       }
-      const auto& cx = *cx_ptr;
-      const int64_t P = g.Ho * g.Wo;
-      out_buf.resize(kout * P);
-      scalar_t* out = out_buf.data();
-      if (kout == 0) {
-        // nothing to compute: the channels_last epilogue below writes the zeros
-      } else if (kin == 0) {
-        std::fill(out, out + kout * P, scalar_t(0));
-      } else if (row_shift) {
-        const int64_t K = g.kw * kin;
-        const int64_t plane = Hp * g.Wo;
-        in_buf.resize(K * plane);
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          int64_t ow_lo, ow_hi;  // output columns whose input column ow + kx*dw - pw is inside
-          valid_range(g.W, g.Wo, 1, g.pw, kx * g.dw, ow_lo, ow_hi);
-          const int64_t shift = kx * g.dw - g.pw;
-          for (int64_t i = 0; i < kin; ++i) {
-            const scalar_t* src = xs + static_cast<int64_t>(cx[i]) * csc;
-            scalar_t* dst = in_buf.data() + (kx * kin + i) * plane;
-            std::fill(dst, dst + g.ph * g.Wo, scalar_t(0));
-            std::fill(dst + (g.ph + g.H) * g.Wo, dst + plane, scalar_t(0));
-            for (int64_t h = 0; h < g.H; ++h) {
-              scalar_t* drow = dst + (g.ph + h) * g.Wo;
-              const scalar_t* srow = src + h * csh + shift * csw;
-              std::fill(drow, drow + ow_lo, scalar_t(0));
-              if (csw == 1) {
-                std::memcpy(drow + ow_lo, srow + ow_lo, (ow_hi - ow_lo) * sizeof(scalar_t));
-              } else {
-                for (int64_t ow = ow_lo; ow < ow_hi; ++ow) drow[ow] = srow[ow * csw];
-              }
-              std::fill(drow + ow_hi, drow + g.Wo, scalar_t(0));
-            }
-          }
-        }
-        // Per vertical tap ky: wg [kout, kw*kin], wg[j, kx*kin + i] = weight[co[j], ci[i], ky, kx],
-        // gathered from w_taps (rows are contiguous runs of input channels) just before its GEMM.
-        wg_buf.resize(kout * K);
-        Tensor out_t = at::from_blob(out, {kout, P}, opts);
-        Tensor rows_t = at::from_blob(in_buf.data(), {K, plane}, opts);
-        Tensor wg_t = at::from_blob(wg_buf.data(), {kout, K}, opts);
-        for (int64_t ky = 0; ky < g.kh; ++ky) {
-          for (int64_t j = 0; j < kout; ++j) {
-            for (int64_t kx = 0; kx < g.kw; ++kx) {
-              const scalar_t* wsrc = wtp + ((ky * g.kw + kx) * Cout + co[j]) * Cin;
-              scalar_t* dst = wg_buf.data() + j * K + kx * kin;
-              if (kin == Cin) {
-                std::memcpy(dst, wsrc, Cin * sizeof(scalar_t));
-              } else {
-                for (int64_t i = 0; i < kin; ++i) dst[i] = wsrc[ci[i]];
-              }
-            }
-          }
-          Tensor window = rows_t.narrow(1, ky * g.dh * g.Wo, P);
-          if (ky == 0)
-            at::mm_out(out_t, wg_t, window);
-          else
-            out_t.addmm_(wg_t, window);
-        }
-      } else {
-        // cols [kin*taps, Ho*Wo] and wg [kout, kin*taps]: one GEMM.
-        const int64_t K = kin * taps;
-        in_buf.resize(K * P);
-        im2col_active(xs, csc, csh, csw, cx, g, 0, g.Ho, in_buf.data());
-        wg_buf.resize(kout * K);
-        for (int64_t j = 0; j < kout; ++j) {
-          const scalar_t* wrow = wp + static_cast<int64_t>(co[j]) * Cin * taps;
-          scalar_t* dst = wg_buf.data() + j * K;
-          for (int64_t i = 0; i < kin; ++i)
-            std::memcpy(dst + i * taps, wrow + static_cast<int64_t>(ci[i]) * taps, taps * sizeof(scalar_t));
-        }
-        Tensor out_t = at::from_blob(out, {kout, P}, opts);
-        at::mm_out(out_t, at::from_blob(wg_buf.data(), {kout, K}, opts), at::from_blob(in_buf.data(), {K, P}, opts));
-      }
-      if (nhwc_out) {
-        // channels_last output: pixel by pixel, every channel written once (active ones with
-        // bias, gate scale and shift, the others with zeros), so the stores run along channels.
-        slot.assign(Cout, -1);
-        for (int64_t j = 0; j < kout; ++j) slot[co[j]] = static_cast<int32_t>(j);
-        const opmath_t* gn = gp + n * Cout;
-        for (int64_t oh = 0; oh < g.Ho; ++oh)
-          for (int64_t ow = 0; ow < g.Wo; ++ow) {
-            const int64_t p = oh * g.Wo + ow;
-            scalar_t* dst = yp + n * syn + oh * syh + ow * syw;
-            for (int64_t c = 0; c < Cout; ++c) {
-              const int32_t j = slot[c];
-              dst[c] = j < 0 ? scalar_t(0)
-                             : static_cast<scalar_t>((static_cast<opmath_t>(out[j * P + p]) + (bp ? bp[c] : opmath_t(0))) * gn[c] +
-                                                     (tp ? tp[c] : opmath_t(0)));
-            }
-          }
-        continue;
-      }
-      // Epilogue: bias, gate scale and shift, written into the sample's active output channels.
-      for (int64_t j = 0; j < kout; ++j) {
-        const int64_t c = co[j];
-        const opmath_t s = gp[n * Cout + c];
-        const opmath_t bc = bp ? bp[c] : opmath_t(0);
-        const opmath_t tc = tp ? tp[c] : opmath_t(0);
-        const scalar_t* src = out + j * P;
-        scalar_t* dst = yp + n * syn + c * syc;
-        for (int64_t oh = 0; oh < g.Ho; ++oh) {
-          const scalar_t* srow = src + oh * g.Wo;
-          scalar_t* drow = dst + oh * syh;
-          if (syw == 1) {  // NCHW: unit stride, so the compiler vectorises this loop
-            for (int64_t ow = 0; ow < g.Wo; ++ow)
-              drow[ow] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s + tc);
-          } else {
-            for (int64_t ow = 0; ow < g.Wo; ++ow)
-              drow[ow * syw] = static_cast<scalar_t>((static_cast<opmath_t>(srow[ow]) + bc) * s + tc);
-          }
-        }
-      }
+    });
+    return;
+  }
+  // Fewer samples than threads: one sample after the other, its output channels split.
+  SampleConv<scalar_t> conv = proto;
+  for (int64_t n = 0; n < N; ++n) {
+    conv.start(n, out_lists[n]);
+    if (out_lists[n].empty()) {
+      conv.finish(n, out_lists[n]);
+      continue;
     }
-  });
+    const auto pr = conv.prepare(n, in_lists[n], out_lists[n]);
+    at::parallel_for(0, pr.rows, 16, [&](int64_t j0, int64_t j1) {
+      auto part = pr;
+      part.rows = j1 - j0;
+      part.a_row += j0;
+      part.c_row += j0;
+      part.bias += j0;
+      part.scale += j0;
+      part.shift += j0;
+      cpu_conv::run_gemm(part);
+    });
+    conv.finish(n, out_lists[n]);
+  }
 }
 
 Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,

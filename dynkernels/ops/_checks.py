@@ -32,10 +32,12 @@ def gate(op: str, name: str, g, dims=(1, 2), shape="[N] or [B, N]"):
         raise TypeError(f"{op}: {name} must be a floating or bool tensor, got {g.dtype}")
 
 
-def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tensor, any_length: bool = False):
+def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tensor, any_length: bool = False,
+               values: bool = True):
     """idx: int32, [rows] (or, with any_length, [M] for any M), count: one int32; both on data's
-    device; the first count entries of idx index data's rows (checked on CPU tensors, on a GPU
-    only with DYNKERNELS_CHECK_INDICES=1)."""
+    device; the first count entries of idx index data's rows (read on the host: CPU tensors, or
+    CUDA tensors with DYNKERNELS_CHECK_INDICES=1). values=False leaves the values to the kernel:
+    the C++ CPU kernels check them with these same errors."""
     tensor(op, "idx", idx, (1,), "a 1-D tensor")
     if idx.dtype != torch.int32:
         raise TypeError(f"{op}: idx must be int32 (as dynkernels.compact returns), got {idx.dtype}")
@@ -46,7 +48,7 @@ def index_args(op: str, idx, count, rows: int, data_name: str, data: torch.Tenso
         raise TypeError(f"{op}: count must be an int32 tensor with one element, got {count.dtype} of shape {tuple(count.shape)}")
     same_device(op, "idx", idx, data_name, data)
     same_device(op, "count", count, data_name, data)
-    if idx.device.type == "cpu" or CHECK_INDICES_ON_GPU:
+    if values and (idx.device.type == "cpu" or CHECK_INDICES_ON_GPU):
         n = max(0, min(int(count.reshape(-1)[0]), idx.shape[0]))
         head = idx[:n]
         if n and (int(head.min()) < 0 or int(head.max()) >= rows):

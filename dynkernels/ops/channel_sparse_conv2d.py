@@ -13,9 +13,10 @@ the argument checks (shapes only).
 "auto" on CUDA tensors follows channel_sparse_conv2d_gpu_rule (the CUDA kernel, the Triton
 kernel, or dense execution, from the density hint and the device's tuned table; nothing is read
 from the device). On a GPU the kernels run on channels_last (NHWC) activations: other layouts
-are converted once per call. On the CPU "auto" runs the C++ kernel: it matches the dense conv
-(oneDNN) up to about density 0.9 at one thread and beats it at every density at two (README,
-CPU results).
+are converted once per call. "auto" on CPU tensors runs the C++ kernel, or dense execution
+(torch's conv2d, then the gate multiply and shift) where the gates' FLOP density (the `density`
+hint, else read from the gates: no sync on CPU tensors) is above the crossover measured for the
+layout, stride and output size (dynkernels/ops/_conv_cpu_auto.py).
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
 from .channel_sparse_conv2d_gpu_rule import gpu_execution
+from ._conv_cpu_auto import dense_then_gate, use_dense_on_cpu
 
 _lib = torch.ops.dynkernels
 IntPair = Union[int, Sequence[int]]
@@ -314,6 +316,13 @@ def channel_sparse_conv2d(
     config: the tile configuration of the CUDA kernel (an id of dynkernels._C.cuda_conv_configs()),
     or -1 for the tuned table's choice (the kernel's own heuristic by layer shape where the table
     has none); the other backends ignore it.
+
+    backend="auto" on CPU tensors runs dense execution (conv2d, then the gate multiply and the
+    shift, with the same result) where that density (the hint, else read from the gates: no
+    sync on CPU tensors) is at or above the crossover measured on the CPU for the input's
+    layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
+    e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs), and the C++
+    channel-sparse kernel below it.
     """
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     density = check_density("channel_sparse_conv2d", density)
@@ -328,6 +337,10 @@ def channel_sparse_conv2d(
         return reference.channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     if b == "dense":
         return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+    if b == "cpu" and backend == "auto":
+        out_hw = conv2d_output_shape(x, weight, stride, padding, dilation)[2:]
+        if use_dense_on_cpu(x, out_gate, in_gate, stride, out_hw, density):
+            return dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
         return _triton().channel_sparse_conv2d_triton(*args, tiles)

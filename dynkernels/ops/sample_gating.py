@@ -12,11 +12,13 @@ The row ops take idx [M] and count and move the rows idx[:count]: compact's idx 
 the part of route's idx that belongs to one branch, idx[offsets[b]:] with count
 offsets[b + 1] - offsets[b] (dynkernels.route). scatter_rows alone needs a permutation.
 
-The public functions check every argument and resolve the backend on every call. Callers
-that already did both once for many calls (dynkernels.nn.SkipPlan / RoutePlan: their idx and
-count come from compact / route) use the unchecked `_gather_rows`, `_scatter_add_rows`,
-`_scatter_rows` and `_scatter_rows_`, which take a resolved backend and go straight to the
-kernel.
+The public functions check every argument on every call; for CPU tensors on the C++ kernels
+the index values (idx in range, scatter_rows' permutation, scatter_rows_' distinct rows) are
+checked by the kernel itself, with the same errors, since a few Python-level tensor ops on a
+small index tensor would cost more than moving the rows. Callers that already checked once for
+many calls (dynkernels.nn.SkipPlan / RoutePlan: their idx and count come from compact / route)
+use the unchecked `_gather_rows`, `_scatter_add_rows`, `_scatter_rows` and `_scatter_rows_`,
+which take a resolved backend and go straight to the kernel.
 """
 import functools
 from typing import Optional, Tuple
@@ -281,14 +283,16 @@ def gather_rows(
     if x.dim() == 0:
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
-    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True)
-    return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
+    b = resolved_backend("gather_rows", backend, x.device)
+    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True, values=b != "cpu")
+    return _gather_rows(x, idx, count, capacity, b)
 
 
-def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool):
+def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool, values: bool):
     """The checks the merge ops (scatter_add_rows, scatter_rows, scatter_rows_) share, in this
     order: base has rows (and is floating, if asked), y has base's row shape, dtype and device,
-    idx/count index base's rows (idx has base's N entries where it must be a permutation)."""
+    idx/count index base's rows (idx has base's N entries where it must be a permutation; their
+    values are checked too, unless values=False: see _checks.index_args)."""
     _checks.tensor(op, "base", base)
     if base.dim() == 0:
         raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
@@ -300,7 +304,7 @@ def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permuta
     if y.dtype != base.dtype:
         raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
     _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base, any_length=not permutation)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base, any_length=not permutation, values=values)
 
 
 def scatter_add_rows(
@@ -320,14 +324,15 @@ def scatter_add_rows(
     base, y and scale. No host sync.
     """
     op = "scatter_add_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=True, permutation=False)
+    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
+    _check_merge_args(op, base, y, idx, count, floating_base=True, permutation=False, values=b != "cpu")
     if scale is not None:
         _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
         _checks.floating(op, "scale", scale)
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    return _scatter_add_rows(base, y, idx, count, scale, resolve(op, backend, base.device))
+    return _scatter_add_rows(base, y, idx, count, scale, b)
 
 
 def scatter_rows(
@@ -354,10 +359,11 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
-    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True)
-    if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
+    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, values=b != "cpu")
+    if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         _check_permutation(op, idx, base.shape[0])
-    return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))
+    return _scatter_rows(base, y, idx, count, b)
 
 
 def scatter_rows_(
@@ -387,12 +393,13 @@ def scatter_rows_(
     grad_out, zero past count). No host sync.
     """
     op = "scatter_rows_"
-    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=False)
+    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
+    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=False, values=b != "cpu")
     if not base.is_contiguous(memory_format=row_layout(base)):
         raise ValueError(f"{op}: base is written in place, so it must be contiguous (or channels_last), got strides {base.stride()}")
-    if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+    if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         n = max(0, min(int(count.reshape(-1)[0]), idx.shape[0], y.shape[0]))
         if n and int(torch.bincount(idx[:n].long(), minlength=1).max()) > 1:
             twice = int((torch.bincount(idx[:n].long()) > 1).nonzero()[0])
             raise ValueError(f"{op}: the first count entries of idx list row {twice} more than once; they must be distinct")
-    return _scatter_rows_(base, y, idx, count, resolve(op, backend, base.device))
+    return _scatter_rows_(base, y, idx, count, b)

@@ -1,0 +1,134 @@
+"""backend="auto" for channel_sparse_conv2d on CPU tensors: the C++ channel-sparse kernel, or
+dense execution (torch's conv2d, i.e. oneDNN, then the gate multiply and the shift) where the
+gates leave so much work that the dense conv is measured faster.
+
+The rule (cpu_prefers_dense) compares the gates' FLOP density (the fraction of the dense conv's
+multiply-adds the gates leave active) with a crossover that depends on the input's layout, on
+whether the conv is strided, and on how well the output pixels of one sample fill the C++
+kernel's vectors of 16 (it vectorises over a sample's output pixels: 7x7 = 49 pixels fill 49
+of 64 lanes). The density is the caller's `density` hint when given; otherwise it is read from
+the gates, which on CPU tensors is a host read of memory already on the host (no sync).
+
+Measured on an AMD EPYC (Zen 4, AVX-512; 2 cores) with torch 2.14.1 (oneDNN 3.12), fp32, one
+thread, thread CPU time on a shared machine (medians of 7 interleaved rounds): time of dense
+execution / time of the C++ kernel with every gate active (density 1):
+
+| layer (batch, channels, kernel, stride, output size) | NCHW | channels_last |
+| --- | --- | --- |
+| 32, 128 -> 128, 3x3, 16x16 | 1.16 | 0.89 |
+| 32, 64 -> 64, 3x3, 32x32 | 1.15 | 0.84 |
+| 32, 256 -> 256, 3x3, 8x8 | 0.89 | 0.87 |
+| 8, 128 -> 128, 3x3, 16x16 | 0.96 | 0.91 |
+| 4, 256 -> 256, 3x3, 14x14 | 0.85 | 0.83 |
+| 4, 64 -> 64, 3x3, 56x56 | 0.97 | 0.74 |
+| 16, 512 -> 512, 3x3, 7x7 | 0.69 | 1.15 (one run, the dense conv unusually slow) |
+| 8, 32 -> 32, 3x3, 16x16 | 1.03 | 0.71 |
+| 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.11, 1.28 | 0.76, 0.80 |
+| 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.07 | 0.76 |
+
+The kernel's time falls with the density a little more slowly than the FLOPs (what it does
+per sample besides the arithmetic stays), so the crossover density lies a little below these
+ratios: at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 256 NCHW 0.88
+(ratio 0.85), at the strided channels_last layer 0.55 (ratio 0.76). CPU_DENSE_FROM holds, per
+layout and stride, a crossover at or below every measured layer's (the vector fill of the
+pixels then lowers it further for small outputs), so that "auto" is not slower than dense
+execution on any of them; python_tests/test_channel_sparse_conv2d_cpu.py tests the rule itself.
+"""
+import math
+
+import numpy as np
+
+import torch
+import torch.nn.functional as F
+
+# Dense execution from this FLOP density up (times the vector fill), by (channels_last, stride > 1).
+CPU_DENSE_FROM = {
+    (False, False): 0.85,
+    (True, False): 0.70,
+    (False, True): 0.90,
+    (True, True): 0.55,
+}
+CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.cpp)
+
+
+def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int) -> float:
+    """The FLOP density from which dense execution is faster on the CPU, for this layout,
+    stride and number of output pixels per sample."""
+    fill = pixels / (math.ceil(pixels / CPU_KERNEL_LANES) * CPU_KERNEL_LANES) if pixels > 0 else 1.0
+    return CPU_DENSE_FROM[(bool(channels_last), bool(strided))] * fill
+
+
+def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int) -> bool:
+    """The rule: dense execution for this FLOP density, layout, stride and output size."""
+    return density >= cpu_dense_threshold(channels_last, strided, pixels)
+
+
+def _host_view(gate: torch.Tensor):
+    """The gate as a numpy array (no copy) where numpy has its dtype, else as a float32 one:
+    a few microseconds per check where torch ops on a small tensor take several each."""
+    g = gate.detach()
+    return (g if g.dtype in (torch.float32, torch.float64, torch.float16, torch.bool) else g.float()).numpy()
+
+
+def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
+    """The fraction of the dense conv's FLOPs the gates leave active: the mean over samples of
+    (active outputs x active inputs) / (Cout x Cin). CPU tensors (a host read, no sync).
+    If the output density alone is below `below`, it is returned without reading in_gate
+    (the FLOP density can only be lower)."""
+    out_active = _host_view(out_gate) > 0
+    out_density = np.count_nonzero(out_active) / max(1, out_active.size)
+    if in_gate is None or (below is not None and out_density < below):
+        return out_density
+    in_active = _host_view(in_gate) > 0
+    return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
+
+
+def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
+    """backend="auto" on CPU tensors: whether to run dense execution (dense_then_gate). float32
+    only (where the crossovers were measured; the kernel computes float16 and bfloat16 in
+    float32 and is kept for them and for float64), and not while torch.compile traces (the
+    density read is a host read)."""
+    if x.dtype != torch.float32 or torch.compiler.is_compiling():
+        return False
+    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    strided, pixels = tuple(stride) != (1, 1), output_hw[0] * output_hw[1]
+    if density is None:
+        density = cpu_flop_density(out_gate, in_gate, below=cpu_dense_threshold(channels_last, strided, pixels))
+    return cpu_prefers_dense(density, channels_last, strided, pixels)
+
+
+def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift):
+    """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask), then
+    y = out_gate * y + shift where out_gate > 0 and exact zeros elsewhere, in one pass over y
+    (none when every gate is 1 and there is no shift; plus a write of the inactive channels
+    only). The output has conv2d's layout (channels_last for channels_last x, as the kernels
+    give). Differentiable like the reference. CPU tensors (the gates are read on the host)."""
+    if in_gate is not None:
+        x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
+    y = F.conv2d(x, weight, bias, stride, padding, dilation)
+    g = out_gate.to(y.dtype)
+    t = None if shift is None else shift.to(y.dtype)[None, :, None, None]
+    gates = _host_view(out_gate)
+    n_idx, c_idx = (gates <= 0).nonzero()  # the inactive (sample, channel) pairs
+    if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
+        # out of place, so that autograd keeps what each backward needs
+        if t is None and not len(n_idx) and not g.requires_grad and (gates == 1).all():
+            return y
+        scaled = y * g[:, :, None, None] if t is None else torch.addcmul(t, y, g[:, :, None, None])
+        if not len(n_idx):
+            return scaled
+        return torch.where((out_gate > 0)[:, :, None, None], scaled, torch.zeros((), dtype=y.dtype))
+    if len(n_idx):
+        g = g * torch.from_numpy(gates > 0)  # inactive gates 0 (also the negative ones)
+    if t is not None:
+        torch.addcmul(t, y, g[:, :, None, None], out=y)
+    elif len(n_idx) or not (gates == 1).all():
+        y.mul_(g[:, :, None, None])
+    if len(n_idx):
+        # exact zeros (y * 0 would give -0 for negative y and NaN for an infinite one)
+        n_idx, c_idx = torch.from_numpy(n_idx), torch.from_numpy(c_idx)
+        if y.is_contiguous():
+            y.view(y.shape[0] * y.shape[1], -1)[n_idx * y.shape[1] + c_idx] = 0
+        else:
+            y.permute(0, 2, 3, 1)[n_idx, :, :, c_idx] = 0
+    return y

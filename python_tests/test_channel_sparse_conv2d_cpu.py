@@ -1,0 +1,211 @@
+"""The C++ CPU kernel of channel_sparse_conv2d at the sizes where its micro-kernel's tiling
+shows (several row blocks and pixel tiles, partial vectors, each input layout path), on every
+instruction set it has, and the rule by which backend="auto" picks dense execution on the CPU."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import dynkernels
+from dynkernels import reference
+from dynkernels.ops import _conv_cpu_auto as auto
+
+from _utils import assert_close, rand_gate
+
+# (N, Cin, Cout, H, W, kernel, stride, padding, dilation): 13 and 61 output channels (row blocks
+# of 6 and 5 with remainders), 20x20 = 400 and 9x11 pixels (tiles of 64, partial vectors),
+# "same" padding (the row-shift buffer's flat copy), no padding and dilation (its row by row
+# copy), 1x1 (x read in place), stride 2 (im2col), 1 output channel, 1 sample.
+SHAPES = [
+    (2, 19, 61, 20, 20, 3, 1, 1, 1),
+    (3, 33, 13, 9, 11, 3, 1, 0, 1),
+    (2, 17, 22, 12, 13, 3, 1, 2, 2),
+    (2, 40, 37, 10, 9, 1, 1, 0, 1),
+    (2, 24, 29, 17, 15, 3, 2, 1, 1),
+    (1, 18, 1, 8, 21, 5, 1, 2, 1),
+]
+
+
+def _case_id(s):
+    return "n{}_ci{}_co{}_{}x{}_k{}_s{}_p{}_d{}".format(*s)
+
+
+def _inputs(shape, dtype=torch.float32, in_gate=True, layout="nchw", density=0.6):
+    n, cin, cout, h, w, k, s, p, d = shape
+    x = torch.randn(n, cin, h, w, dtype=dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight = (torch.randn(cout, cin, k, k) / (cin * k * k) ** 0.5).to(dtype)
+    bias = torch.randn(cout, dtype=dtype)
+    shift = torch.randn(cout, dtype=dtype)
+    og = rand_gate((n, cout), density)
+    ig = rand_gate((n, cin), density) if in_gate else None
+    return x, weight, bias, og, ig, s, p, d, shift
+
+
+def _expected(x, weight, bias, og, ig, s, p, d, shift):
+    f64 = torch.float64
+    y = reference.channel_sparse_conv2d(x.to(f64), weight.to(f64), bias.to(f64), og, ig, s, p, d, shift.to(f64))
+    return y.to(x.dtype)
+
+
+def _check_kernel(shape, dtype, in_gate, layout):
+    x, w, b, og, ig, s, p, d, shift = _inputs(shape, dtype, in_gate, layout)
+    y = dynkernels.channel_sparse_conv2d(x, w, b, og, ig, s, p, d, shift=shift, backend="cpu")
+    assert_close(y, _expected(x, w, b, og, ig, s, p, d, shift), dtype)
+    inactive = (og <= 0)[:, :, None, None].expand_as(y)
+    assert (y[inactive] == 0).all() and not torch.signbit(y[inactive]).any(), "inactive channels must be +0"
+    assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("in_gate", [False, True], ids=["out", "in+out"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_case_id)
+def test_kernel_tiles_and_layouts(shape, in_gate, layout):
+    _check_kernel(shape, torch.float32, in_gate, layout)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_dtypes(dtype, layout):
+    for shape in (SHAPES[0], SHAPES[4]):
+        _check_kernel(shape, dtype, True, layout)
+
+
+def test_one_sample_split_among_threads():
+    """With fewer samples than threads each sample's output channels are split among them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for layout in ("nchw", "channels_last"):
+            _check_kernel((1,) + SHAPES[0][1:], torch.float32, True, layout)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_isa_follows_torch_cpu_capability():
+    """The micro-kernel is the widest torch itself uses here (torch.backends.cpu.get_cpu_capability)."""
+    if dynkernels._extension._C is None:
+        pytest.skip("loaded from a CMake library, not dynkernels._C")
+    want = {"AVX512": "avx512", "AVX2": "avx2"}.get(torch.backends.cpu.get_cpu_capability(), "portable")
+    assert dynkernels._extension._C.cpu_conv_isa() == want
+
+
+_ISA_SCRIPT = """
+import sys, torch, dynkernels
+sys.path.insert(0, {tests!r})
+import test_channel_sparse_conv2d_cpu as t
+assert dynkernels._extension._C.cpu_conv_isa() == {isa!r}, dynkernels._extension._C.cpu_conv_isa()
+for shape in t.SHAPES:
+    for layout in ("nchw", "channels_last"):
+        t._check_kernel(shape, torch.float32, True, layout)
+        t._check_kernel(shape, torch.float32, False, layout)
+t._check_kernel(t.SHAPES[0], torch.float64, True, "nchw")
+t._check_kernel(t.SHAPES[4], torch.float64, False, "channels_last")
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("capability,isa", [("avx2", "avx2"), ("default", "portable")])
+def test_narrower_instruction_sets(capability, isa):
+    """The AVX2 and portable micro-kernels, picked as on a CPU without AVX-512 / AVX2 by lowering
+    torch's CPU capability (ATEN_CPU_CAPABILITY) in a fresh process."""
+    if capability == "avx2" and torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("this CPU has no AVX2")
+    if dynkernels._extension._C is None:
+        pytest.skip("loaded from a CMake library, not dynkernels._C")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    script = _ISA_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), isa=isa)
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stdout + done.stderr
+
+
+# ----------------------------------------------------------------------------- backend="auto" on CPU
+def test_rule_thresholds():
+    """Dense from the measured crossover up, lower for channels_last and strided convs, lower
+    still where a sample's output pixels fill the kernel's vectors poorly."""
+    px = 16 * 16
+    for cl, strided in auto.CPU_DENSE_FROM:
+        t = auto.CPU_DENSE_FROM[(cl, strided)]
+        assert not auto.cpu_prefers_dense(t - 0.01, cl, strided, px)
+        assert auto.cpu_prefers_dense(t, cl, strided, px) and auto.cpu_prefers_dense(1.0, cl, strided, px)
+    assert not auto.cpu_prefers_dense(0.5, False, False, px) and not auto.cpu_prefers_dense(0.5, True, False, px)
+    assert auto.cpu_prefers_dense(0.75, True, False, px) and not auto.cpu_prefers_dense(0.75, False, False, px)
+    # 7x7 outputs fill 49 of 64 lanes: the crossover falls by that factor
+    assert auto.cpu_dense_threshold(False, False, 49) == pytest.approx(auto.CPU_DENSE_FROM[(False, False)] * 49 / 64)
+    assert auto.cpu_prefers_dense(0.7, False, False, 49) and not auto.cpu_prefers_dense(0.7, False, False, 196)
+
+
+def test_flop_density_read_from_gates():
+    og = rand_gate((5, 7), 0.6)
+    ig = rand_gate((5, 3), 0.5)
+    want = float(((og > 0).sum(1) * (ig > 0).sum(1)).sum()) / (5 * 7 * 3)
+    assert auto.cpu_flop_density(og, ig) == pytest.approx(want)
+    assert auto.cpu_flop_density(og) == pytest.approx(float((og > 0).float().mean()))
+    for dtype in (torch.bfloat16, torch.float16, torch.bool):
+        assert auto.cpu_flop_density(og.to(dtype), ig.to(dtype)) == pytest.approx(want)
+    # below the threshold on the output gate alone, in_gate is not read
+    assert auto.cpu_flop_density(og, ig, below=1.0) == pytest.approx(float((og > 0).float().mean()))
+
+
+def test_auto_decision(monkeypatch):
+    """auto takes the dense path exactly where the rule says so: from the gates, or from the
+    density hint when one is given; float32 only."""
+    calls = []
+    real = auto.dense_then_gate
+    op_module = sys.modules["dynkernels.ops.channel_sparse_conv2d"]
+    monkeypatch.setattr(op_module, "dense_then_gate", lambda *a: calls.append(1) or real(*a))
+    x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[0], in_gate=False)
+    ones = torch.ones_like(og)
+
+    def runs_dense(gate, xx=x, **kw):
+        calls.clear()
+        y = dynkernels.channel_sparse_conv2d(xx, w.to(xx.dtype), b.to(xx.dtype), gate, None, s, p, d, **kw)
+        assert_close(y, _expected(xx, w.to(xx.dtype), b.to(xx.dtype), gate, None, s, p, d, torch.zeros_like(b).to(xx.dtype)))
+        return bool(calls)
+
+    assert runs_dense(ones) and not runs_dense(og)  # density 1 / 0.6
+    assert runs_dense(og, density=1.0) and not runs_dense(ones, density=0.5)  # the hint decides
+    assert not runs_dense(ones, backend="cpu")  # backend="cpu" is the kernel
+    assert not runs_dense(ones, xx=x.double())
+    assert runs_dense(ones, xx=x.contiguous(memory_format=torch.channels_last))
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=_case_id)
+def test_dense_execution_matches_reference(shape, layout):
+    """The dense path: same values, exact +0 on inactive channels (also where the conv is
+    infinite), channels_last out for channels_last in."""
+    x, w, b, og, ig, s, p, d, shift = _inputs(shape, layout=layout, density=0.9)
+    for args in ((og, ig, shift), (og, None, None), (torch.ones_like(og), None, None), (torch.rand_like(og) + 0.1, ig, shift)):
+        gate, in_gate, t = args
+        y = auto.dense_then_gate(x, w, b, gate, in_gate, (s, s), (p, p), (d, d), t)
+        want = _expected(x, w, b, gate, in_gate, s, p, d, torch.zeros_like(b) if t is None else t)
+        assert_close(y, want)
+        inactive = (gate <= 0)[:, :, None, None].expand_as(y)
+        assert (y[inactive] == 0).all() and not torch.signbit(y[inactive]).any()
+        assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
+    x_inf = x.clone()
+    x_inf[0, 0, 0, 0] = float("inf")
+    y = auto.dense_then_gate(x_inf, w, b.abs() + 1, og, None, (s, s), (p, p), (d, d), None)
+    assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all()
+
+
+@pytest.mark.parametrize("gates", ["some off", "all on"])
+def test_dense_execution_gradients(gates):
+    """Through the dense path, the gradients of the reference (x, weight, bias, gate, shift)."""
+    x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[1], density=0.9 if gates == "some off" else 1.0)
+    grad_y, results = None, []
+    for fn in (lambda *a: auto.dense_then_gate(*a[:5], (s, s), (p, p), (d, d), a[5]),
+               lambda *a: reference.channel_sparse_conv2d(*a[:5], s, p, d, a[5])):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (x, w, b, og)]
+        t = shift.detach().clone().requires_grad_(True)
+        y = fn(*leaves, ig, t)
+        grad_y = torch.randn_like(y) if grad_y is None else grad_y
+        y.backward(grad_y)
+        results.append([v.grad for v in leaves + [t]])
+    for got, want in zip(*results):
+        assert_close(got, want, rtol=1e-4)
