@@ -13,10 +13,10 @@ the part of route's idx that belongs to one branch, idx[offsets[b]:] with count
 offsets[b + 1] - offsets[b] (dynkernels.route). scatter_rows alone needs a permutation.
 
 The public functions check every argument and resolve the backend on every call. Callers
-that already did both once for many calls (dynkernels.nn.SkipPlan / RoutePlan: their idx and
-count come from compact / route) use the unchecked `_gather_rows`, `_scatter_add_rows`,
-`_scatter_rows` and `_scatter_rows_`, which take a resolved backend and go straight to the
-kernel.
+that already did both once for many calls (dynkernels.nn.SkipBlock, SkipPlan and RoutePlan: a
+gate checked once, idx and count from compact / route) use the unchecked `_compact`,
+`_gather_rows`, `_scatter_add_rows`, `_scatter_rows` and `_scatter_rows_`, which take a
+resolved backend and go straight to the kernel.
 """
 import functools
 from typing import Optional, Tuple
@@ -167,6 +167,19 @@ def _run(op, *args):
         return op(*args)
 
 
+def _compact(gate, threshold: float, backend: str):
+    """compact with a checked gate and a resolved backend."""
+    if backend == "torch":
+        return reference.compact(gate, threshold)
+    if backend == "triton":
+        return _triton().compact_triton(gate, threshold)
+    op = _kernel("compact", backend)
+    if torch.compiler.is_compiling():
+        return op(gate, threshold)
+    with torch._C._AutoDispatchBelowAutograd():  # integer outputs: never differentiable
+        return op(gate, threshold)
+
+
 def _gather_rows(x, idx, count, capacity: int, backend: str):
     """gather_rows with checked arguments and a resolved backend."""
     if backend == "torch":
@@ -253,13 +266,7 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     count int32 [1] or [B], the number of active positions per row. No host sync.
     """
     _checks.gate("compact", "gate", gate)
-    threshold = float(threshold)
-    b = resolve("compact", backend, gate.device)
-    if b == "torch":
-        return reference.compact(gate, threshold)
-    if b == "triton":
-        return _triton().compact_triton(gate, threshold)
-    return _lib.compact(gate, threshold)
+    return _compact(gate, float(threshold), resolve("compact", backend, gate.device))
 
 
 def gather_rows(
