@@ -335,21 +335,25 @@ class BlockDropResNet(nn.Module):
         return fixed + (policy.detach().cpu() > 0).to(torch.float64) @ per_block
 
 
-def resnet32_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet32_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                   bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """CIFAR ResNet-32 (3 stages of 5 basic blocks, 16/32/64 channels): 15 blocks."""
-    return BlockDropResNet(BasicBranch, [5, 5, 5], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32, capacity)
+    return BlockDropResNet(BasicBranch, [5, 5, 5], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32,
+                           capacity, bucket, cuda_graphs)
 
 
-def resnet110_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet110_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                    bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """CIFAR ResNet-110 (3 stages of 18 basic blocks, 16/32/64 channels): 54 blocks."""
-    return BlockDropResNet(BasicBranch, [18, 18, 18], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32, capacity)
+    return BlockDropResNet(BasicBranch, [18, 18, 18], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32,
+                           capacity, bucket, cuda_graphs)
 
 
-def resnet101_imagenet(num_classes: int = 1000, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet101_imagenet(num_classes: int = 1000, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                       bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """ImageNet ResNet-101 (bottleneck stages of 3/4/23/3 blocks): 33 blocks."""
-    return BlockDropResNet(
-        BottleneckBranch, [3, 4, 23, 3], [64, 128, 256, 512], [1, 2, 2, 2], "imagenet", num_classes, execution, backend, 224, capacity
-    )
+    return BlockDropResNet(BottleneckBranch, [3, 4, 23, 3], [64, 128, 256, 512], [1, 2, 2, 2], "imagenet", num_classes,
+                           execution, backend, 224, capacity, bucket, cuda_graphs)
 
 
 # ----------------------------------------------------------------------------- policy networks

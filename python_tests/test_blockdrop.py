@@ -4,7 +4,6 @@ import pytest
 import torch
 from _utils import assert_close
 
-import dynkernels
 from dynkernels.models.blockdrop import (
     BlockDrop,
     policy_net_cifar,
