@@ -277,8 +277,8 @@ class BlockDropResNet(nn.Module):
         if pool is None:
             raise RuntimeError(f"{owner}: cuda_graphs is off; set cuda_graphs=True (or a GraphPool) first")
         self._check_input(x, None)
-        check_inference(owner, self.training, x)
         sizes = graph_sizes(owner, self.bucket, self.capacity, x.shape[0], x.device, sizes, pool)
+        check_inference(owner, self.training, x)
         h = self.seed(x[:1])
         for t, s, j, _ in self._stages():
             kept = self._kept_blocks[t]

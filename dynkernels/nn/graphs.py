@@ -130,14 +130,19 @@ class GraphPool:
             entry = self._graphs.get(key)
             if entry is None:
                 entry = self._graphs[key] = self._capture(fn, inputs)
-            stream = torch.cuda.current_stream(inputs[0].device)
-            if self._last_stream is not None and stream != self._last_stream:
-                stream.wait_stream(self._last_stream)  # the previous replay's reader ran there
-            self._last_stream = stream
+            self._follow_last_stream(inputs[0].device)
             for static, t in zip(entry.inputs, inputs):
                 static.copy_(t)
             entry.graph.replay()
             return entry.output
+
+    def _follow_last_stream(self, device) -> None:
+        """Order this replay after the previous one of any graph of the pool: on another CUDA
+        stream, the current stream first waits for the one that read the previous output."""
+        stream = torch.cuda.current_stream(device)
+        if self._last_stream is not None and stream != self._last_stream:
+            stream.wait_stream(self._last_stream)
+        self._last_stream = stream
 
     def capture(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> None:
         """Capture fn's graph for this input signature ahead of its first use (the values of

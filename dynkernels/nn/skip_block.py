@@ -277,8 +277,9 @@ class SkipBlock(nn.Module):
         pool = self._graph_pool
         if pool is None:
             raise RuntimeError(f"{owner}: cuda_graphs is off; set cuda_graphs=True (or a GraphPool) first")
+        sizes = graph_sizes(owner, bucket, capacity, n, x.device, sizes, pool)
         check_inference(owner, self.training or self.block.training, x)
-        for s in graph_sizes(owner, bucket, capacity, n, x.device, sizes, pool):
+        for s in sizes:
             pool.capture(self.block, compact_like(x, s))
         return len(pool)
 
