@@ -157,11 +157,14 @@ def _kernel(name: str, backend: str):
     return getattr(_lib, name).default
 
 
-def _run(op, *args):
+def _run(op, *args, differentiable: bool = True):
     """Call a registered op. When no gradient is needed this goes below autograd directly:
     the call torch.library's autograd wrapper would make, without that Python wrapper (a
-    few microseconds per op, paid by every eager forward)."""
-    if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or torch.compiler.is_compiling():
+    few microseconds per op, paid by every eager forward). Inference mode excludes autograd
+    itself, so there the op is called as it is."""
+    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    if differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
@@ -173,11 +176,7 @@ def _compact(gate, threshold: float, backend: str):
         return reference.compact(gate, threshold)
     if backend == "triton":
         return _triton().compact_triton(gate, threshold)
-    op = _kernel("compact", backend)
-    if torch.compiler.is_compiling():
-        return op(gate, threshold)
-    with torch._C._AutoDispatchBelowAutograd():  # integer outputs: never differentiable
-        return op(gate, threshold)
+    return _run(_kernel("compact", backend), gate, threshold, differentiable=False)  # integer outputs
 
 
 def _gather_rows(x, idx, count, capacity: int, backend: str):
