@@ -169,8 +169,15 @@ class GraphPool:
             if self._handle is None:
                 self._handle = torch.cuda.graph_pool_handle()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._handle, capture_error_mode="thread_local"):
-                out = fn(*static)
+            try:
+                with torch.cuda.graph(graph, pool=self._handle, capture_error_mode="thread_local"):
+                    out = fn(*static)
+            except Exception as e:
+                raise RuntimeError(
+                    f"GraphPool: capturing the CUDA graph of {type(fn).__name__} on inputs "
+                    f"{[tuple(t.shape) for t in inputs]} failed ({type(e).__name__}: {e}); a graphed block must be "
+                    "capturable (no host synchronisation, CUDA tensors only): set cuda_graphs=False"
+                ) from e
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"GraphPool: the captured block must return one tensor, got {type(out).__name__}")
         return _Graph(graph, static, out)

@@ -289,7 +289,8 @@ class SkipSequential(nn.Module):
     with one `compact` call and (capacity=None) one host sync per forward for all blocks.
     `capacity` and `bucket` are the plan's (see SkipPlan; "auto" is exact in training mode);
     the blocks' own apply only when a block is called alone and compacts its own gate.
-    cuda_graphs: set on every block, True meaning one GraphPool shared by all of them."""
+    cuda_graphs: True or a GraphPool sets one pool on every block (settable; False turns them
+    all off); at construction the default False leaves the blocks' own settings."""
 
     def __init__(self, blocks: Iterable[SkipBlock], capacity: Optional[int] = None, bucket="auto", cuda_graphs=False):
         super().__init__()
