@@ -205,7 +205,9 @@ def run_kept(
         if type(y) is not torch.Tensor or y.shape != base.shape or y.dtype != base.dtype:
             (check_result or check_compact_result)(owner, base, y, row.rows)
         return y if scale is None else _gating._scatter_add_rows(base, y, row.idx, row.count, scale, backend)
-    compact = [_gating._gather_rows(t, row.idx, row.count, row.rows, backend) for t in inputs]
+    compact = []
+    for t in inputs:  # a loop, not a comprehension: no extra frame per call (Python < 3.12)
+        compact.append(_gating._gather_rows(t, row.idx, row.count, row.rows, backend))
     if graphs is None:
         return _merge(owner, base, fn(*compact), row, backend, scale, check_result)
     with graphs.lock:  # the replay's output is static: merged before the next replay
