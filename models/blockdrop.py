@@ -29,7 +29,7 @@ from dynkernels.nn.graphs import check_graphs_arg, check_inference, compact_like
 from dynkernels.nn.skip_block import check_execution
 from dynkernels.nn.skip_plan import SkipPlan, check_rows_args, plan_bucket, run_kept
 from dynkernels.ops import _checks, check_backend
-from dynkernels.ops.sample_gating import resolved_backend
+from dynkernels.ops.sample_gating import resolved_kernels
 
 
 # ----------------------------------------------------------------------------- residual branches
@@ -86,9 +86,8 @@ class KeptBlock:
     x itself, or (first block of a stage) the gathered downsample shortcut. One object per
     block, so that its CUDA graphs (keyed by it) outlive a forward."""
 
-    def __init__(self, branch: nn.Module, first: bool):
+    def __init__(self, branch: nn.Module):
         self.branch = branch
-        self.first = first
 
     def __call__(self, x, residual=None):
         return F.relu((x if residual is None else residual) + self.branch(x))
@@ -165,7 +164,7 @@ class BlockDropResNet(nn.Module):
         self.backend = check_backend("BlockDropResNet", backend)
         self.capacity, self.bucket = check_rows_args("BlockDropResNet", capacity, bucket)
         self.cuda_graphs = cuda_graphs
-        self._kept_blocks = [KeptBlock(branch, j == 0) for _, _, j, branch in self._stages()]
+        self._kept_blocks = [KeptBlock(branch) for _, _, _, branch in self._stages()]
         self._flops_cache = {}
         for m in self.modules():  # the release's initialisation
             if isinstance(m, nn.Conv2d):
@@ -256,11 +255,11 @@ class BlockDropResNet(nn.Module):
                 check_inference("BlockDropResNet", self.training, x)
             bucket = self.bucket if self.capacity is not None else plan_bucket(self.bucket, x.device, self.training)
             plan = SkipPlan(policy, capacity=self.capacity, bucket=bucket, backend=self.backend)
-            backend = resolved_backend("BlockDropResNet", self.backend, x.device)
+            k = resolved_kernels("BlockDropResNet", self.backend, x.device)
             for t, s, j, branch in self._stages():
                 residual = self.ds[s](x) if j == 0 else x
                 inputs = (x,) if j > 0 else (x, residual)
-                x = run_kept("BlockDropResNet", self._kept_blocks[t], inputs, residual, plan[t], backend, graphs)
+                x = run_kept("BlockDropResNet", self._kept_blocks[t], inputs, residual, plan[t], k, graphs)
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:

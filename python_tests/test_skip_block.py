@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from _utils import HAS_TRITON, assert_close, needs_interpreter
+from _utils import HAS_TRITON, assert_close, count_compacts, needs_interpreter
 
 import dynkernels
 from dynkernels.nn import SkipBlock, SkipPlan, SkipSequential
@@ -182,16 +182,7 @@ def test_plan_equals_per_block_and_masked(capacity):
 
 
 def test_plan_compacts_once(monkeypatch):
-    from dynkernels.ops import sample_gating
-
-    calls = []
-    real = sample_gating._compact
-
-    def counting(gate, *a, **k):
-        calls.append(tuple(gate.shape))
-        return real(gate, *a, **k)
-
-    monkeypatch.setattr(sample_gating, "_compact", counting)
+    calls = count_compacts(monkeypatch)
     seq = chain(n_blocks=5, backend="cpu")
     policy = (torch.rand(3, 5) < 0.5).float()
     seq(torch.randn(3, 8, 4, 4), policy)

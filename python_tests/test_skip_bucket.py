@@ -93,14 +93,21 @@ def test_padding_rows_never_reach_the_output(device, backend, scaled):
 def test_garbage_in_padding_rows_does_not_leak(monkeypatch):
     """Even NaN written into the padding rows of every compact batch does not reach the output:
     the merge ops read only the first `count` rows of the block's result."""
-    real = sample_gating._gather_rows
+    real = sample_gating.resolved_kernels
+    padding = []
 
-    def gather_with_nan_padding(x, idx, count, capacity, backend):
-        y = real(x, idx, count, capacity, backend)
-        y[int(count):] = float("nan")
-        return y
+    def nan_padding(*args):
+        k = real(*args)
 
-    monkeypatch.setattr(sample_gating, "_gather_rows", gather_with_nan_padding)
+        def gather_rows(x, idx, count, capacity):
+            y = k.gather_rows(x, idx, count, capacity)
+            y[int(count):] = float("nan")
+            padding.append(capacity - int(count))
+            return y
+
+        return k._replace(gather_rows=gather_rows)
+
+    monkeypatch.setattr(sample_gating, "resolved_kernels", nan_padding)
     torch.manual_seed(13)
     seq = chain(n_blocks=3, c=6, backend="cpu")
     seq.bucket = 4
@@ -108,6 +115,7 @@ def test_garbage_in_padding_rows_does_not_leak(monkeypatch):
     policy = (torch.rand(11, 3) < 0.4).float()
     policy[:5, 0] = 1.0  # block 0 keeps at least 5: a padded batch
     sparse, masked = run_both(seq, x, policy)
+    assert all(p < 4 for p in padding) and sum(padding) > 0  # NaN rows did enter the blocks
     assert torch.isfinite(sparse).all()
     assert_close(sparse, masked, rtol=RTOL)
 

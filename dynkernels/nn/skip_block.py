@@ -147,9 +147,6 @@ class SkipBlock(nn.Module):
             raise TypeError(f"SkipBlock: shortcut must be an nn.Module or None, got {type(shortcut).__name__}")
         self.block = block
         self.shortcut = shortcut
-        # The block's own downsample is called through the block, not registered a second
-        # time here, so the state dict keeps the block's own parameter names.
-        self._use_block_downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
         self.scaled = bool(scaled)
         self.execution = check_execution("SkipBlock", execution)
         self.backend = ops.check_backend("SkipBlock", backend)
@@ -169,6 +166,17 @@ class SkipBlock(nn.Module):
     def extra_repr(self) -> str:
         return (f"scaled={self.scaled}, execution={self.execution!r}, backend={self.backend!r}, "
                 f"capacity={self.capacity}, bucket={self.bucket!r}, cuda_graphs={self._graph_pool is not None}")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("block", "shortcut"):
+            block, shortcut = self.__dict__["_modules"].get("block"), getattr(self, "shortcut", None)
+            # The block's own downsample is called through the block, not registered a second
+            # time here, so the state dict keeps the block's own parameter names.
+            downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
+            # Plain attributes for the hot path (no nn.Module.__getattr__ per forward).
+            self.__dict__.update(_block=block, _use_block_downsample=downsample,
+                                 _identity_shortcut=shortcut is None and not downsample)
 
     def train(self, mode: bool = True):
         self._bns = _batchnorms(self.block)
@@ -210,8 +218,8 @@ class SkipBlock(nn.Module):
         SkipPlan(gate.unsqueeze(1))[0] gives, without its [N, B] transposes and views."""
         n = gate.shape[0]
         capacity = check_capacity("SkipBlock", self.capacity, n)
-        backend = _gating.resolved_backend("SkipBlock", self.backend, gate.device)
-        idx, count = _gating._compact(compactable(gate, self.scaled), 0.0, backend)
+        k = _gating.resolved_kernels("SkipBlock", self.backend, gate.device)
+        idx, count = k.compact(compactable(gate, self.scaled), 0.0)
         bucket = plan_bucket(self.bucket, gate.device, self.training)
         (rows,), (kept,) = rows_to_run("SkipBlock", count, n, capacity, bucket)
         return RowPlan(idx, count, rows, kept, n)
@@ -219,14 +227,19 @@ class SkipBlock(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor, plan: Optional[RowPlan] = None) -> torch.Tensor:
         """x [N, ...], gate [N]; plan: this block's row of a SkipPlan built from the same gate
         (then no sync here), or None to compact the gate now."""
-        self._check_gate(x, gate)
+        device = x.device if type(x) is torch.Tensor else None
+        if not (device is not None and type(gate) is torch.Tensor and gate.dim() == 1 and x.dim() > 0
+                and gate.shape[0] == x.shape[0] and (gate.dtype.is_floating_point or gate.dtype is torch.bool)
+                and gate.device == device):
+            self._check_gate(x, gate)  # says what is wrong (or accepts a tensor subclass)
+            device = x.device
         if self.execution == "masked":
             return self._masked(x, gate)
         if plan is None:
             plan = self.plan(gate)
-        elif type(plan) is not RowPlan or plan.n != gate.shape[0] or plan.idx.device != x.device:
+        elif type(plan) is not RowPlan or plan.n != gate.shape[0] or plan.idx.device != device:
             raise ValueError(
-                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {x.device})"
+                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {device})"
             )
         if plan.rows != plan.kept and any(m.training for m in self._bns):
             raise RuntimeError(
@@ -234,18 +247,19 @@ class SkipBlock(nn.Module):
                 "enter the batch statistics of the block's BatchNorm in training mode; use eval(), "
                 "bucket=None or bucket='auto' (exact in training mode)"
             )
+        block = self._block
         graphs = self._graph_pool
         if graphs is not None:
-            check_inference("SkipBlock", self.training or self.block.training, x)
-        # Resolved once per forward; gather and merge then only look it up.
-        backend = _gating.resolved_backend("SkipBlock", self.backend, x.device)
-        base = self._shortcut(x)
-        scale = None
-        if self.scaled:
-            if not base.dtype.is_floating_point:
-                raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
-            scale = gate.to(base.dtype) if gate.dtype == torch.bool else gate
-        return run_kept("SkipBlock", self.block, (x,), base, plan, backend, graphs, scale, self._check_result)
+            check_inference("SkipBlock", self.training or block.training, x)
+        # Resolved once per forward; gather and merge then go straight to the kernels.
+        k = _gating.resolved_kernels("SkipBlock", self.backend, device)
+        base = x if self._identity_shortcut else self._shortcut(x)
+        if not self.scaled:
+            return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, None, self._check_result)
+        if not base.dtype.is_floating_point:
+            raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
+        scale = gate.to(base.dtype) if gate.dtype is torch.bool else gate
+        return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, scale, self._check_result)
 
     def _check_result(self, owner, base, y, rows):
         """A block result of another row shape than the shortcut's: the block changes the

@@ -136,9 +136,9 @@ class SkipPlan:
         n = policy.shape[0]
         capacity = check_capacity("SkipPlan", capacity, n)
         self.scaled = bool(scaled)
-        b = _gating.resolved_backend("SkipPlan", backend, policy.device)
+        k = _gating.resolved_kernels("SkipPlan", backend, policy.device)
         gates = compactable(policy, self.scaled).t().contiguous()  # [B, N]: one row per block
-        self.idx, self.count = _gating._compact(gates, 0.0, b)
+        self.idx, self.count = k.compact(gates, 0.0)
         self.rows: List[int]
         self.rows, self.kept = rows_to_run("SkipPlan", self.count, n, capacity, _bucket.resolve_bucket(bucket, policy.device))
         self.host_syncs = 1 if capacity is None else 0
@@ -185,7 +185,7 @@ def run_kept(
     inputs: Sequence[torch.Tensor],
     base: torch.Tensor,
     row: RowPlan,
-    backend: str,
+    k: _gating.Kernels,
     graphs: Optional[GraphPool] = None,
     scale: Optional[torch.Tensor] = None,
     check_result: Callable = None,
@@ -194,32 +194,36 @@ def run_kept(
     (scale None: scatter_rows) or added to, scaled (scatter_add_rows).
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
-    resolved the backend. fn runs eagerly, or (graphs given) as that pool's graph replay.
-    fn's result is checked against base (rows, row shape, dtype) by a cheap test first;
-    where that fails, check_result(owner, base, y, rows) (default check_compact_result) raises.
+    resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
+    replay. fn's result is checked against base (rows, row shape, dtype) by a cheap test
+    first; where that fails, check_result(owner, base, y, rows) (default check_compact_result)
+    raises.
     """
-    if row.rows == 0:
+    rows = row.rows
+    if rows == 0:
         return base
     if row.kept == row.n:  # every row kept: the inputs are their own compact batch
         y = fn(*inputs)
         if type(y) is not torch.Tensor or y.shape != base.shape or y.dtype != base.dtype:
-            (check_result or check_compact_result)(owner, base, y, row.rows)
-        return y if scale is None else _gating._scatter_add_rows(base, y, row.idx, row.count, scale, backend)
-    compact = []
-    for t in inputs:  # a loop, not a comprehension: no extra frame per call (Python < 3.12)
-        compact.append(_gating._gather_rows(t, row.idx, row.count, row.rows, backend))
+            (check_result or check_compact_result)(owner, base, y, rows)
+        return y if scale is None else k.scatter_add_rows(base, y, row.idx, row.count, scale)
+    if len(inputs) == 1:
+        compact = (k.gather_rows(inputs[0], row.idx, row.count, rows),)
+    else:
+        compact = tuple(k.gather_rows(t, row.idx, row.count, rows) for t in inputs)
     if graphs is None:
-        return _merge(owner, base, fn(*compact), row, backend, scale, check_result)
+        return _merge(owner, base, fn(*compact), row, k, scale, check_result)
     with graphs.lock:  # the replay's output is static: merged before the next replay
-        return _merge(owner, base, graphs.run(fn, *compact), row, backend, scale, check_result)
+        return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result)
 
 
-def _merge(owner, base, y, row, backend, scale, check_result):
-    if type(y) is not torch.Tensor or y.shape[0] != row.rows or y.shape[1:] != base.shape[1:] or y.dtype != base.dtype:
+def _merge(owner, base, y, row, k, scale, check_result):
+    # (tuple slices: slicing a torch.Size costs several times more)
+    if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (row.rows,) + tuple(base.shape)[1:]:
         (check_result or check_compact_result)(owner, base, y, row.rows)
     if scale is None:
-        return _gating._scatter_rows(base, y, row.idx, row.count, backend)
-    return _gating._scatter_add_rows(base, y, row.idx, row.count, scale, backend)
+        return k.scatter_rows(base, y, row.idx, row.count)
+    return k.scatter_add_rows(base, y, row.idx, row.count, scale)
 
 
 def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
@@ -231,8 +235,7 @@ def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.T
     if row.all_kept:
         return x
     check_plan_rows("gather_kept", "x", x, row)
-    b = _gating.resolved_backend("gather_kept", backend, x.device)
-    return _gating._gather_rows(x, row.idx, row.count, row.rows, b)
+    return _gating.resolved_kernels("gather_kept", backend, x.device).gather_rows(x, row.idx, row.count, row.rows)
 
 
 def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
@@ -248,5 +251,4 @@ def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str =
         return y
     check_plan_rows("merge_kept", "base", base, row)
     check_compact_result("merge_kept", base, y, row.rows)
-    b = _gating.resolved_backend("merge_kept", backend, base.device)
-    return _gating._scatter_rows(base, y, row.idx, row.count, b)
+    return _gating.resolved_kernels("merge_kept", backend, base.device).scatter_rows(base, y, row.idx, row.count)

@@ -13,13 +13,12 @@ the part of route's idx that belongs to one branch, idx[offsets[b]:] with count
 offsets[b + 1] - offsets[b] (dynkernels.route). scatter_rows alone needs a permutation.
 
 The public functions check every argument and resolve the backend on every call. Callers
-that already did both once for many calls (dynkernels.nn.SkipBlock, SkipPlan and RoutePlan: a
-gate checked once, idx and count from compact / route) use the unchecked `_compact`,
-`_gather_rows`, `_scatter_add_rows`, `_scatter_rows` and `_scatter_rows_`, which take a
-resolved backend and go straight to the kernel.
+that already did both once for many calls (dynkernels.nn.SkipBlock, SkipPlan, RoutePlan and
+EarlyExit: a gate checked once, idx and count from compact / route) call the `Kernels` of a
+resolved backend (`kernels`, `resolved_kernels`), which go straight to the kernel.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -133,18 +132,62 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- unchecked calls
-_RESOLVED = {}
+class Kernels(NamedTuple):
+    """The unchecked calls of one resolved backend, with the public ops' signatures minus
+    `backend` (compact(gate, threshold) etc.): they go straight to the kernel (or the
+    reference), for callers that have checked the arguments already."""
+
+    compact: Callable
+    gather_rows: Callable
+    scatter_add_rows: Callable
+    scatter_rows: Callable
+    scatter_rows_: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(backend: str, direct: bool = False) -> Kernels:
+    """The Kernels of a resolved backend ("cpu", "cuda", "triton" or "torch"). direct: the
+    dispatcher entries themselves (OpOverload._op), for calls in inference mode outside
+    torch.compile, where autograd is excluded anyway (see _run)."""
+    if backend == "torch":
+        return Kernels(reference.compact, reference.gather_rows, reference.scatter_add_rows, reference.scatter_rows,
+                       functools.partial(_scatter_rows_, backend=backend))
+    names = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
+    if direct:
+        return Kernels(*(_kernel(name, backend)._op for name in names), functools.partial(_scatter_rows_, backend=backend))
+    if backend == "triton":
+        compact_op = _triton().compact_triton
+    else:  # integer outputs: never differentiable
+        compact_op = functools.partial(_run, _kernel("compact", backend), differentiable=False)
+    return Kernels(compact_op, *(functools.partial(_run, _kernel(name, backend)) for name in names[1:]),
+                   functools.partial(_scatter_rows_, backend=backend))
+
+
+_RESOLVED = {}  # (backend, device) -> resolved backend
+_RESOLVED_KERNELS = {}  # (backend, device, direct) -> its Kernels
 
 
 def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
-    """resolve(owner, backend, device), remembered per (backend, device type): the answer
-    depends only on those and on how dynkernels was built and imported (TRITON_INTERPRET is
-    read before import), so callers on a hot path pay a dict lookup, not the checks."""
-    key = (backend, device.type)
+    """resolve(owner, backend, device), remembered per (backend, device): the answer depends
+    only on those and on how dynkernels was built and imported (TRITON_INTERPRET is read
+    before import), so callers on a hot path pay a dict lookup, not the checks (keyed by the
+    device itself: device.type builds a new string on every call)."""
+    key = (backend, device)
     b = _RESOLVED.get(key)
     if b is None:
         b = _RESOLVED[key] = resolve(owner, backend, device)
     return b
+
+
+def resolved_kernels(owner: str, backend: str, device: torch.device) -> Kernels:
+    """kernels(resolved_backend(owner, backend, device)), remembered the same way; in
+    inference mode (outside torch.compile) the direct ones. For one forward: the mode is
+    read here, once."""
+    key = (backend, device, torch.is_inference_mode_enabled() and not torch.compiler.is_compiling())
+    k = _RESOLVED_KERNELS.get(key)
+    if k is None:
+        k = _RESOLVED_KERNELS[key] = kernels(resolved_backend(owner, backend, device), key[2])
+    return k
 
 
 @functools.lru_cache(maxsize=None)
@@ -168,36 +211,6 @@ def _run(op, *args, differentiable: bool = True):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
-
-
-def _compact(gate, threshold: float, backend: str):
-    """compact with a checked gate and a resolved backend."""
-    if backend == "torch":
-        return reference.compact(gate, threshold)
-    if backend == "triton":
-        return _triton().compact_triton(gate, threshold)
-    return _run(_kernel("compact", backend), gate, threshold, differentiable=False)  # integer outputs
-
-
-def _gather_rows(x, idx, count, capacity: int, backend: str):
-    """gather_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.gather_rows(x, idx, count, capacity)
-    return _run(_kernel("gather_rows", backend), x, idx, count, capacity)
-
-
-def _scatter_add_rows(base, y, idx, count, scale, backend: str):
-    """scatter_add_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.scatter_add_rows(base, y, idx, count, scale)
-    return _run(_kernel("scatter_add_rows", backend), base, y, idx, count, scale)
-
-
-def _scatter_rows(base, y, idx, count, backend: str):
-    """scatter_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.scatter_rows(base, y, idx, count)
-    return _run(_kernel("scatter_rows", backend), base, y, idx, count)
 
 
 def _scatter_rows_kernel_(base, y, idx, count, backend: str):
@@ -226,7 +239,7 @@ class _ScatterRowsInPlace(torch.autograd.Function):
         idx, count = ctx.saved_tensors
         grad_base = grad_y = None
         if ctx.needs_input_grad[1]:
-            grad_y = _gather_rows(grad_out.contiguous(), idx, count, ctx.rows, ctx.backend)
+            grad_y = kernels(ctx.backend).gather_rows(grad_out.contiguous(), idx, count, ctx.rows)
         if ctx.needs_input_grad[0]:
             grad_base = grad_out.clone(memory_format=row_layout(grad_out))
             no_rows = grad_out.new_zeros((ctx.rows,) + tuple(grad_out.shape[1:]))
@@ -265,7 +278,7 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     count int32 [1] or [B], the number of active positions per row. No host sync.
     """
     _checks.gate("compact", "gate", gate)
-    return _compact(gate, float(threshold), resolve("compact", backend, gate.device))
+    return kernels(resolve("compact", backend, gate.device)).compact(gate, float(threshold))
 
 
 def gather_rows(
@@ -288,7 +301,7 @@ def gather_rows(
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
     _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True)
-    return _gather_rows(x, idx, count, capacity, resolve("gather_rows", backend, x.device))
+    return kernels(resolve("gather_rows", backend, x.device)).gather_rows(x, idx, count, capacity)
 
 
 def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool):
@@ -333,7 +346,7 @@ def scatter_add_rows(
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    return _scatter_add_rows(base, y, idx, count, scale, resolve(op, backend, base.device))
+    return kernels(resolve(op, backend, base.device)).scatter_add_rows(base, y, idx, count, scale)
 
 
 def scatter_rows(
@@ -363,7 +376,7 @@ def scatter_rows(
     _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True)
     if idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
         _check_permutation(op, idx, base.shape[0])
-    return _scatter_rows(base, y, idx, count, resolve(op, backend, base.device))
+    return kernels(resolve(op, backend, base.device)).scatter_rows(base, y, idx, count)
 
 
 def scatter_rows_(
@@ -401,4 +414,4 @@ def scatter_rows_(
         if n and int(torch.bincount(idx[:n].long(), minlength=1).max()) > 1:
             twice = int((torch.bincount(idx[:n].long()) > 1).nonzero()[0])
             raise ValueError(f"{op}: the first count entries of idx list row {twice} more than once; they must be distinct")
-    return _scatter_rows_(base, y, idx, count, resolve(op, backend, base.device))
+    return kernels(resolve(op, backend, base.device)).scatter_rows_(base, y, idx, count)
