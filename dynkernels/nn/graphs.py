@@ -14,9 +14,11 @@ call copies the compact batch into the graph's static input, replays, and return
 graph's static output, which the caller merges (scatter_rows / scatter_add_rows) before
 releasing the lock: the next replay of that graph overwrites it.
 
-Why sharing one pool is safe: every graph keeps its static input and output alive, so only
-memory that is dead between replays (the intermediates inside one block) is shared between
-graphs, and replays never overlap: they run under the pool's lock, and a replay on another
+Why sharing one pool is safe in any replay order: every graph keeps its static input and
+output alive, so a later capture can reuse only memory that is dead outside a replay (an
+earlier graph's intermediates). A static output may therefore lie in another graph's
+intermediates, and that is safe because each output is read (merged) right after its replay,
+before any other replay: replay and merge run under the pool's lock, and a replay on another
 CUDA stream than the previous one first waits for that stream.
 
 Inference only: a replay records no autograd history, and BatchNorm in training mode would
@@ -115,15 +117,11 @@ class GraphPool:
             for key in [k for k in self._graphs if k[0] is fn]:
                 del self._graphs[key]
 
-    def replays(self, inputs) -> bool:
-        """Whether a call with these compact inputs replays a graph (else it runs eagerly)."""
-        return self.max_rows is None or inputs[0].shape[0] <= self.max_rows
-
     def run(self, fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> torch.Tensor:
         """fn(*inputs) through its graph for this input signature (captured now if new), or
         eagerly above max_rows. The output of a replay is the graph's static output: read it
         before the lock is released."""
-        if not self.replays(inputs):
+        if self.max_rows is not None and inputs[0].shape[0] > self.max_rows:
             return fn(*inputs)
         with self.lock:
             key = (fn,) + tuple((t.shape, t.stride(), t.dtype) for t in inputs)

@@ -174,7 +174,8 @@ class SkipBlock(nn.Module):
             # The block's own downsample is called through the block, not registered a second
             # time here, so the state dict keeps the block's own parameter names.
             downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
-            # Plain attributes for the hot path (no nn.Module.__getattr__ per forward).
+            # Plain attributes for the hot path (no nn.Module.__getattr__ per forward), set
+            # whenever block or shortcut is assigned.
             self.__dict__.update(_block=block, _use_block_downsample=downsample,
                                  _identity_shortcut=shortcut is None and not downsample)
 

@@ -113,8 +113,8 @@ class SkipPlan:
 
     policy: [N, B] (one column per block, e.g. BlockDrop's policy), floating or bool.
     capacity=None reads all B kept counts with one host synchronisation (`count.tolist()`)
-    and rounds each up to `bucket` ("auto": 8 on CUDA tensors, exact elsewhere; see the
-    module docstring); capacity=C reads none and sizes every block's compact batch to C rows
+    and rounds each up to `bucket` ("auto": 8 on CUDA tensors, exact elsewhere; the rules:
+    dynkernels.nn.skip_block); capacity=C reads none and sizes every block's compact batch to C rows
     (C must be at least every block's kept count: checked where that costs no sync, i.e. on
     CPU tensors, or on a GPU when DYNKERNELS_CHECK_INDICES=1). `plan[b]` is block b's RowPlan.
     """

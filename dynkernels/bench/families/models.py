@@ -18,8 +18,9 @@ three runs: the speedup must be stable within 10%), and ResNet-101 (224x224, bat
 bf16, channels_last) with 25 of its 33 blocks kept per sample against the dense ResNet-101 (the
 sparse speedup >= 90% of the ideal), also with the policy network run first (`agent-cuda`);
 each eager and with cuda_graphs (`sparse-cuda+graphs`: a CUDA graph per block and bucket
-size; its first call, which captures them, is the row's first-call time). On the CPU, ResNet-110 (batch 64, 27 of 54
-blocks per sample) against its masked execution (>= 1.6x), at 1 and 2 threads.
+size; its first call, which captures them, is the row's first-call time). On the CPU,
+ResNet-110 (batch 64, 27 of 54 blocks per sample) against its masked execution (>= 1.6x), at
+1 and 2 threads.
 """
 import importlib
 import inspect
