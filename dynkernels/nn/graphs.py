@@ -28,7 +28,9 @@ CUDA tensors. Memory: each captured (block, size) holds its input and output, so
 (sum of captured sizes) x 2 rows of the block's activations, plus the pool's intermediates.
 A graph replays the parameters it was captured with: after moving the module (.to(), .cuda(),
 .half(): the owners drop their graphs themselves) or replacing parameter tensors (e.g.
-load_state_dict(assign=True)), call reset().
+load_state_dict(assign=True)), call reset(). A graphed block must be a function of its input
+tensors alone: a tensor handed to it any other way (an attribute set before each call, as
+LC-Net's channel-gated branch takes its salience) is the one captured, on every replay.
 """
 import threading
 from typing import Callable, Dict, List, Optional, Tuple
