@@ -25,9 +25,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynkernels import flops
-from dynkernels.nn.skip_block import SkipPlan, check_execution, gather_kept, merge_kept
-from dynkernels.ops import check_backend
-from dynkernels.ops import _checks
+from dynkernels.nn.graphs import check_graphs_arg, check_inference, compact_like, graph_sizes
+from dynkernels.nn.skip_block import check_execution
+from dynkernels.nn.skip_plan import SkipPlan, check_rows_args, plan_bucket, run_kept
+from dynkernels.ops import _checks, check_backend
+from dynkernels.ops.sample_gating import resolved_kernels
 
 
 # ----------------------------------------------------------------------------- residual branches
@@ -79,6 +81,18 @@ class PadDownsample(nn.Module):
         return F.pad(F.avg_pool2d(x, self.stride), (0, 0, 0, 0, 0, self.extra))
 
 
+class KeptBlock:
+    """Block t of the backbone on its compact batch: relu(residual + F(x)), the residual being
+    x itself, or (first block of a stage) the gathered downsample shortcut. One object per
+    block, so that its CUDA graphs (keyed by it) outlive a forward."""
+
+    def __init__(self, branch: nn.Module):
+        self.branch = branch
+
+    def __call__(self, x, residual=None):
+        return F.relu((x if residual is None else residual) + self.branch(x))
+
+
 # ----------------------------------------------------------------------------- backbone
 class BlockDropResNet(nn.Module):
     """A flat ResNet whose blocks a per-sample policy keeps or drops.
@@ -88,10 +102,16 @@ class BlockDropResNet(nn.Module):
     every sample and mixes with the mask (the release's FlatResNet.forward, without its
     skip of a block that no sample keeps, which costs a host sync per block);
     execution="sparse" runs each block on its kept samples only, planned for the whole
-    network with one compact call and one host sync per forward (capacity=None), or none
-    with a fixed capacity (blocks then run on `capacity` rows: see dynkernels.nn.skip_block).
-    Both give the same logits in eval mode (in training mode BN batch statistics of a
-    block are taken over its kept samples only in sparse execution).
+    network with one compact call and one host sync per forward, each block's kept count
+    rounded up to `bucket` ("auto": multiples of 8 on CUDA tensors, exact on the CPU and in
+    training mode), or with no sync at all with a fixed capacity (blocks then run on
+    `capacity` rows; see dynkernels.nn.skip_block). Both give the same logits in eval mode
+    (in training mode BN batch statistics of a block are taken over its kept samples only in
+    sparse execution). cuda_graphs (False, True or a shared dynkernels.nn.GraphPool; inference
+    on CUDA tensors only): each block on its compact batch is one CUDA-graph replay per bucket
+    size, so a planned forward costs one host sync and per block a gather, a copy into the
+    graph's input, a replay and a merge (see dynkernels.nn.graphs; `capture_graphs` captures
+    ahead of the first forward).
     """
 
     def __init__(
@@ -106,6 +126,8 @@ class BlockDropResNet(nn.Module):
         backend: str = "auto",
         input_size: int = 32,
         capacity: Optional[int] = None,
+        bucket="auto",
+        cuda_graphs=False,
     ):
         super().__init__()
         if stem not in ("cifar", "imagenet"):
@@ -140,7 +162,9 @@ class BlockDropResNet(nn.Module):
         self.input_size = input_size
         self.execution = execution
         self.backend = check_backend("BlockDropResNet", backend)
-        self.capacity = None if capacity is None else _checks.capacity("BlockDropResNet", capacity)
+        self.capacity, self.bucket = check_rows_args("BlockDropResNet", capacity, bucket)
+        self.cuda_graphs = cuda_graphs
+        self._kept_blocks = [KeptBlock(branch) for _, _, _, branch in self._stages()]
         self._flops_cache = {}
         for m in self.modules():  # the release's initialisation
             if isinstance(m, nn.Conv2d):
@@ -157,6 +181,22 @@ class BlockDropResNet(nn.Module):
     @execution.setter
     def execution(self, value: str):
         self._execution = check_execution("BlockDropResNet", value)
+
+    @property
+    def cuda_graphs(self):
+        """The dynkernels.nn.GraphPool of the blocks' CUDA graphs, or None (eager)."""
+        return self._graph_pool
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value):
+        self._graph_pool = check_graphs_arg("BlockDropResNet", value)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Graphs replay the parameters they were captured with: moved ones need new graphs.
+        if getattr(self, "_graph_pool", None) is not None:
+            for kept in self._kept_blocks:
+                self._graph_pool.forget(kept)
+        return super()._apply(fn, *args, **kwargs)
 
     def seed(self, x):
         x = F.relu(self.bn1(self.conv1(x)))
@@ -204,20 +244,48 @@ class BlockDropResNet(nn.Module):
                     "BlockDropResNet: a fixed capacity pads each block's compact batch with zero rows, which "
                     "would enter BatchNorm's batch statistics in training mode; use eval() or capacity=None"
                 )
-            plan = SkipPlan(policy, capacity=self.capacity, backend=self.backend)
+            if self.training and self.bucket not in (None, "auto"):
+                raise RuntimeError(
+                    f"BlockDropResNet: bucket={self.bucket!r} pads each block's compact batch with zero rows, "
+                    "which would enter BatchNorm's batch statistics in training mode; use eval(), "
+                    "bucket=None or bucket='auto' (exact in training mode)"
+                )
+            graphs = self._graph_pool
+            if graphs is not None:
+                check_inference("BlockDropResNet", self.training, x)
+            bucket = self.bucket if self.capacity is not None else plan_bucket(self.bucket, x.device, self.training)
+            plan = SkipPlan(policy, capacity=self.capacity, bucket=bucket, backend=self.backend)
+            k = resolved_kernels("BlockDropResNet", self.backend, x.device)
             for t, s, j, branch in self._stages():
                 residual = self.ds[s](x) if j == 0 else x
-                row = plan[t]
-                if row.none_kept:
-                    x = residual
-                    continue
-                xk = gather_kept(x, row, self.backend)
-                rk = xk if j > 0 else gather_kept(residual, row, self.backend)
-                x = merge_kept(residual, F.relu(rk + branch(xk)), row, self.backend)
+                inputs = (x,) if j > 0 else (x, residual)
+                x = run_kept("BlockDropResNet", self._kept_blocks[t], inputs, residual, plan[t], k, graphs)
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
         return self.fc(self.features(x, policy))
+
+    @torch.no_grad()
+    def capture_graphs(self, x: torch.Tensor, sizes: Optional[Sequence[int]] = None) -> int:
+        """Capture every block's CUDA graphs ahead of the first sparse forward, for batches like
+        x [N, 3, H, W] (batch size, dtype, layout): compact batches of `sizes` rows (default:
+        every bucket size for N, or the capacity). Needs cuda_graphs on and eval mode; returns
+        the number of graphs in the pool."""
+        owner = "BlockDropResNet.capture_graphs"
+        pool = self._graph_pool
+        if pool is None:
+            raise RuntimeError(f"{owner}: cuda_graphs is off; set cuda_graphs=True (or a GraphPool) first")
+        self._check_input(x, None)
+        sizes = graph_sizes(owner, self.bucket, self.capacity, x.shape[0], x.device, sizes, pool)
+        check_inference(owner, self.training, x)
+        h = self.seed(x[:1])
+        for t, s, j, _ in self._stages():
+            kept = self._kept_blocks[t]
+            inputs = (h,) if j > 0 else (h, self.ds[s](h))
+            for size in sizes:
+                pool.capture(kept, *(compact_like(i, size) for i in inputs))
+            h = kept(*inputs)
+        return len(pool)
 
     # ------------------------------------------------------------------------- FLOPs
     def _count_flops(self, input_size: int):
@@ -266,21 +334,25 @@ class BlockDropResNet(nn.Module):
         return fixed + (policy.detach().cpu() > 0).to(torch.float64) @ per_block
 
 
-def resnet32_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet32_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                   bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """CIFAR ResNet-32 (3 stages of 5 basic blocks, 16/32/64 channels): 15 blocks."""
-    return BlockDropResNet(BasicBranch, [5, 5, 5], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32, capacity)
+    return BlockDropResNet(BasicBranch, [5, 5, 5], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32,
+                           capacity, bucket, cuda_graphs)
 
 
-def resnet110_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet110_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                    bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """CIFAR ResNet-110 (3 stages of 18 basic blocks, 16/32/64 channels): 54 blocks."""
-    return BlockDropResNet(BasicBranch, [18, 18, 18], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32, capacity)
+    return BlockDropResNet(BasicBranch, [18, 18, 18], [16, 32, 64], [1, 2, 2], "cifar", num_classes, execution, backend, 32,
+                           capacity, bucket, cuda_graphs)
 
 
-def resnet101_imagenet(num_classes: int = 1000, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None) -> BlockDropResNet:
+def resnet101_imagenet(num_classes: int = 1000, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,
+                       bucket="auto", cuda_graphs=False) -> BlockDropResNet:
     """ImageNet ResNet-101 (bottleneck stages of 3/4/23/3 blocks): 33 blocks."""
-    return BlockDropResNet(
-        BottleneckBranch, [3, 4, 23, 3], [64, 128, 256, 512], [1, 2, 2, 2], "imagenet", num_classes, execution, backend, 224, capacity
-    )
+    return BlockDropResNet(BottleneckBranch, [3, 4, 23, 3], [64, 128, 256, 512], [1, 2, 2, 2], "imagenet", num_classes,
+                           execution, backend, 224, capacity, bucket, cuda_graphs)
 
 
 # ----------------------------------------------------------------------------- policy networks

@@ -7,7 +7,11 @@ with shortcut the identity, or for the first block of a stage the downsample (co
 always computed). This is the scaled dynkernels.nn.SkipBlock: in execution="sparse" F runs
 only on the samples with S_L != 0 and the scale is fused into scatter_add_rows. The gates
 are computed block by block from the block's input, so sparse execution reads each block's
-kept count on the host: one host sync per block (16 for ResNet-50).
+kept count on the host: one host sync (a 4-byte device-to-host copy) per block (16 for
+ResNet-50), then the block on its compact batch, rounded up to `bucket` ("auto": multiples
+of 8 on CUDA tensors, exact on the CPU and in training mode) and, with cuda_graphs
+(inference on CUDA tensors), replayed from one CUDA graph per bucket size, all blocks
+sharing one dynkernels.nn.GraphPool.
 
 LC-Net complete (LCNetResNet, `lcnet_resnet18_cifar`, `lcnet_resnet50`) adds C-Net: from the
 same pooled block input, S_C = ReLU-1(FC(GAP(x_i))) [N, C] scales the output channels of the
@@ -26,7 +30,9 @@ import torch.nn.functional as F
 
 from dynkernels.models.blockdrop import BasicBranch, BottleneckBranch
 from dynkernels.nn.fold import fold_batchnorm
-from dynkernels.nn.skip_block import SkipBlock, check_execution, gather_kept
+from dynkernels.nn.graphs import check_graphs_arg
+from dynkernels.nn.skip_block import SkipBlock, check_execution
+from dynkernels.nn.skip_plan import gather_kept
 from dynkernels.ops import channel_sparse_conv2d, check_backend
 
 LEAKY_SLOPE = 0.01
@@ -57,10 +63,12 @@ class LNetGate(nn.Module):
 class LNetBlock(nn.Module):
     """A residual block gated by its L-Net: shortcut(x) + S_L(x) * F(x)."""
 
-    def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module], channels: int, execution: str, backend: str):
+    def __init__(self, branch: nn.Module, shortcut: Optional[nn.Module], channels: int, execution: str, backend: str,
+                 bucket="auto", cuda_graphs=False):
         super().__init__()
         self.gate = LNetGate(channels)
-        self.skip = SkipBlock(branch, shortcut, scaled=True, execution=execution, backend=backend)
+        self.skip = SkipBlock(branch, shortcut, scaled=True, execution=execution, backend=backend, bucket=bucket,
+                              cuda_graphs=cuda_graphs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.skip(x, self.gate(x))
@@ -71,10 +79,14 @@ class LNetResNet(nn.Module):
 
     forward(x) -> logits; `saliences(x)` -> the S_L of every block [N, num_blocks] (for
     blocks used per sample: (saliences != 0).sum(1)). execution "masked" | "sparse" (settable).
+    bucket: every block's (SkipBlock). cuda_graphs: False, True (one GraphPool for all blocks)
+    or a GraphPool; settable.
     """
 
-    def __init__(self, layers, num_classes: int = 1000, execution: str = "sparse", backend: str = "auto"):
+    def __init__(self, layers, num_classes: int = 1000, execution: str = "sparse", backend: str = "auto",
+                 bucket="auto", cuda_graphs=False):
         super().__init__()
+        pool = check_graphs_arg("LNetResNet", cuda_graphs)
         self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
         blocks, inplanes = [], 64
@@ -84,7 +96,8 @@ class LNetResNet(nn.Module):
                 shortcut = None
                 if j == 0 and (stride != 1 or inplanes != out):
                     shortcut = nn.Sequential(nn.Conv2d(inplanes, out, 1, stride, bias=False), nn.BatchNorm2d(out))
-                blocks.append(LNetBlock(BottleneckBranch(inplanes, planes, stride if j == 0 else 1), shortcut, inplanes, execution, backend))
+                branch = BottleneckBranch(inplanes, planes, stride if j == 0 else 1)
+                blocks.append(LNetBlock(branch, shortcut, inplanes, execution, backend, bucket, pool))
                 inplanes = out
         self.blocks = nn.ModuleList(blocks)
         self.fc = nn.Linear(inplanes, num_classes)
@@ -103,6 +116,17 @@ class LNetResNet(nn.Module):
         self._execution = check_execution("LNetResNet", value)
         for b in self.blocks:
             b.skip.execution = value
+
+    @property
+    def cuda_graphs(self):
+        """The GraphPool shared by the blocks' CUDA graphs, or None (eager)."""
+        return self.blocks[0].skip.cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value):
+        pool = check_graphs_arg("LNetResNet", value)
+        for b in self.blocks:
+            b.skip.cuda_graphs = pool
 
     def seed(self, x):
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -148,19 +172,20 @@ class LNetResNet(nn.Module):
             x = block.skip(x, block.gate(x))
 
 
-def resnet50(num_classes: int = 1000, density: Optional[float] = None, execution: str = "sparse", backend: str = "auto", calibration_size: int = 64) -> LNetResNet:
+def resnet50(num_classes: int = 1000, density: Optional[float] = None, execution: str = "sparse", backend: str = "auto",
+             calibration_size: int = 64, bucket="auto", cuda_graphs=False) -> LNetResNet:
     """L-Net ResNet-50 (bottleneck stages 3/4/6/3: 16 gated blocks). density: if given, the
     gates are calibrated on a fixed random batch (32 images of calibration_size^2) so that
     about that fraction of the samples keeps each block (untrained networks, benchmarks)."""
-    model = LNetResNet([3, 4, 6, 3], num_classes, execution, backend)
+    model = LNetResNet([3, 4, 6, 3], num_classes, execution, backend, bucket)
     if density is not None:
         g = torch.Generator().manual_seed(0)
         was = model.training
         model.eval()
         model.calibrate(torch.randn(32, 3, calibration_size, calibration_size, generator=g), density)
         model.train(was)
+    model.cuda_graphs = cuda_graphs  # after the calibration, which runs on CPU tensors
     return model
-
 
 
 # ----------------------------------------------------------------------------- C-Net and LC-Net

@@ -89,3 +89,24 @@ skip_cuda_throws = pytest.mark.skipif(
     reason="a TORCH_CHECK thrown from the CUDA extension crashed the process on the H100 test machine "
     "(README: Known issues); set DYNKERNELS_TEST_CUDA_THROWS=1 to run it",
 )
+
+
+def count_compacts(monkeypatch) -> list:
+    """Record the gate shape of every compact that the modules (SkipBlock, SkipPlan, the models)
+    make through their resolved kernels; returns the list the shapes are appended to."""
+    from dynkernels.ops import sample_gating
+
+    calls = []
+    real = sample_gating.resolved_kernels
+
+    def resolved_kernels(*args):
+        k = real(*args)
+
+        def compact(gate, threshold):
+            calls.append(tuple(gate.shape))
+            return k.compact(gate, threshold)
+
+        return k._replace(compact=compact)
+
+    monkeypatch.setattr(sample_gating, "resolved_kernels", resolved_kernels)
+    return calls

@@ -446,8 +446,12 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     blocks = [c for c in gpu if c.op == "SkipBlock"]
     assert blocks[0].config.startswith("R101 layer3 bottleneck: 1024ch @14x14, N=128, bfloat16, channels_last")
     assert all(c.graph and c.host_time for c in blocks) and {c.density for c in blocks[:2]} == {0.5, 1.0}
+    assert all("SkipBlock-cuda+graphs" in c.variants and "SkipBlock-cuda+plan+graphs" in c.variants for c in blocks)
     r101 = [c for c in gpu if c.op == "resnet101_imagenet"]
     assert {c.batch for c in r101} == {64, 128} and all(next(iter(c.targets.values())).of_ideal for c in r101)
+    r110 = [c for c in gpu if c.op == "resnet110_cifar"]
+    assert [c.config.rsplit(", ", 1)[1] for c in r110] == ["run 1", "run 2", "run 3"] and all(c.batch == 128 for c in r110)
+    assert all("sparse-cuda+graphs" in c.variants and c.targets["sparse-cuda"].speedup == 1.6 for c in r110)
     assert {c.op for c in cpu} == {"channel_sparse_conv2d", "GatedConv2d training step", "SkipSequential", "resnet110_cifar",
                                    "spottune_resnet26", "msdnet_cifar"}
     routed = [c for c in cpu if c.op in ("spottune_resnet26", "msdnet_cifar")]
@@ -514,7 +518,8 @@ def test_gpu_suite_headline_phase_on_the_cpu(tmp_path):
     assert {r["suite"] for r in rows} == {"headline"}
     assert {r["family"] for r in rows} == {"channel_sparse_conv", "skip_blocks", "models"}
     bad = [(r["variant"], r["status"], r["reason"]) for r in rows if r["status"] != "ok"]
-    assert bad and all("triton" in v and s == "skipped" and "GPUs only" in why for v, s, why in bad), bad
+    assert bad and all(s == "skipped" and (("triton" in v and "GPUs only" in why) or ("graphs" in v and "need a GPU" in why))
+                       for v, s, why in bad), bad
     by = {(r["op"], r["variant"]) for r in rows if r["status"] == "ok"}
     assert {("channel_sparse_conv2d", "cuda"), ("channel_sparse_conv2d", "auto"), ("channel_sparse_conv2d", "GatedConv2d"),
             ("SkipBlock", "SkipBlock-cuda+plan"), ("SkipSequential", "SkipSequential-auto"),
@@ -539,4 +544,7 @@ def test_headline_smoke_on_the_gpu(tmp_path):
     plan = [r for r in rows if r["variant"] == "SkipBlock-cuda+plan" and r["status"] == "ok"]
     assert plan and all(r["graph_ms"] > 0 and r["graph_speedup"] and r["host_ms"] > 0 for r in plan)
     assert all(r["graph_ms"] is None for r in rows if r["variant"] == "SkipBlock-cuda")  # it syncs: not captured
+    graphed = [r for r in rows if r["variant"].endswith("+graphs") and r["status"] == "ok"]
+    assert {r["variant"] for r in graphed} >= {"SkipBlock-cuda+plan+graphs", "SkipBlock-cuda+graphs", "sparse-cuda+graphs"}
+    assert all(r["graph_ms"] is None and r["first_call_ms"] > 0 for r in graphed)  # replays graphs: not captured again
 

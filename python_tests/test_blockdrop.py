@@ -2,9 +2,8 @@
 naming, FLOP counts, the agent, the REINFORCE step, and errors on bad input."""
 import pytest
 import torch
-from _utils import assert_close
+from _utils import assert_close, count_compacts
 
-import dynkernels
 from dynkernels.models.blockdrop import (
     BlockDrop,
     policy_net_cifar,
@@ -105,9 +104,7 @@ def test_gradients_equal_masked():
 
 
 def test_one_compact_per_forward(monkeypatch):
-    calls = []
-    real = dynkernels.ops.compact
-    monkeypatch.setattr(dynkernels.ops, "compact", lambda g, *a, **k: calls.append(tuple(g.shape)) or real(g, *a, **k))
+    calls = count_compacts(monkeypatch)
     model = resnet32_cifar(backend="cpu").eval()
     model(torch.randn(3, 3, 32, 32), policies(3, 15, "random"))
     assert calls == [(15, 3)]

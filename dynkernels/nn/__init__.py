@@ -3,8 +3,10 @@ from .early_exit import EarlyExit
 from .fbs import FBSConv2d, fbs_convert, fbs_gate
 from .fold import fold_batchnorm
 from .gated_conv import GatedConv2d, convert
+from .graphs import GraphPool
 from .route_block import RouteBlock, RoutePlan, RouteRow
-from .skip_block import RowPlan, SkipBlock, SkipPlan, SkipSequential, gather_kept, merge_kept
+from .skip_block import SkipBlock, SkipSequential
+from .skip_plan import RowPlan, SkipPlan, gather_kept, merge_kept
 
 __all__ = [
     "GatedConv2d",
@@ -17,6 +19,7 @@ __all__ = [
     "SkipPlan",
     "SkipSequential",
     "RowPlan",
+    "GraphPool",
     "gather_kept",
     "merge_kept",
     "RouteBlock",

@@ -129,6 +129,7 @@ def run_sparse(
     first = _batch(x)
     n, device = first.shape[0], first.device
     kernels = _gating.resolved_backend("EarlyExit", backend, device)
+    kern = _gating.kernels(kernels)
     rows_of = torch.arange(n, dtype=torch.int32, device=device)  # sample of each row of the batch
     count = torch.full((1,), n, dtype=torch.int32, device=device)  # real rows (the rest pads)
     real = n
@@ -143,8 +144,8 @@ def run_sparse(
             out = torch.empty((n, z.shape[1]), dtype=z.dtype, device=device)
             exit_index = torch.empty((n,), dtype=torch.int64, device=device)
         # every row still in takes this exit's logits; a sample that stays is overwritten later
-        out = _gating._scatter_rows_(out, z, rows_of, count, kernels)
-        _gating._scatter_rows_(exit_index, torch.full((rows,), k, dtype=torch.int64, device=device), rows_of, count, kernels)
+        out = kern.scatter_rows_(out, z, rows_of, count)
+        kern.scatter_rows_(exit_index, torch.full((rows,), k, dtype=torch.int64, device=device), rows_of, count)
         if k == len(stages) - 1:
             break
         stay = ~(score(k, state, z) >= thresholds[k])  # the negation of the masked exit test
@@ -156,8 +157,8 @@ def run_sparse(
         if staying == real:  # nobody left: the batch stays as it is
             continue
         rows = bucketed_rows(staying, bucket, n)
-        state = _map_state(state, lambda t: _gating._gather_rows(t, idx, count, rows, kernels))
-        rows_of = _gating._gather_rows(rows_of, idx, count, rows, kernels)
+        state = _map_state(state, lambda t: kern.gather_rows(t, idx, count, rows))
+        rows_of = kern.gather_rows(rows_of, idx, count, rows)
         real = staying
     return out, exit_index
 

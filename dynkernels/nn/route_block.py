@@ -137,6 +137,7 @@ def run_sparse(
     if out is None and any(b is None for b in branches):
         raise ValueError(f"{owner}: a branch that is not run (None) keeps its samples' rows of `out`, so out must be given")
     kernels = _gating.resolved_backend(owner, backend, x.device)
+    k = _gating.kernels(kernels)
     for b, branch in enumerate(branches):
         size = row.size(b)
         if size == 0 or branch is None:
@@ -147,11 +148,11 @@ def run_sparse(
             return y
         rows = bucketed_rows(size, bucket, n)
         part, count = row.idx[row.starts[b]:], row.counts[b : b + 1]
-        y = branch(_gating._gather_rows(x, part, count, rows, kernels))
+        y = branch(k.gather_rows(x, part, count, rows))
         _check_branch_result(owner, y, rows, out, b)
         if out is None:
             out = torch.empty((n,) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=row_layout(y))
-        out = _gating._scatter_rows_(out, y, part, count, kernels)
+        out = k.scatter_rows_(out, y, part, count)
     if out is None:  # an empty batch: the first branch gives the output's shape
         out = branches[0](x)
     return out

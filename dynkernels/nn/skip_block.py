@@ -8,30 +8,44 @@ batch, and the results are put back in place (plain blocks: `scatter_rows`, one 
 copies each output row once, from the block's result or from the shortcut; scaled ones:
 `scatter_add_rows`, which adds s * F with the scale fused). No per-sample loops.
 
+Rows a block runs on. The block is a dense module, so the number of rows of its compact
+batch must be known on the host; it comes from one of:
+    bucket (default "auto")   the kept count, read on the host (a host sync) and rounded up
+                              to a bucket (dynkernels.nn.bucket): None = exact counts, an int
+                              step (multiples of it, capped at N), or a sorted list of sizes.
+                              "auto" = 8 on CUDA tensors (at most N/8 sizes, so cuDNN's
+                              benchmark cache and CUDA graphs stay bounded), exact on the CPU
+                              and in training mode. Padding rows are zero and never reach
+                              the output (the merge ops write back only the first `count`
+                              rows); they cost at most step - 1 extra rows of block work.
+    capacity=C                one fixed size for every block: no host sync at all, the whole
+                              forward is capturable as one CUDA graph, but it saves work only
+                              where C < N bounds every block's kept count (checked where that
+                              costs no sync: CPU tensors, or DYNKERNELS_CHECK_INDICES=1).
+capacity and an explicit bucket exclude each other. Padding rows (bucket or capacity) would
+enter the batch statistics of a BatchNorm in training mode: that is an error.
+
+Host synchronisations per forward (reading a device value on the host; free on CPU tensors,
+a stall of the launch queue on a GPU):
+    execution="masked"                              0
+    SkipBlock given a gate, sparse                  1 per block (reads its kept count)
+    SkipPlan / SkipSequential / BlockDrop, sparse   1 for all B blocks (one count.tolist())
+    any of these with capacity=C                    0
+for the compiled and Triton backends; backend="torch" (the reference) also reads the count in
+every gather / merge.
+
+Per block the sparse path launches one gather and one merge kernel around the block (plus,
+without a plan, `compact`, and for scaled gates one comparison). With cuda_graphs (inference
+on CUDA tensors, see dynkernels.nn.graphs) the block itself is one graph replay per bucket
+size, after a copy of the compact batch into the graph's static input; blocks kept by every
+sample (no gather, no merge) and batches above the pool's max_rows run eagerly.
+
 Per-forward CPU cost: the gate and the plan are checked, and the backend resolved, once per
 forward; gather and merge then call the kernels without re-checking idx and count (they
 come from `compact`), since on a GPU every microsecond of Python after a host sync leaves
 the device idle.
-
-Host synchronisations (reading a device value on the host; free on CPU tensors, a stall of
-the launch queue on a GPU). The block is a dense module, so the number of rows it runs on
-must be known on the host:
-
-    execution="masked"                        0 per forward
-    SkipBlock alone, sparse, capacity=None    1 per block (reads its kept count)
-    SkipPlan / SkipSequential / BlockDrop     1 per forward for all B blocks (one count.tolist())
-      models, sparse, capacity=None
-    any of these, sparse, capacity=C          0 (each block runs on C rows: no saving for C = N)
-
-These counts are for the compiled and Triton backends, which read `count` on the device;
-backend="torch" (the reference) also reads it in every gather_rows / scatter_rows /
-scatter_add_rows.
-
-With capacity=C the launches are sized by C and the kernels read `count` on the device, so
-the whole forward can be captured in a CUDA graph; it only saves work when the caller can
-bound the kept samples per block by C < N.
 """
-from typing import Iterable, List, NamedTuple, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.nn as nn
@@ -39,6 +53,19 @@ import torch.nn as nn
 from .. import ops
 from ..ops import _checks
 from ..ops import sample_gating as _gating
+from .graphs import GraphPool, check_graphs_arg, check_inference, compact_like, graph_sizes
+from .skip_plan import (
+    RowPlan,
+    SkipPlan,
+    active,
+    check_capacity,
+    check_compact_result,
+    check_rows_args,
+    compactable,
+    plan_bucket,
+    rows_to_run,
+    run_kept,
+)
 
 EXECUTIONS = ("masked", "sparse")
 
@@ -49,152 +76,9 @@ def check_execution(owner: str, execution) -> str:
     return execution
 
 
-def active(gate: torch.Tensor, scaled: bool) -> torch.Tensor:
-    """Which gate entries run the block: gate > 0 (plain), gate != 0 (scaled: any non-zero
-    scale, also a negative one from a leaky ReLU-1, changes the output)."""
-    if gate.dtype == torch.bool:
-        return gate
-    return gate != 0 if scaled else gate > 0
-
-
 def _row_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """[N] -> [N, 1, 1, ...] broadcastable against `like`'s rows."""
     return mask.view((-1,) + (1,) * (like.dim() - 1))
-
-
-class RowPlan(NamedTuple):
-    """The compacted gate of one block.
-
-    keep [N] bool (samples that run the block), idx [N] int32 (kept rows first, in order),
-    count [1] int32 (number kept, on the device), rows (rows the block runs on: the count
-    read on the host, or a fixed capacity), exact (rows is the count itself).
-    """
-
-    keep: torch.Tensor
-    idx: torch.Tensor
-    count: torch.Tensor
-    rows: int
-    exact: bool
-
-    @property
-    def none_kept(self) -> bool:
-        return self.exact and self.rows == 0
-
-    @property
-    def all_kept(self) -> bool:
-        # With every row kept, compact's stable partition is the identity permutation, so the
-        # compact batch is the input itself: no gather, no scatter.
-        return self.exact and self.rows == self.keep.shape[0]
-
-
-def _check_capacity(owner: str, capacity: Optional[int], n: int) -> Optional[int]:
-    if capacity is not None:
-        capacity = _checks.capacity(owner, capacity)
-        if capacity > n:
-            raise ValueError(f"{owner}: capacity must be at most the batch size {n}, got {capacity}")
-    return capacity
-
-
-def _rows_to_run(owner: str, count: torch.Tensor, capacity: Optional[int]):
-    """(rows each block runs on, exact): the kept counts, read with one host synchronisation,
-    or (capacity=C) C for every block, without reading them (C >= every count is checked
-    where that costs no sync: on CPU tensors, or on a GPU when DYNKERNELS_CHECK_INDICES=1)."""
-    if capacity is None:
-        return count.tolist(), True
-    if count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
-        most = int(count.max()) if count.numel() else 0
-        if most > capacity:
-            raise ValueError(
-                f"{owner}: capacity={capacity} but a block keeps {most} samples; capacity must "
-                "be at least the largest number of samples kept by one block"
-            )
-    return [capacity] * count.shape[0], False
-
-
-class SkipPlan:
-    """The gates of B blocks for one batch, compacted with ONE `compact` call.
-
-    policy: [N, B] (one column per block, e.g. BlockDrop's policy), floating or bool.
-    capacity=None reads all B kept counts with one host synchronisation (`count.tolist()`);
-    capacity=C reads none and sizes every block's compact batch to C rows (C must be at least
-    every block's kept count: checked where that costs no sync, i.e. on CPU tensors, or on a
-    GPU when DYNKERNELS_CHECK_INDICES=1). `plan[b]` is block b's RowPlan.
-    """
-
-    def __init__(self, policy: torch.Tensor, *, scaled: bool = False, capacity: Optional[int] = None, backend: str = "auto"):
-        _checks.tensor("SkipPlan", "policy", policy, (2,), "[N, B] (samples x blocks)")
-        if not (policy.dtype.is_floating_point or policy.dtype == torch.bool):
-            raise TypeError(f"SkipPlan: policy must be a floating or bool tensor, got {policy.dtype}")
-        ops.check_backend("SkipPlan", backend)
-        capacity = _check_capacity("SkipPlan", capacity, policy.shape[0])
-        self.scaled = bool(scaled)
-        self.keep = active(policy, self.scaled).t().contiguous()  # [B, N]: one row per block
-        self.idx, self.count = ops.compact(self.keep, backend=backend)
-        self.rows: List[int]
-        self.rows, self.exact = _rows_to_run("SkipPlan", self.count, capacity)
-        self.host_syncs = 1 if capacity is None else 0
-        # Every block's row at once (three calls, not three slices per block and forward).
-        self._row_plans = [
-            RowPlan(keep, idx, count, rows, self.exact)
-            for keep, idx, count, rows in zip(self.keep.unbind(0), self.idx.unbind(0), self.count.split(1), self.rows)
-        ]
-
-    def __len__(self) -> int:
-        return self.keep.shape[0]
-
-    def __getitem__(self, b: int) -> RowPlan:
-        return self._row_plans[b]
-
-
-def _check_plan_rows(owner: str, name: str, t: torch.Tensor, row: RowPlan):
-    """t has the plan's samples, on the plan's device (cheap: no value is read)."""
-    n = row.idx.shape[0]
-    if t.dim() == 0 or t.shape[0] != n or t.device != row.idx.device:
-        raise ValueError(
-            f"{owner}: {name} has shape {tuple(t.shape)} on {t.device}, but the plan is for {n} samples on {row.idx.device}"
-        )
-
-
-def _check_compact_result(owner: str, base: torch.Tensor, y: torch.Tensor, rows: int):
-    """y: the block's result on the compact batch of `rows` rows, to be merged into base."""
-    if y.dim() != base.dim() or y.shape[0] != rows or y.shape[1:] != base.shape[1:]:
-        raise ValueError(
-            f"{owner}: the compact result must be [{rows}, {', '.join(map(str, base.shape[1:]))}] "
-            f"(the compact batch's rows, base's row shape), got {tuple(y.shape)}"
-        )
-    if y.dtype != base.dtype:
-        raise TypeError(f"{owner}: the compact result must have base's dtype {base.dtype}, got {y.dtype}")
-    if y.device != base.device:
-        raise ValueError(f"{owner}: the compact result is on {y.device} but base is on {base.device}")
-
-
-def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
-    """The compact batch: x's kept rows in order (plus zero rows up to a fixed capacity).
-
-    row: a SkipPlan row for x's batch. Its idx and count come from `compact`, so they are not
-    checked again here; only that x has the plan's samples and device.
-    """
-    if row.all_kept:
-        return x
-    _check_plan_rows("gather_kept", "x", x, row)
-    b = _gating.resolved_backend("gather_kept", backend, x.device)
-    return _gating._gather_rows(x, row.idx, row.count, row.rows, b)
-
-
-def merge_kept(base: torch.Tensor, y: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:
-    """out = base with the kept rows replaced by the compact results y.
-
-    One pass (`scatter_rows`): every output row is copied once, from y (kept) or from base
-    (dropped); the kept rows of base are not read. So a non-finite value in a kept row of
-    base does not reach the output, while the masked execution, y * m + base * (1 - m), gives
-    NaN there (inf * 0); the two executions agree wherever base is finite.
-    """
-    if row.all_kept:
-        return y
-    _check_plan_rows("merge_kept", "base", base, row)
-    _check_compact_result("merge_kept", base, y, row.rows)
-    b = _gating.resolved_backend("merge_kept", backend, base.device)
-    return _gating._scatter_rows(base, y, row.idx, row.count, b)
 
 
 def _shape_error(block_shape, shortcut_shape, shortcut_name):
@@ -203,6 +87,10 @@ def _shape_error(block_shape, shortcut_shape, shortcut_name):
         f"({shortcut_name}) gives {tuple(shortcut_shape)}; a block that changes the shape (stride, "
         "channels) needs a shortcut that does the same, e.g. shortcut=<its downsample module>"
     )
+
+
+def _batchnorms(module: nn.Module):
+    return tuple(m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
 class SkipBlock(nn.Module):
@@ -222,7 +110,8 @@ class SkipBlock(nn.Module):
     shortcut=None means the block's own `downsample` module when it has one that is not None
     (torchvision blocks; it is called, not re-registered), else identity. The shortcut runs
     on all N samples (BlockDrop always computes the downsample shortcut). A bool gate acts
-    as 0/1.
+    as 0/1. The gate may be computed on the device from x (SkipNet, ConvNet-AIG, L-Net):
+    forward(x, gate) compacts it and reads its kept count (one small device-to-host copy).
 
     execution="masked" is the papers' dense-times-mask computation (plain:
     block(x) * m + shortcut(x) * (1 - m) with m = [g > 0]); execution="sparse" runs the block
@@ -234,9 +123,10 @@ class SkipBlock(nn.Module):
     there anyway), and in training mode a BatchNorm inside the block takes its batch
     statistics over the kept samples only (masked: over all samples).
 
-    capacity=None runs the block on exactly the kept samples, reading their count on the
-    host (one sync per block, unless a SkipPlan row is passed to forward); capacity=C runs it
-    on C rows, zero-padded, with no sync (see the module docstring).
+    bucket / capacity: the rows the block runs on (module docstring). cuda_graphs: False
+    (eager), True (a GraphPool of its own) or a GraphPool shared with other blocks: the block
+    replays a CUDA graph per bucket size (inference only: eval mode, no autograd, CUDA
+    tensors, else an error; see dynkernels.nn.graphs). Settable after construction.
     """
 
     def __init__(
@@ -247,6 +137,8 @@ class SkipBlock(nn.Module):
         execution: str = "sparse",
         backend: str = "auto",
         capacity: Optional[int] = None,
+        bucket="auto",
+        cuda_graphs=False,
     ):
         super().__init__()
         if not isinstance(block, nn.Module):
@@ -255,24 +147,52 @@ class SkipBlock(nn.Module):
             raise TypeError(f"SkipBlock: shortcut must be an nn.Module or None, got {type(shortcut).__name__}")
         self.block = block
         self.shortcut = shortcut
-        # The block's own downsample is called through the block, not registered a second
-        # time here, so the state dict keeps the block's own parameter names.
-        self._use_block_downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
         self.scaled = bool(scaled)
         self.execution = check_execution("SkipBlock", execution)
         self.backend = ops.check_backend("SkipBlock", backend)
-        self.capacity = None if capacity is None else _checks.capacity("SkipBlock", capacity)
+        self.capacity, self.bucket = check_rows_args("SkipBlock", capacity, bucket)
+        self.cuda_graphs = cuda_graphs
+        self._bns = _batchnorms(block)  # refreshed by train() / eval()
+
+    @property
+    def cuda_graphs(self) -> Optional[GraphPool]:
+        """The GraphPool the block's graphs live in, or None (eager)."""
+        return self._graph_pool
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value):
+        self._graph_pool = check_graphs_arg("SkipBlock", value)
 
     def extra_repr(self) -> str:
-        return f"scaled={self.scaled}, execution={self.execution!r}, backend={self.backend!r}, capacity={self.capacity}"
+        return (f"scaled={self.scaled}, execution={self.execution!r}, backend={self.backend!r}, "
+                f"capacity={self.capacity}, bucket={self.bucket!r}, cuda_graphs={self._graph_pool is not None}")
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name in ("block", "shortcut"):
+            block, shortcut = self.__dict__["_modules"].get("block"), getattr(self, "shortcut", None)
+            # The block's own downsample is called through the block, not registered a second
+            # time here, so the state dict keeps the block's own parameter names.
+            downsample = shortcut is None and isinstance(getattr(block, "downsample", None), nn.Module)
+            # Plain attributes for the hot path (no nn.Module.__getattr__ per forward), set
+            # whenever block or shortcut is assigned.
+            self.__dict__.update(_block=block, _use_block_downsample=downsample,
+                                 _identity_shortcut=shortcut is None and not downsample)
+
+    def train(self, mode: bool = True):
+        self._bns = _batchnorms(self.block)
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        # Graphs replay the parameters they were captured with: moved ones need new graphs.
+        if self._graph_pool is not None:
+            self._graph_pool.forget(self.block)
+        return super()._apply(fn, *args, **kwargs)
 
     def _shortcut(self, x):
         if self.shortcut is not None:
             return self.shortcut(x)
         return self.block.downsample(x) if self._use_block_downsample else x
-
-    def _batchnorm_training(self) -> bool:
-        return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in self.block.modules())
 
     def _shortcut_name(self) -> str:
         if self.shortcut is not None:
@@ -280,6 +200,10 @@ class SkipBlock(nn.Module):
         return "the block's downsample" if self._use_block_downsample else "identity"
 
     def _check_gate(self, x, gate):
+        if (type(x) is torch.Tensor and type(gate) is torch.Tensor and gate.dim() == 1 and x.dim() > 0
+                and gate.shape[0] == x.shape[0] and (gate.dtype.is_floating_point or gate.dtype == torch.bool)
+                and gate.device == x.device):
+            return
         _checks.tensor("SkipBlock", "x", x)
         if x.dim() == 0:
             raise ValueError("SkipBlock: x must have a batch dimension, got a 0-d tensor")
@@ -293,34 +217,57 @@ class SkipBlock(nn.Module):
     def plan(self, gate: torch.Tensor) -> RowPlan:
         """Compact this block's gate (one host sync unless capacity is set): the RowPlan that
         SkipPlan(gate.unsqueeze(1))[0] gives, without its [N, B] transposes and views."""
-        capacity = _check_capacity("SkipBlock", self.capacity, gate.shape[0])
-        keep = active(gate, self.scaled)
-        idx, count = ops.compact(keep, backend=self.backend)
-        (rows,), exact = _rows_to_run("SkipBlock", count, capacity)
-        return RowPlan(keep, idx, count, rows, exact)
+        n = gate.shape[0]
+        capacity = check_capacity("SkipBlock", self.capacity, n)
+        k = _gating.resolved_kernels("SkipBlock", self.backend, gate.device)
+        idx, count = k.compact(compactable(gate, self.scaled), 0.0)
+        bucket = plan_bucket(self.bucket, gate.device, self.training)
+        (rows,), (kept,) = rows_to_run("SkipBlock", count, n, capacity, bucket)
+        return RowPlan(idx, count, rows, kept, n)
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor, plan: Optional[RowPlan] = None) -> torch.Tensor:
         """x [N, ...], gate [N]; plan: this block's row of a SkipPlan built from the same gate
         (then no sync here), or None to compact the gate now."""
-        self._check_gate(x, gate)
+        device = x.device if type(x) is torch.Tensor else None
+        if not (device is not None and type(gate) is torch.Tensor and gate.dim() == 1 and x.dim() > 0
+                and gate.shape[0] == x.shape[0] and (gate.dtype.is_floating_point or gate.dtype is torch.bool)
+                and gate.device == device):
+            self._check_gate(x, gate)  # says what is wrong (or accepts a tensor subclass)
+            device = x.device
         if self.execution == "masked":
             return self._masked(x, gate)
         if plan is None:
             plan = self.plan(gate)
-        elif not isinstance(plan, RowPlan) or plan.keep.shape != gate.shape or plan.idx.device != x.device:
+        elif type(plan) is not RowPlan or plan.n != gate.shape[0] or plan.idx.device != device:
             raise ValueError(
-                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {x.device})"
+                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {device})"
             )
-        if not plan.exact and self._batchnorm_training():
+        if plan.rows != plan.kept and any(m.training for m in self._bns):
             raise RuntimeError(
-                "SkipBlock: a fixed capacity pads the compact batch with zero rows, which would enter the "
-                "batch statistics of the block's BatchNorm in training mode; use eval() or capacity=None"
+                "SkipBlock: a bucket or a fixed capacity pads the compact batch with zero rows, which would "
+                "enter the batch statistics of the block's BatchNorm in training mode; use eval(), "
+                "bucket=None or bucket='auto' (exact in training mode)"
             )
-        # Resolved once per forward; gather and merge then only look it up.
-        backend = _gating.resolved_backend("SkipBlock", self.backend, x.device)
-        if self.scaled:
-            return self._scaled_sparse(x, gate, plan, backend)
-        return self._plain_sparse(x, plan, backend)
+        block = self._block
+        graphs = self._graph_pool
+        if graphs is not None:
+            check_inference("SkipBlock", self.training or block.training, x)
+        # Resolved once per forward; gather and merge then go straight to the kernels.
+        k = _gating.resolved_kernels("SkipBlock", self.backend, device)
+        base = x if self._identity_shortcut else self._shortcut(x)
+        if not self.scaled:
+            return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, None, self._check_result)
+        if not base.dtype.is_floating_point:
+            raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
+        scale = gate.to(base.dtype) if gate.dtype is torch.bool else gate
+        return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, scale, self._check_result)
+
+    def _check_result(self, owner, base, y, rows):
+        """A block result of another row shape than the shortcut's: the block changes the
+        shape and the shortcut does not (the likely cause), said in those words."""
+        if isinstance(y, torch.Tensor) and y.dim() > 0 and y.shape[1:] != base.shape[1:]:
+            raise _shape_error(y.shape[1:], base.shape[1:], self._shortcut_name())
+        check_compact_result(owner, base, y, rows)
 
     def _masked(self, x, gate):
         base = self._shortcut(x)
@@ -332,38 +279,35 @@ class SkipBlock(nn.Module):
         m = _row_mask(active(gate, False).to(y.dtype), y)
         return y * m + base * (1 - m)
 
-    def _run_kept(self, x, plan, backend):
-        """(shortcut(x), the block on the compact batch of kept samples, or None if none kept)."""
-        base = self._shortcut(x)
-        if plan.none_kept:
-            return base, None
-        y = self.block(gather_kept(x, plan, backend))
-        if y.shape[1:] != base.shape[1:]:
-            raise _shape_error(y.shape[1:], base.shape[1:], self._shortcut_name())
-        return base, y
+    @torch.no_grad()
+    def capture_graphs(self, x: torch.Tensor, sizes: Optional[Iterable[int]] = None) -> int:
+        """Capture the block's CUDA graphs ahead of their first use, for compact batches of x's
+        row shape, dtype and layout: `sizes` (default: every bucket size for x's batch size,
+        up to the pool's max_rows). Needs cuda_graphs on and eval mode. Returns the number of
+        graphs the pool holds."""
+        return self._capture_graphs("SkipBlock.capture_graphs", x, x.shape[0], sizes, self.bucket, self.capacity)
 
-    def _plain_sparse(self, x, plan, backend):
-        base, y = self._run_kept(x, plan, backend)
-        return base if y is None else merge_kept(base, y, plan, backend)
-
-    def _scaled_sparse(self, x, gate, plan, backend):
-        base, y = self._run_kept(x, plan, backend)
-        if y is None:
-            return base
-        _check_compact_result("SkipBlock", base, y, plan.rows)
-        if not base.dtype.is_floating_point:
-            raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
-        scale = gate.to(y.dtype) if gate.dtype == torch.bool else gate
-        return _gating._scatter_add_rows(base, y, plan.idx, plan.count, scale, backend)
+    def _capture_graphs(self, owner, x, n, sizes, bucket, capacity) -> int:
+        """Capture for compact batches of x's rows out of batches of n samples."""
+        pool = self._graph_pool
+        if pool is None:
+            raise RuntimeError(f"{owner}: cuda_graphs is off; set cuda_graphs=True (or a GraphPool) first")
+        sizes = graph_sizes(owner, bucket, capacity, n, x.device, sizes, pool)
+        check_inference(owner, self.training or self.block.training, x)
+        for s in sizes:
+            pool.capture(self.block, compact_like(x, s))
+        return len(pool)
 
 
 class SkipSequential(nn.Module):
     """A chain of SkipBlocks driven by one policy [N, B] (column b gates block b), planned
     with one `compact` call and (capacity=None) one host sync per forward for all blocks.
-    `capacity` is the plan's (see SkipPlan); the blocks' own capacity applies only when a
-    block is called alone and compacts its own gate."""
+    `capacity` and `bucket` are the plan's (see SkipPlan; "auto" is exact in training mode);
+    the blocks' own apply only when a block is called alone and compacts its own gate.
+    cuda_graphs: True or a GraphPool sets one pool on every block (settable; False turns them
+    all off); at construction the default False leaves the blocks' own settings."""
 
-    def __init__(self, blocks: Iterable[SkipBlock], capacity: Optional[int] = None):
+    def __init__(self, blocks: Iterable[SkipBlock], capacity: Optional[int] = None, bucket="auto", cuda_graphs=False):
         super().__init__()
         blocks = list(blocks)
         if not blocks or not all(isinstance(b, SkipBlock) for b in blocks):
@@ -371,7 +315,9 @@ class SkipSequential(nn.Module):
         if len({b.scaled for b in blocks}) != 1:
             raise ValueError("SkipSequential: all blocks must share one formula (all scaled or all plain)")
         self.blocks = nn.ModuleList(blocks)
-        self.capacity = None if capacity is None else _checks.capacity("SkipSequential", capacity)
+        self.capacity, self.bucket = check_rows_args("SkipSequential", capacity, bucket)
+        if cuda_graphs is not False:
+            self.cuda_graphs = cuda_graphs
 
     @property
     def execution(self) -> str:
@@ -383,13 +329,38 @@ class SkipSequential(nn.Module):
         for b in self.blocks:
             b.execution = value
 
+    @property
+    def cuda_graphs(self) -> Optional[GraphPool]:
+        return self.blocks[0].cuda_graphs
+
+    @cuda_graphs.setter
+    def cuda_graphs(self, value):
+        pool = check_graphs_arg("SkipSequential", value)
+        for b in self.blocks:
+            b.cuda_graphs = pool
+
     def forward(self, x: torch.Tensor, policy: torch.Tensor) -> torch.Tensor:
         _checks.tensor("SkipSequential", "policy", policy, (2,), f"[N, {len(self.blocks)}] (samples x blocks)")
         if policy.shape[1] != len(self.blocks):
             raise ValueError(f"SkipSequential: policy has {policy.shape[1]} columns but there are {len(self.blocks)} blocks")
         plan = None
         if self.execution == "sparse":
-            plan = SkipPlan(policy, scaled=self.blocks[0].scaled, capacity=self.capacity, backend=self.blocks[0].backend)
+            first = self.blocks[0]
+            bucket = self.bucket if self.capacity is not None else plan_bucket(self.bucket, policy.device, self.training)
+            plan = SkipPlan(policy, scaled=first.scaled, capacity=self.capacity, bucket=bucket, backend=first.backend)
         for b, block in enumerate(self.blocks):
             x = block(x, policy[:, b], None if plan is None else plan[b])
         return x
+
+    @torch.no_grad()
+    def capture_graphs(self, x: torch.Tensor, sizes: Optional[Iterable[int]] = None) -> int:
+        """Capture every block's CUDA graphs ahead of their first use (SkipBlock.capture_graphs)
+        for batches like x, the default sizes from this chain's bucket. Returns the number of
+        graphs in the pool."""
+        if self.cuda_graphs is None:
+            raise RuntimeError("SkipSequential.capture_graphs: cuda_graphs is off; set cuda_graphs=True first")
+        n, sample = x.shape[0], x[:1]
+        for block in self.blocks:
+            block._capture_graphs("SkipSequential.capture_graphs", sample, n, sizes, self.bucket, self.capacity)
+            sample = block.block(sample)  # the next block's row shape
+        return len(self.cuda_graphs)

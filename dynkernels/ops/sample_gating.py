@@ -16,12 +16,12 @@ The public functions check every argument on every call; for CPU tensors on the 
 the index values (idx in range, scatter_rows' permutation, scatter_rows_' distinct rows) are
 checked by the kernel itself, with the same errors, since a few Python-level tensor ops on a
 small index tensor would cost more than moving the rows. Callers that already checked once for
-many calls (dynkernels.nn.SkipPlan / RoutePlan: their idx and count come from compact / route)
-use the unchecked `_gather_rows`, `_scatter_add_rows`, `_scatter_rows` and `_scatter_rows_`,
-which take a resolved backend and go straight to the kernel.
+many calls (dynkernels.nn.SkipBlock, SkipPlan, RoutePlan and EarlyExit: a gate checked once,
+idx and count from compact / route) call the `Kernels` of a resolved backend (`kernels`,
+`resolved_kernels`), which go straight to the kernel.
 """
 import functools
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 
@@ -135,18 +135,62 @@ def _triton():
 
 
 # ----------------------------------------------------------------------------- unchecked calls
-_RESOLVED = {}
+class Kernels(NamedTuple):
+    """The unchecked calls of one resolved backend, with the public ops' signatures minus
+    `backend` (compact(gate, threshold) etc.): they go straight to the kernel (or the
+    reference), for callers that have checked the arguments already."""
+
+    compact: Callable
+    gather_rows: Callable
+    scatter_add_rows: Callable
+    scatter_rows: Callable
+    scatter_rows_: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def kernels(backend: str, direct: bool = False) -> Kernels:
+    """The Kernels of a resolved backend ("cpu", "cuda", "triton" or "torch"). direct: the
+    dispatcher entries themselves (OpOverload._op), for calls in inference mode outside
+    torch.compile, where autograd is excluded anyway (see _run)."""
+    if backend == "torch":
+        return Kernels(reference.compact, reference.gather_rows, reference.scatter_add_rows, reference.scatter_rows,
+                       functools.partial(_scatter_rows_, backend=backend))
+    names = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
+    if direct:
+        return Kernels(*(_kernel(name, backend)._op for name in names), functools.partial(_scatter_rows_, backend=backend))
+    if backend == "triton":
+        compact_op = _triton().compact_triton
+    else:  # integer outputs: never differentiable
+        compact_op = functools.partial(_run, _kernel("compact", backend), differentiable=False)
+    return Kernels(compact_op, *(functools.partial(_run, _kernel(name, backend)) for name in names[1:]),
+                   functools.partial(_scatter_rows_, backend=backend))
+
+
+_RESOLVED = {}  # (backend, device) -> resolved backend
+_RESOLVED_KERNELS = {}  # (backend, device, direct) -> its Kernels
 
 
 def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
-    """resolve(owner, backend, device), remembered per (backend, device type): the answer
-    depends only on those and on how dynkernels was built and imported (TRITON_INTERPRET is
-    read before import), so callers on a hot path pay a dict lookup, not the checks."""
-    key = (backend, device.type)
+    """resolve(owner, backend, device), remembered per (backend, device): the answer depends
+    only on those and on how dynkernels was built and imported (TRITON_INTERPRET is read
+    before import), so callers on a hot path pay a dict lookup, not the checks (keyed by the
+    device itself: device.type builds a new string on every call)."""
+    key = (backend, device)
     b = _RESOLVED.get(key)
     if b is None:
         b = _RESOLVED[key] = resolve(owner, backend, device)
     return b
+
+
+def resolved_kernels(owner: str, backend: str, device: torch.device) -> Kernels:
+    """kernels(resolved_backend(owner, backend, device)), remembered the same way; in
+    inference mode (outside torch.compile) the direct ones. For one forward: the mode is
+    read here, once."""
+    key = (backend, device, torch.is_inference_mode_enabled() and not torch.compiler.is_compiling())
+    k = _RESOLVED_KERNELS.get(key)
+    if k is None:
+        k = _RESOLVED_KERNELS[key] = kernels(resolved_backend(owner, backend, device), key[2])
+    return k
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,35 +203,17 @@ def _kernel(name: str, backend: str):
     return getattr(_lib, name).default
 
 
-def _run(op, *args):
+def _run(op, *args, differentiable: bool = True):
     """Call a registered op. When no gradient is needed this goes below autograd directly:
     the call torch.library's autograd wrapper would make, without that Python wrapper (a
-    few microseconds per op, paid by every eager forward)."""
-    if (torch.is_grad_enabled() and torch._C._any_requires_grad(*args)) or torch.compiler.is_compiling():
+    few microseconds per op, paid by every eager forward). Inference mode excludes autograd
+    itself, so there the op is called as it is."""
+    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+        return op(*args)
+    if differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)
-
-
-def _gather_rows(x, idx, count, capacity: int, backend: str):
-    """gather_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.gather_rows(x, idx, count, capacity)
-    return _run(_kernel("gather_rows", backend), x, idx, count, capacity)
-
-
-def _scatter_add_rows(base, y, idx, count, scale, backend: str):
-    """scatter_add_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.scatter_add_rows(base, y, idx, count, scale)
-    return _run(_kernel("scatter_add_rows", backend), base, y, idx, count, scale)
-
-
-def _scatter_rows(base, y, idx, count, backend: str):
-    """scatter_rows with checked arguments and a resolved backend."""
-    if backend == "torch":
-        return reference.scatter_rows(base, y, idx, count)
-    return _run(_kernel("scatter_rows", backend), base, y, idx, count)
 
 
 def _scatter_rows_kernel_(base, y, idx, count, backend: str):
@@ -216,7 +242,7 @@ class _ScatterRowsInPlace(torch.autograd.Function):
         idx, count = ctx.saved_tensors
         grad_base = grad_y = None
         if ctx.needs_input_grad[1]:
-            grad_y = _gather_rows(grad_out.contiguous(), idx, count, ctx.rows, ctx.backend)
+            grad_y = kernels(ctx.backend).gather_rows(grad_out.contiguous(), idx, count, ctx.rows)
         if ctx.needs_input_grad[0]:
             grad_base = grad_out.clone(memory_format=row_layout(grad_out))
             no_rows = grad_out.new_zeros((ctx.rows,) + tuple(grad_out.shape[1:]))
@@ -255,13 +281,7 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     count int32 [1] or [B], the number of active positions per row. No host sync.
     """
     _checks.gate("compact", "gate", gate)
-    threshold = float(threshold)
-    b = resolve("compact", backend, gate.device)
-    if b == "torch":
-        return reference.compact(gate, threshold)
-    if b == "triton":
-        return _triton().compact_triton(gate, threshold)
-    return _lib.compact(gate, threshold)
+    return kernels(resolve("compact", backend, gate.device)).compact(gate, float(threshold))
 
 
 def gather_rows(
@@ -285,7 +305,7 @@ def gather_rows(
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
     b = resolved_backend("gather_rows", backend, x.device)
     _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True, values=b != "cpu")
-    return _gather_rows(x, idx, count, capacity, b)
+    return kernels(b).gather_rows(x, idx, count, capacity)
 
 
 def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool, values: bool):
@@ -332,7 +352,7 @@ def scatter_add_rows(
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    return _scatter_add_rows(base, y, idx, count, scale, b)
+    return kernels(b).scatter_add_rows(base, y, idx, count, scale)
 
 
 def scatter_rows(
@@ -363,7 +383,7 @@ def scatter_rows(
     _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, values=b != "cpu")
     if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         _check_permutation(op, idx, base.shape[0])
-    return _scatter_rows(base, y, idx, count, b)
+    return kernels(b).scatter_rows(base, y, idx, count)
 
 
 def scatter_rows_(
@@ -402,4 +422,4 @@ def scatter_rows_(
         if n and int(torch.bincount(idx[:n].long(), minlength=1).max()) > 1:
             twice = int((torch.bincount(idx[:n].long()) > 1).nonzero()[0])
             raise ValueError(f"{op}: the first count entries of idx list row {twice} more than once; they must be distinct")
-    return _scatter_rows_(base, y, idx, count, b)
+    return kernels(b).scatter_rows_(base, y, idx, count)

@@ -8,12 +8,18 @@ gets the block's output, a dropped one passes x through), in eval mode (BatchNor
 running statistics). `SkipBlock-<backend>` compacts its own gate in every call (one host
 sync per call); `SkipBlock-<backend>+plan` gets the row of a SkipPlan built outside the
 timed call, as BlockDrop's models do for all their blocks once per forward (no sync).
+`+graphs`: the same module with cuda_graphs=True (GPU only): the block on its compact batch
+(the kept count rounded up to a multiple of 8) replayed from one CUDA graph per bucket size;
+its first call, which captures, is the row's first-call time. `SkipBlock-<b>+graphs` against
+`SkipBlock-<b>+plan+graphs` is the per-block cost of a gate computed on the device (L-Net,
+SkipNet, ConvNet-AIG): one compact and one 4-byte device-to-host copy.
 Gates are 0/1 per sample with exactly round(d * N) ones. FLOPs are the block's (counted by
 FlopCounterMode on one sample) times the samples that run it.
 
 Headline: on a GPU, the ResNet-101 bottlenecks (layer3, 1024 channels at 14x14, first: the
 target block) at batch 128, bf16, channels_last, keep 0.5 (>= 1.8x over the dense block) and
-1.0 (>= 0.97x), with CUDA-graph replay and host time per call. On the CPU, a chain of 4
+1.0 (>= 0.97x), eager and with cuda_graphs, with CUDA-graph replay of the whole call (where it
+reads nothing on the host) and host time per call. On the CPU, a chain of 4
 basic blocks (64 channels, 16x16, batch 64, each block kept by half the samples) under
 SkipSequential against its masked execution (>= 1.6x), at 1 and 2 threads.
 """
@@ -113,25 +119,30 @@ def naive_skip(block, x, gate):
     return x.index_copy(0, keep, block(x.index_select(0, keep)))
 
 
-def _skipblock_variant(name, block, execution, backend, cfg, compare_to, with_plan=False) -> Variant:
+def _skipblock_variant(name, block, execution, backend, cfg, compare_to, with_plan=False, graphs=False) -> Variant:
     """SkipBlock in one execution and backend; with_plan: forward gets the input set's
-    precomputed SkipPlan row (no compact and no host sync in the timed call)."""
+    precomputed SkipPlan row (no compact and no host sync in the timed call); graphs: with
+    cuda_graphs=True (a fresh module: its first call captures)."""
     def build():
         cls = getattr(_common.nn_modules(), "SkipBlock", None)
         if cls is None:
             raise Unavailable("dynkernels.nn.SkipBlock is not in this build")
+        if graphs and not cfg.gpu:
+            raise Unavailable("CUDA graphs need a GPU")
         b = resolved("gather_rows", backend, cfg) if execution == "sparse" else backend
-        m = cls(block, execution=execution, backend=b).eval()
+        m = cls(block, execution=execution, backend=b, cuda_graphs=graphs).eval()
         if with_plan:
             return lambda x, gate, plan: m(x, gate, plan=plan)
         return lambda x, gate, plan: m(x, gate)
 
     label = "pytorch" if execution == "masked" else backend
+    # a call that replays graphs is not captured again around them
     return Variant(name, build, backend=label, work="dense" if execution == "masked" else "sparse",
-                   compare_to=compare_to, capturable=with_plan or execution == "masked")
+                   compare_to=compare_to, capturable=(with_plan or execution == "masked") and not graphs)
 
 
-def _case(cfg: RunConfig, spec, dtype, batch, fmt, d) -> Case:
+def _case(cfg: RunConfig, spec, dtype, batch, fmt, d, graphs=False) -> Case:
+    """graphs: also the SkipBlock variants with cuda_graphs (the headline's)."""
     label, factory, c, hw = spec
     shape_str = f"{label}: {c}ch @{hw}x{hw}"
     config = f"{shape_str}, N={batch}, {dtype}, {fmt}"
@@ -164,6 +175,10 @@ def _case(cfg: RunConfig, spec, dtype, batch, fmt, d) -> Case:
         ] + [
             _skipblock_variant(f"SkipBlock-{b}+plan", block, "sparse", b, cfg, "SkipBlock-masked", with_plan=True)
             for b in ("cpu", "triton", "cuda")
+        ] + [
+            _skipblock_variant(f"SkipBlock-{b}{p}+graphs", block, "sparse", b, cfg, "SkipBlock-masked", with_plan=p == "+plan",
+                               graphs=True)
+            for b in ("triton", "cuda") for p in ("+plan", "") if graphs
         ]
         return Setup(sets, variants, dense_flops=batch * per_sample, sparse_flops=k * per_sample)
 
@@ -178,15 +193,17 @@ def sweep(cfg: RunConfig) -> List[Case]:
 
 
 def gpu_bottlenecks(cfg: RunConfig) -> List[Case]:
-    """SkipBlock with and without a plan, CUDA and Triton kernels, on ResNet-101 bottlenecks."""
+    """SkipBlock with and without a plan, eager and with CUDA graphs, CUDA and Triton kernels,
+    on ResNet-101 bottlenecks (each plan variant before its own-gate twin)."""
     blocks, batch, dtype = (SMOKE_BLOCKS[1:], 4, "float32") if cfg.smoke else (R101_BOTTLENECKS, 128, "bfloat16")
-    variants = ["dense", "masked"] + [f"SkipBlock-{b}{p}" for b in ("cuda", "triton") for p in ("", "+plan")]
+    variants = ["dense", "masked"] + [f"SkipBlock-{b}{p}{g}" for b in ("cuda", "triton") for g in ("", "+graphs")
+                                      for p in ("+plan", "")]
     out = []
     for i, spec in enumerate(blocks):
         for keep, need in ((0.5, 1.8), (1.0, 0.97)):
             targets = {} if i else {v: Target(f"{v} keep {keep:g} over the dense block ({spec[0]}, N={batch})", need)
                                     for v in variants[2:]}
-            out.append(replace(_case(cfg, spec, dtype, batch, CL, keep), variants=variants, targets=targets,
+            out.append(replace(_case(cfg, spec, dtype, batch, CL, keep, graphs=True), variants=variants, targets=targets,
                                graph=True, host_time=True))
     return out
 
