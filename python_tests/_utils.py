@@ -72,6 +72,34 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=
     assert err <= tol, f"max abs error {err:.3g} > {tol:.3g} (scale {scale:.3g}, dtype {dtype})"
 
 
+def tame_bn(model):
+    """BatchNorm statistics that keep a random-init network's activations O(1), so that
+    comparisons of its outputs are not dominated by a few exploding values; eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(2.0, 4.0)
+            m.weight.data.uniform_(0.3, 0.6)
+    return model.eval()
+
+
+def bn_keys(keys: dict, name: str, c: int, legacy: bool = False):
+    """Add a BatchNorm's state-dict entries (name -> shape) for c channels to keys; legacy:
+    as PyTorch 0.3 saved them, without num_batches_tracked."""
+    for item in ("weight", "bias", "running_mean", "running_var"):
+        keys[f"{name}.{item}"] = (c,)
+    if not legacy:
+        keys[f"{name}.num_batches_tracked"] = ()
+
+
+def random_state(keys: dict) -> dict:
+    """A state dict with random values for keys (name -> shape)."""
+    return {
+        k: torch.randint(0, 100, s) if k.endswith("num_batches_tracked") else torch.randn(s).abs() + 0.1
+        for k, s in keys.items()
+    }
+
+
 def rand_gate(shape, density: float, device="cpu", dtype=torch.float32):
     """A gate whose entries are > 0 with probability `density` (values in (0.1, 1.1])."""
     keep = torch.rand(shape, device=device) < density

@@ -1,0 +1,327 @@
+"""SkipNet: sparse equals masked execution (eval and every training gating), the original's
+parameter naming, calibration, one compact per gated block, FLOPs, and errors on bad input."""
+import pytest
+import torch
+from _utils import assert_close, bn_keys, random_state, tame_bn
+from torch.utils.flop_counter import FlopCounterMode
+
+import dynkernels
+from dynkernels.models import skipnet
+
+RTOL = 1e-4
+
+
+def run_both(model, fn, seed=None):
+    """fn() in sparse, then in masked execution (each after torch.manual_seed(seed) if given)."""
+    out = {}
+    for execution in ("sparse", "masked"):
+        model.execution = execution
+        if seed is not None:
+            torch.manual_seed(seed)
+        out[execution] = fn()
+    return out["sparse"], out["masked"]
+
+
+def calibrated(model, x, density):
+    tame_bn(model).calibrate(x, density)
+    return model
+
+
+def assert_outputs_equal(sparse, masked):
+    assert_close(sparse.logits, masked.logits, rtol=RTOL)
+    assert torch.equal(sparse.masks, masked.masks)
+    assert_close(sparse.probs, masked.probs, rtol=RTOL)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("n", [1, 5])
+@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+def test_sparse_equals_masked(backend, n, density):
+    x = torch.randn(n, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(num_classes=100, backend=backend), x, density)
+    sparse, masked = run_both(model, lambda: model(x))
+    assert_outputs_equal(sparse, masked)
+    assert sparse.logits.shape == (n, 100) and sparse.masks.shape == (n, 17)
+    assert (sparse.masks.sum(0) == round(density * n)).all()  # calibrated on x itself
+    assert torch.equal(sparse.blocks_used, 1 + sparse.masks.sum(1).long())
+
+
+def test_resnet110_sparse_equals_masked():
+    x = torch.randn(3, 3, 32, 32)
+    model = calibrated(skipnet.resnet110_cifar(backend="cpu"), x, 0.5)
+    sparse, masked = run_both(model, lambda: model(x))
+    assert_outputs_equal(sparse, masked)
+    assert sparse.masks.shape == (3, 53) and 0 < sparse.masks.mean() < 1
+
+
+def test_resnet38_ffgate1_channels_last_and_noncontiguous():
+    x = torch.randn(3, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 0.5)
+    model.execution = "masked"
+    reference = model(x)
+    for xi in (x.contiguous(memory_format=torch.channels_last), torch.randn(3, 3, 32, 64)[..., ::2].copy_(x)):
+        sparse, masked = run_both(model, lambda: model(xi))
+        assert_outputs_equal(sparse, masked)
+        assert_close(sparse.logits, reference.logits, rtol=RTOL)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_resnet101_recurrent_gate_sparse_equals_masked(n):
+    model = tame_bn(skipnet.resnet101_imagenet(num_classes=7, backend="cpu"))
+    model.control.proj.bias.data.fill_(0.0)  # keep probabilities around 0.5: both decisions occur
+    x = torch.randn(n, 3, 64, 64)  # small input: the pooling is global
+    sparse, masked = run_both(model, lambda: model(x))
+    assert_outputs_equal(sparse, masked)
+    assert sparse.masks.shape == (n, 32)
+
+
+def test_cifar_recurrent_gate():
+    x = torch.randn(4, 3, 32, 32)
+    model = tame_bn(skipnet.resnet38_cifar(gate="rnn", backend="cpu"))
+    sparse, masked = run_both(model, lambda: model(x))
+    assert_outputs_equal(sparse, masked)
+    with pytest.raises(ValueError, match="only feed-forward gates can be calibrated"):
+        model.calibrate(x, 0.5)
+
+
+# ----------------------------------------------------------------------------- training
+def frozen_bn(model):
+    """Training mode for the gates, eval mode for BatchNorm: in training mode a block's
+    BatchNorm takes its statistics over the samples it runs on, which differ by execution."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+def grads_of(model, x):
+    """(output, [grad of x] + grads of every parameter) of a loss on the logits."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    out.logits.square().sum().backward()
+    return out, [xi.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def assert_grads_equal(a, b):
+    for ga, gb in zip(a, b):
+        assert_close(ga, gb, rtol=RTOL)
+
+
+@pytest.mark.parametrize("gating", ["soft", "sample"])
+def test_training_gradients_equal_masked(gating):
+    x = torch.randn(6, 3, 32, 32)
+    model = frozen_bn(calibrated(skipnet.resnet38_cifar(gating=gating, backend="cpu"), x, 0.5))
+    (s_out, s_grads), (m_out, m_grads) = run_both(model, lambda: grads_of(model, x), seed=0)
+    assert_outputs_equal(s_out, m_out)
+    if gating == "soft":
+        assert ((s_out.masks > 0) & (s_out.masks < 1)).all()  # soft masks: every block runs
+    else:
+        assert set(s_out.masks.unique().tolist()) == {0.0, 1.0}
+    assert_grads_equal(s_grads, m_grads)
+    trained = model.group2_gate3.linear_layer.weight.grad is not None
+    assert trained == (gating == "soft")  # sampled masks carry no gradient
+
+
+def test_hard_gating_straight_through_gradients():
+    """Sparse execution gives the straight-through gradient of the kept samples' masks; a
+    skipped sample's is 0 (it needs the block's output there). The reference is the masked
+    execution with exactly that estimator."""
+    x = torch.randn(6, 3, 32, 32)
+    model = frozen_bn(calibrated(skipnet.resnet38_cifar(gating="hard", backend="cpu"), x, 0.5))
+    model.execution = "sparse"
+    sparse, s_grads = grads_of(model, x)
+
+    def kept_only_straight_through(p):
+        hard = (p > 0.5).to(p.dtype)
+        return hard + hard * (p - p.detach())
+
+    model._mask = kept_only_straight_through  # instance attribute: this model only
+    model.execution = "masked"
+    masked, m_grads = grads_of(model, x)
+    assert_outputs_equal(sparse, masked)
+    assert set(sparse.masks.unique().tolist()) == {0.0, 1.0}
+    assert_grads_equal(s_grads, m_grads)
+    assert model.group2_gate3.linear_layer.weight.grad.abs().sum() > 0  # the gates are trained
+
+
+def test_training_mode_with_batch_statistics():
+    x = torch.randn(8, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 0.5).train()
+    out = model(x)
+    out.logits.square().sum().backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert out.masks.requires_grad  # the straight-through masks
+
+
+# ----------------------------------------------------------------------------- cost
+def test_one_compact_per_gated_block(monkeypatch):
+    calls = []
+    real = dynkernels.ops.compact
+    monkeypatch.setattr(dynkernels.ops, "compact", lambda g, *a, **k: calls.append(tuple(g.shape)) or real(g, *a, **k))
+    x = torch.randn(3, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 0.5)
+    calls.clear()
+    model(x)
+    assert calls == [(3,)] * 17  # 18 blocks, the first always runs
+    model.execution = "masked"
+    calls.clear()
+    model(x)
+    assert calls == []
+
+
+def conv_flops(model, x):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+def test_masked_runs_every_block_and_sparse_only_the_kept():
+    x = torch.randn(8, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 1.0)
+    model.execution = "masked"
+    dense = conv_flops(model, x)
+    model.execution = "sparse"
+    assert conv_flops(model, x) == dense
+    model.calibrate(x, 0.5)
+    model.execution = "masked"
+    assert conv_flops(model, x) == dense
+    model.execution = "sparse"
+    half = conv_flops(model, x)
+    model.calibrate(x, 0.0)
+    none = conv_flops(model, x)  # stem, first block, gates, downsamples, fc
+    assert none < half < dense
+    assert half - none == pytest.approx((dense - none) / 2, rel=0.02)  # 4 of 8 samples keep each block
+
+
+# ----------------------------------------------------------------------------- the original's naming
+# Written from the original's cifar/models.py and imagenet/models.py (ResNetFeedForwardSP,
+# ResNetRecurrentGateSP, RecurrentGatedResNet and their RL twins, which have the same
+# parameters), independently of our model code.
+def _downsample(keys, prefix, cin, cout, legacy):
+    keys[f"{prefix}.0.weight"] = (cout, cin, 1, 1)
+    bn_keys(keys, f"{prefix}.1", cout, legacy)
+
+
+def original_keys(layers, num_classes, gate, imagenet=False, legacy=False):
+    keys = {"conv1.weight": (64, 3, 7, 7) if imagenet else (16, 3, 3, 3)}
+    bn_keys(keys, "bn1", 64 if imagenet else 16, legacy)
+    inplanes, expansion = (64, 4) if imagenet else (16, 1)
+    widths = (64, 128, 256, 512) if imagenet else (16, 32, 64)
+    for g, planes in enumerate(widths, start=1):
+        out = planes * expansion
+        for i in range(layers[g - 1]):
+            stride = 2 if g > 1 and i == 0 else 1
+            layer = f"group{g}_layer{i}"
+            if imagenet:
+                keys[f"{layer}.conv1.weight"] = (planes, inplanes, 1, 1)
+                keys[f"{layer}.conv2.weight"] = (planes, planes, 3, 3)
+                keys[f"{layer}.conv3.weight"] = (out, planes, 1, 1)
+                for j, c in ((1, planes), (2, planes), (3, out)):
+                    bn_keys(keys, f"{layer}.bn{j}", c, legacy)
+            else:
+                keys[f"{layer}.conv1.weight"] = (planes, inplanes, 3, 3)
+                keys[f"{layer}.conv2.weight"] = (planes, planes, 3, 3)
+                bn_keys(keys, f"{layer}.bn1", planes, legacy)
+                bn_keys(keys, f"{layer}.bn2", planes, legacy)
+            if stride != 1 or inplanes != out:  # one module, registered twice
+                _downsample(keys, f"group{g}_ds{i}", inplanes, out, legacy)
+                _downsample(keys, f"{layer}.downsample", inplanes, out, legacy)
+            gate_name = f"group{g}_gate{i}"
+            if gate == "rnn":
+                keys[f"{gate_name}.1.weight"] = (10, out, 1, 1)
+                keys[f"{gate_name}.1.bias"] = (10,)
+            else:
+                keys[f"{gate_name}.conv1.weight"] = (out, out, 3, 3)
+                bn_keys(keys, f"{gate_name}.bn1", out, legacy)
+                if gate == "ffgate1":
+                    keys[f"{gate_name}.conv2.weight"] = (out, out, 3, 3)
+                    bn_keys(keys, f"{gate_name}.bn2", out, legacy)
+                keys[f"{gate_name}.linear_layer.weight"] = (2, out, 1, 1)
+                keys[f"{gate_name}.linear_layer.bias"] = (2,)
+            inplanes = out
+    if gate == "rnn":
+        keys.update({"control.rnn.weight_ih_l0": (40, 10), "control.rnn.weight_hh_l0": (40, 10),
+                     "control.rnn.bias_ih_l0": (40,), "control.rnn.bias_hh_l0": (40,),
+                     "control.proj.weight": (1, 10, 1, 1) if imagenet else (1, 10), "control.proj.bias": (1,)})
+    keys["fc.weight"] = (num_classes, inplanes)
+    keys["fc.bias"] = (num_classes,)
+    return keys
+
+
+def original_state(keys):
+    """Random values for keys, equal for the two names of each downsample (one module)."""
+    state = random_state(keys)
+    for k in state:
+        if "_ds" in k:
+            group, rest = k.split("_ds")
+            i, param = rest.split(".", 1)
+            state[f"{group}_layer{i}.downsample.{param}"] = state[k]
+    return state
+
+
+CASES = {
+    "resnet38": (lambda: skipnet.resnet38_cifar(), lambda legacy: original_keys([6, 6, 6], 10, "ffgate1", legacy=legacy)),
+    "resnet74-cifar100": (lambda: skipnet.resnet74_cifar(100), lambda legacy: original_keys([12, 12, 12], 100, "ffgate1", legacy=legacy)),
+    "resnet110": (lambda: skipnet.resnet110_cifar(), lambda legacy: original_keys([18, 18, 18], 10, "ffgate2", legacy=legacy)),
+    "resnet110-rnn": (lambda: skipnet.resnet110_cifar(gate="rnn"), lambda legacy: original_keys([18, 18, 18], 10, "rnn", legacy=legacy)),
+    "resnet101": (lambda: skipnet.resnet101_imagenet(), lambda legacy: original_keys([3, 4, 23, 3], 1000, "rnn", True, legacy)),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_original_naming(name):
+    make, keys = CASES[name]
+    model = make()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys(False)
+    legacy = original_state(keys(True))  # PyTorch 0.3/0.4 checkpoints: no num_batches_tracked
+    model.load_state_dict(legacy)
+    for k, v in legacy.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_load_original_checkpoint():
+    model = skipnet.resnet38_cifar()
+    state = original_state(original_keys([6, 6, 6], 10, "ffgate1"))
+    model.load_original_checkpoint({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3})
+    assert torch.equal(model.group3_gate5.linear_layer.bias, state["group3_gate5.linear_layer.bias"])
+    assert model.group2_ds0 is model.group2_layer0.downsample  # still one module
+    with pytest.raises(TypeError, match="checkpoint must be a dict"):
+        model.load_original_checkpoint([state])
+
+
+# ----------------------------------------------------------------------------- calibration, errors
+def test_calibration_hits_the_density_on_its_batch():
+    x = torch.randn(8, 3, 32, 32)
+    model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 0.25)
+    assert (model(x).masks.sum(0) == 2).all()  # 2 of 8 samples keep every gated block
+    assert not model.training
+
+
+def test_density_constructor():
+    model = skipnet.resnet38_cifar(density=0.5).eval()  # calibrated on another random batch
+    assert 0.35 < model(torch.randn(32, 3, 32, 32)).masks.mean().item() < 0.65
+
+
+def test_bad_input_errors():
+    model = skipnet.resnet38_cifar()
+    with pytest.raises(ValueError, match=r"x must be a \[N, 3, H, W\] tensor"):
+        model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"x must be a \[N, 3, H, W\] tensor"):
+        model(torch.randn(2, 1, 32, 32))
+    with pytest.raises(TypeError, match="x must be a floating tensor"):
+        model(torch.zeros(2, 3, 32, 32, dtype=torch.int64))
+    with pytest.raises(ValueError, match="execution must be one of"):
+        model.execution = "dense"
+    with pytest.raises(ValueError, match="execution must be one of"):
+        skipnet.resnet38_cifar(execution="fast")
+    with pytest.raises(ValueError, match="gating must be one of"):
+        model.gating = "gumbel"
+    with pytest.raises(ValueError, match="gate must be one of"):
+        skipnet.resnet38_cifar(gate="ffgate3")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        skipnet.resnet38_cifar(backend="gpu")
+    with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
+        model.calibrate(torch.randn(2, 3, 32, 32), 1.5)
