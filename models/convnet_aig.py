@@ -210,9 +210,9 @@ class ConvNetAIG(nn.Module):
             x = self.seed(x)
             for block, skip in zip(self._blocks, self._skips):
                 bias = block.fc2.bias
+                bias.zero_()  # scores without the bias: no cancellation against a large one
                 z = block.gate_logits(x)
-                keep_score = z[:, 1] - z[:, 0] - (bias[1] - bias[0])
-                bias.copy_(torch.tensor([0.0, bias_for_density(keep_score, density)]))
+                bias[1] = bias_for_density(z[:, 1] - z[:, 0], density)
                 x = F.relu(skip(x, _keep(block.gate_logits(x))))
         finally:
             self.train(was_training)

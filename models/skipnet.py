@@ -316,9 +316,9 @@ class SkipNet(nn.Module):
             for t in range(1, self.num_blocks):
                 gate = self._gates[t - 1]
                 bias = gate.linear_layer.bias
+                bias.zero_()  # scores without the bias: no cancellation against a large one
                 z = gate.logits(x)
-                keep_score = z[:, 1] - z[:, 0] - (bias[1] - bias[0])  # p > 0.5 where keep_score + b1 - b0 > 0
-                bias.copy_(torch.tensor([0.0, bias_for_density(keep_score, density)]))
+                bias[1] = bias_for_density(z[:, 1] - z[:, 0], density)  # p > 0.5 where z_1 > z_0
                 x = self._plain[t](x, self._mask(gate(x)))
         finally:
             self.train(was_training)
