@@ -130,6 +130,22 @@ def bn_keys(keys: dict, name: str, c: int, legacy: bool = False):
         keys[f"{name}.num_batches_tracked"] = ()
 
 
+def state_shapes(make) -> dict:
+    """{name: shape} of the state dict of the model make() builds, built on the meta device
+    (shapes only: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        model = make()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def assert_loads(model, state: dict):
+    """model.load_state_dict(state) (strict) takes every value of state."""
+    model.load_state_dict(state)
+    own = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(own[k], v), k
+
+
 def random_state(keys: dict) -> dict:
     """A state dict with random values for keys (name -> shape)."""
     return {

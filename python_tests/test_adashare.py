@@ -5,7 +5,7 @@ import functools
 
 import pytest
 import torch
-from _utils import assert_all_close, bn_keys, both_executions, random_state, tame_bn
+from _utils import assert_all_close, assert_loads, bn_keys, both_executions, random_state, state_shapes, tame_bn
 
 from dynkernels.models import adashare
 
@@ -191,21 +191,19 @@ def original_keys(layers, tasks_num_class, skip_layer=0, width=1024, legacy=Fals
 
 
 def test_original_naming():
-    model = adashare.resnet34((19, 1))  # Cityscapes: segmentation, depth; the original's 1024-wide heads
-    keys = original_keys([3, 4, 6, 3], (19, 1))
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys
-    state = random_state(original_keys([3, 4, 6, 3], (19, 1), legacy=True))
-    model.load_original_checkpoint({"mtl-net": state, "alphas": {}, "iter": 4000})  # the original's snapshot
-    for k, v in state.items():
-        assert torch.equal(model.state_dict()[k], v), k
+    # Cityscapes: segmentation, depth; the original's 1024-wide heads
+    assert state_shapes(lambda: adashare.resnet34((19, 1))) == original_keys([3, 4, 6, 3], (19, 1))
 
 
-def test_original_naming_resnet18_skip_layer():
+def test_loads_original_snapshot():
     model = adashare.resnet18((40, 3, 1), head_width=16, skip_layer=3)
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == original_keys([2, 2, 2, 2], (40, 3, 1), 3, 16)
-    state = random_state(original_keys([2, 2, 2, 2], (40, 3, 1), 3, 16))
-    model.load_original_checkpoint({"state_dict": {"module." + k: v for k, v in state.items()}})
-    assert torch.equal(model.task3_logits, state["task3_logits"])
+    keys = original_keys([2, 2, 2, 2], (40, 3, 1), 3, 16, legacy=True)
+    assert state_shapes(lambda: adashare.resnet18((40, 3, 1), head_width=16, skip_layer=3)) == original_keys([2, 2, 2, 2], (40, 3, 1), 3, 16)
+    state = random_state(keys)
+    model.load_original_checkpoint({"mtl-net": state, "alphas": {}, "iter": 4000})  # the original's snapshot
+    assert_loads(model, state)
+    model.load_original_checkpoint({"state_dict": {"module." + k: -v for k, v in state.items()}})
+    assert torch.equal(model.task3_logits, -state["task3_logits"])
 
 
 def test_bad_input_errors():

@@ -4,7 +4,18 @@ import functools
 
 import pytest
 import torch
-from _utils import assert_all_close, assert_close, bn_keys, both_executions, frozen_bn, loss_grads, random_state, tame_bn
+from _utils import (
+    assert_all_close,
+    assert_close,
+    assert_loads,
+    bn_keys,
+    both_executions,
+    frozen_bn,
+    loss_grads,
+    random_state,
+    state_shapes,
+    tame_bn,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
 import dynkernels
@@ -30,9 +41,11 @@ def tamed_resnet38(backend):
     return tame_bn(skipnet.resnet38_cifar(num_classes=100, backend=backend))
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu"])
-@pytest.mark.parametrize("n", [1, 5])
-@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
+# the compiled kernels at every density and N; the reference backend once
+@pytest.mark.parametrize(
+    "backend, n, density",
+    [("cpu", n, d) for n in (1, 5) for d in (0.0, 0.5, 1.0)] + [("torch", 5, 0.5)],
+)
 def test_sparse_equals_masked(backend, n, density):
     x = torch.randn(n, 3, 32, 32)
     model = tamed_resnet38(backend)
@@ -157,7 +170,7 @@ def conv_flops(model, x):
 
 
 def test_masked_runs_every_block_and_sparse_only_the_kept():
-    x = torch.randn(8, 3, 32, 32)
+    x = torch.randn(4, 3, 32, 32)
     model = calibrated(skipnet.resnet38_cifar(backend="cpu"), x, 1.0)
     model.execution = "masked"
     dense = conv_flops(model, x)
@@ -171,7 +184,7 @@ def test_masked_runs_every_block_and_sparse_only_the_kept():
     model.calibrate(x, 0.0)
     none = conv_flops(model, x)  # stem, first block, gates, downsamples, fc
     assert none < half < dense
-    assert half - none == pytest.approx((dense - none) / 2, rel=0.02)  # 4 of 8 samples keep each block
+    assert half - none == pytest.approx((dense - none) / 2, rel=0.02)  # 2 of 4 samples keep each block
 
 
 # ----------------------------------------------------------------------------- the original's naming
@@ -241,23 +254,24 @@ def original_state(keys):
 
 
 CASES = {
-    "resnet38": (lambda: skipnet.resnet38_cifar(), lambda legacy: original_keys([6, 6, 6], 10, "ffgate1", legacy=legacy)),
-    "resnet74-cifar100": (lambda: skipnet.resnet74_cifar(100), lambda legacy: original_keys([12, 12, 12], 100, "ffgate1", legacy=legacy)),
-    "resnet110": (lambda: skipnet.resnet110_cifar(), lambda legacy: original_keys([18, 18, 18], 10, "ffgate2", legacy=legacy)),
-    "resnet110-rnn": (lambda: skipnet.resnet110_cifar(gate="rnn"), lambda legacy: original_keys([18, 18, 18], 10, "rnn", legacy=legacy)),
-    "resnet101": (lambda: skipnet.resnet101_imagenet(), lambda legacy: original_keys([3, 4, 23, 3], 1000, "rnn", True, legacy)),
+    "resnet38": (lambda: skipnet.resnet38_cifar(), original_keys([6, 6, 6], 10, "ffgate1")),
+    "resnet74-cifar100": (lambda: skipnet.resnet74_cifar(100), original_keys([12, 12, 12], 100, "ffgate1")),
+    "resnet110": (lambda: skipnet.resnet110_cifar(), original_keys([18, 18, 18], 10, "ffgate2")),
+    "resnet110-rnn": (lambda: skipnet.resnet110_cifar(gate="rnn"), original_keys([18, 18, 18], 10, "rnn")),
+    "resnet101": (lambda: skipnet.resnet101_imagenet(), original_keys([3, 4, 23, 3], 1000, "rnn", True)),
 }
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_original_naming(name):
     make, keys = CASES[name]
-    model = make()
-    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == keys(False)
-    legacy = original_state(keys(True))  # PyTorch 0.3/0.4 checkpoints: no num_batches_tracked
-    model.load_state_dict(legacy)
-    for k, v in legacy.items():
-        assert torch.equal(model.state_dict()[k], v), k
+    assert state_shapes(make) == keys
+
+
+@pytest.mark.parametrize("gate", ["ffgate1", "rnn"])
+def test_loads_original_state(gate):
+    # PyTorch 0.3/0.4 checkpoints: no num_batches_tracked
+    assert_loads(skipnet.resnet38_cifar(gate=gate), original_state(original_keys([6, 6, 6], 10, gate, legacy=True)))
 
 
 def test_load_original_checkpoint():
