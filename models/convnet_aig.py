@@ -57,7 +57,7 @@ GATE_HIDDEN = 16
 GUMBEL_EPS = 1e-10  # the original's
 
 
-def _gated_block(branch: type) -> type:
+def _gated_block(branch: type, name: str) -> type:
     """A BlockDrop branch (its forward stays F(x)) plus the block's shortcut and its gate."""
 
     class Block(branch):
@@ -79,12 +79,12 @@ def _gated_block(branch: type) -> type:
             h = F.relu(self.fc1bn(h))
             return self.fc2(h[:, :, None, None]).flatten(1)
 
-    Block.__name__ = Block.__qualname__ = "AIG" + branch.__name__.replace("Branch", "Block")
+    Block.__name__ = Block.__qualname__ = name  # the module attribute it is bound to (pickle finds it)
     return Block
 
 
-AIGBasicBlock = _gated_block(BasicBranch)
-AIGBottleneck = _gated_block(BottleneckBranch)
+AIGBasicBlock = _gated_block(BasicBranch, "AIGBasicBlock")
+AIGBottleneck = _gated_block(BottleneckBranch, "AIGBottleneck")
 
 
 def _keep(z: torch.Tensor) -> torch.Tensor:

@@ -68,7 +68,7 @@ GATINGS = ("hard", "soft", "sample")
 
 
 # ----------------------------------------------------------------------------- blocks
-def _residual_block(branch: type) -> type:
+def _residual_block(branch: type, name: str) -> type:
     """A whole residual block relu(F(x) + shortcut(x)) on top of a BlockDrop branch, with the
     shortcut registered as `downsample` (None: identity), as the original names it."""
 
@@ -83,12 +83,12 @@ def _residual_block(branch: type) -> type:
         def forward(self, x):
             return F.relu(super().forward(x) + self.shortcut(x))
 
-    Block.__name__ = Block.__qualname__ = branch.__name__.replace("Branch", "Block")
+    Block.__name__ = Block.__qualname__ = name  # the module attribute it is bound to (pickle finds it)
     return Block
 
 
-BasicBlock = _residual_block(BasicBranch)
-Bottleneck = _residual_block(BottleneckBranch)
+BasicBlock = _residual_block(BasicBranch, "BasicBlock")
+Bottleneck = _residual_block(BottleneckBranch, "Bottleneck")
 
 
 class _BlockMinusShortcut(nn.Module):

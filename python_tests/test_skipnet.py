@@ -1,5 +1,6 @@
 """SkipNet: sparse equals masked execution (eval and every training gating), the original's
 parameter naming, calibration, one compact per gated block, FLOPs, and errors on bad input."""
+import copy
 import functools
 
 import pytest
@@ -317,3 +318,15 @@ def test_bad_input_errors():
         skipnet.resnet38_cifar(backend="gpu")
     with pytest.raises(ValueError, match=r"density must be in \[0, 1\]"):
         model.calibrate(torch.randn(2, 3, 32, 32), 1.5)
+
+
+def test_copies_keep_their_own_blocks():
+    """The SkipBlocks sit outside the module tree: a deep copy must run its own blocks."""
+    model = tame_bn(skipnet.resnet38_cifar(backend="cpu"))
+    twin = copy.deepcopy(model)
+    assert twin._plain[5].block is twin.group1_layer5 and twin._mixed[7].block.block is twin.group2_layer1
+    with torch.no_grad():
+        twin.group1_layer5.conv1.weight.zero_()
+    x = torch.randn(2, 3, 32, 32)
+    model.gating = twin.gating = "soft"
+    assert not torch.equal(model.train()(x).logits, twin.train()(x).logits)
