@@ -34,15 +34,16 @@ from dynkernels.ops.sample_gating import resolved_kernels
 
 # ----------------------------------------------------------------------------- residual branches
 class BasicBranch(nn.Module):
-    """F(x) of a basic block: conv3x3(stride) BN ReLU conv3x3 BN (no residual, no final ReLU)."""
+    """F(x) of a basic block: conv3x3(stride) BN ReLU conv3x3 BN (no residual, no final ReLU);
+    both convs dilated by `dilation` (padded to keep the size), as DeepLab's later stages."""
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1):
         super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
         self.bn2 = nn.BatchNorm2d(planes)
 
     def forward(self, x):

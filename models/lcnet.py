@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynkernels.models._gating import bias_for_density, check_density
 from dynkernels.models.blockdrop import BasicBranch, BottleneckBranch
 from dynkernels.nn.fold import fold_batchnorm
 from dynkernels.nn.graphs import check_graphs_arg
@@ -154,21 +155,11 @@ class LNetResNet(nn.Module):
         """Set every gate's bias so that a fraction `density` of the samples in x keeps each
         block (block by block, each on the input the calibrated earlier blocks give). For
         benchmarks of untrained networks at a chosen density."""
-        if not 0.0 <= density <= 1.0:
-            raise ValueError(f"LNetResNet.calibrate: density must be in [0, 1], got {density}")
+        check_density("LNetResNet.calibrate", density)
         x = self.seed(x)
-        n = x.shape[0]
         for block in self.blocks:
             z = block.gate.fc(x.mean(dim=(2, 3))).squeeze(1) - block.gate.fc.bias
-            kept = round(density * n)
-            if kept == 0:
-                bias = -z.max() - 1.0
-            elif kept == n:
-                bias = -z.min() + 0.5
-            else:  # between the kept-th largest and the next: exactly `kept` samples have z + bias > 0
-                top = torch.sort(z, descending=True).values
-                bias = -(top[kept - 1] + top[kept]) / 2
-            block.gate.fc.bias.fill_(float(bias))
+            block.gate.fc.bias.fill_(bias_for_density(z, density))
             x = block.skip(x, block.gate(x))
 
 

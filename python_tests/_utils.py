@@ -72,6 +72,88 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, rtol=
     assert err <= tol, f"max abs error {err:.3g} > {tol:.3g} (scale {scale:.3g}, dtype {dtype})"
 
 
+def assert_all_close(actual, expected, rtol=None):
+    """assert_close for each pair of two equally long sequences of tensors."""
+    assert len(actual) == len(expected)
+    for a, e in zip(actual, expected):
+        assert_close(a, e, rtol=rtol)
+
+
+def tame_bn(model):
+    """BatchNorm statistics that keep a random-init network's activations O(1), so that
+    comparisons of its outputs are not dominated by a few exploding values; eval mode."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(2.0, 4.0)
+            m.weight.data.uniform_(0.3, 0.6)
+    return model.eval()
+
+
+def both_executions(model, fn, seed=None):
+    """(fn() with model.execution = "sparse", then with "masked"), each run after
+    torch.manual_seed(seed) if a seed is given (gates that draw random numbers)."""
+    out = {}
+    for execution in ("sparse", "masked"):
+        model.execution = execution
+        if seed is not None:
+            torch.manual_seed(seed)
+        out[execution] = fn()
+    return out["sparse"], out["masked"]
+
+
+def frozen_bn(model):
+    """Training mode, except BatchNorm in eval mode: in training mode a gated block's
+    BatchNorm takes its statistics over the samples it runs on, which differ by execution."""
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    return model
+
+
+def loss_grads(model, x, loss):
+    """(model(x), [grad of x] + the grad of every parameter, zeros where none) of loss(model(x))."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_()
+    out = model(xi)
+    loss(out).backward()
+    return out, [xi.grad] + [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+
+
+def bn_keys(keys: dict, name: str, c: int, legacy: bool = False):
+    """Add a BatchNorm's state-dict entries (name -> shape) for c channels to keys; legacy:
+    as PyTorch 0.3 saved them, without num_batches_tracked."""
+    for item in ("weight", "bias", "running_mean", "running_var"):
+        keys[f"{name}.{item}"] = (c,)
+    if not legacy:
+        keys[f"{name}.num_batches_tracked"] = ()
+
+
+def state_shapes(make) -> dict:
+    """{name: shape} of the state dict of the model make() builds, built on the meta device
+    (shapes only: no memory, no initialisation cost)."""
+    with torch.device("meta"):
+        model = make()
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def assert_loads(model, state: dict):
+    """model.load_state_dict(state) (strict) takes every value of state."""
+    model.load_state_dict(state)
+    own = model.state_dict()
+    for k, v in state.items():
+        assert torch.equal(own[k], v), k
+
+
+def random_state(keys: dict) -> dict:
+    """A state dict with random values for keys (name -> shape)."""
+    return {
+        k: torch.randint(0, 100, s) if k.endswith("num_batches_tracked") else torch.randn(s).abs() + 0.1
+        for k, s in keys.items()
+    }
+
+
 def rand_gate(shape, density: float, device="cpu", dtype=torch.float32):
     """A gate whose entries are > 0 with probability `density` (values in (0.1, 1.1])."""
     keep = torch.rand(shape, device=device) < density

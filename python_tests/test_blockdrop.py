@@ -2,7 +2,7 @@
 naming, FLOP counts, the agent, the REINFORCE step, and errors on bad input."""
 import pytest
 import torch
-from _utils import assert_close, count_compacts
+from _utils import assert_close, bn_keys, count_compacts, random_state, tame_bn
 
 from dynkernels.models.blockdrop import (
     BlockDrop,
@@ -15,17 +15,6 @@ from dynkernels.models.blockdrop import (
 from dynkernels.models.blockdrop_train import blockdrop_reward, reinforce_step, synthetic_cifar
 
 RTOL = 1e-4
-
-
-def tame_bn(model):
-    """BatchNorm statistics that keep a random-init network's activations O(1), so that the
-    comparisons below are not dominated by a few exploding values."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.2, 0.2)
-            m.running_var.uniform_(2.0, 4.0)
-            m.weight.data.uniform_(0.3, 0.6)
-    return model.eval()
 
 
 def policies(n, k, kind):
@@ -124,24 +113,17 @@ def test_capacity_mode_equals_masked():
 # ----------------------------------------------------------------------------- the release's naming
 # Written from the release's models/resnet.py and models/base.py (FlatResNet32, FlatResNet224,
 # Policy32, Policy224, BasicBlock, Bottleneck, DownsampleB), independently of our model code.
-def _bn(keys, name, c, legacy):
-    for item in ("weight", "bias", "running_mean", "running_var"):
-        keys[f"{name}.{item}"] = (c,)
-    if not legacy:
-        keys[f"{name}.num_batches_tracked"] = ()
-
-
 def flat_resnet32_keys(layers, num_classes, legacy=False, prefix=""):
     keys = {f"{prefix}conv1.weight": (16, 3, 3, 3)}
-    _bn(keys, f"{prefix}bn1", 16, legacy)
+    bn_keys(keys, f"{prefix}bn1", 16, legacy)
     inplanes = 16
     for s, planes in enumerate((16, 32, 64)):
         for j in range(layers[s]):
             name = f"{prefix}blocks.{s}.{j}"
             keys[f"{name}.conv1.weight"] = (planes, inplanes if j == 0 else planes, 3, 3)
-            _bn(keys, f"{name}.bn1", planes, legacy)
+            bn_keys(keys, f"{name}.bn1", planes, legacy)
             keys[f"{name}.conv2.weight"] = (planes, planes, 3, 3)
-            _bn(keys, f"{name}.bn2", planes, legacy)
+            bn_keys(keys, f"{name}.bn2", planes, legacy)
         inplanes = planes  # DownsampleB has no parameters
     if num_classes is not None:
         keys[f"{prefix}fc.weight"] = (num_classes, 64)
@@ -151,13 +133,13 @@ def flat_resnet32_keys(layers, num_classes, legacy=False, prefix=""):
 
 def flat_resnet224_keys(layers, bottleneck, num_classes, legacy=False, prefix=""):
     keys = {f"{prefix}conv1.weight": (64, 3, 7, 7)}
-    _bn(keys, f"{prefix}bn1", 64, legacy)
+    bn_keys(keys, f"{prefix}bn1", 64, legacy)
     inplanes, expansion = 64, (4 if bottleneck else 1)
     for s, (planes, stride) in enumerate(zip((64, 128, 256, 512), (1, 2, 2, 2))):
         out = planes * expansion
         if stride != 1 or inplanes != out:
             keys[f"{prefix}ds.{s}.0.weight"] = (out, inplanes, 1, 1)
-            _bn(keys, f"{prefix}ds.{s}.1", out, legacy)
+            bn_keys(keys, f"{prefix}ds.{s}.1", out, legacy)
         for j in range(layers[s]):
             name, cin = f"{prefix}blocks.{s}.{j}", inplanes if j == 0 else out
             if bottleneck:
@@ -165,12 +147,12 @@ def flat_resnet224_keys(layers, bottleneck, num_classes, legacy=False, prefix=""
                 keys[f"{name}.conv2.weight"] = (planes, planes, 3, 3)
                 keys[f"{name}.conv3.weight"] = (out, planes, 1, 1)
                 for i, c in ((1, planes), (2, planes), (3, out)):
-                    _bn(keys, f"{name}.bn{i}", c, legacy)
+                    bn_keys(keys, f"{name}.bn{i}", c, legacy)
             else:
                 keys[f"{name}.conv1.weight"] = (planes, cin, 3, 3)
                 keys[f"{name}.conv2.weight"] = (planes, planes, 3, 3)
-                _bn(keys, f"{name}.bn1", planes, legacy)
-                _bn(keys, f"{name}.bn2", planes, legacy)
+                bn_keys(keys, f"{name}.bn1", planes, legacy)
+                bn_keys(keys, f"{name}.bn2", planes, legacy)
         inplanes = out
     if num_classes is not None:
         keys[f"{prefix}fc.weight"] = (num_classes, 512 * expansion)
@@ -182,13 +164,6 @@ def policy_keys(features, feat_dim, num_blocks):
     keys = dict(features)
     keys.update({"logit.weight": (num_blocks, feat_dim), "logit.bias": (num_blocks,), "vnet.weight": (1, feat_dim), "vnet.bias": (1,)})
     return keys
-
-
-def random_state(keys):
-    return {
-        k: torch.randint(0, 100, s) if k.endswith("num_batches_tracked") else torch.randn(s).abs() + 0.1
-        for k, s in keys.items()
-    }
 
 
 CASES = {

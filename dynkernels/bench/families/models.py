@@ -5,8 +5,9 @@ compute times the policy) and sparse (our kernels, per backend). The ideal speed
 FLOPs / policy FLOPs, both counted with FlopCounterMode (one sample through the dense network,
 each block's residual branch on its input). The BlockDrop models get a small last BN scale in
 every residual branch (_common.bounded_residual_init), so that their activations stay finite
-in fp16. FBS ResNet-18 and LC-Net ResNet-50 are covered when dynkernels.models.fbs / .lcnet
-have them.
+in fp16. FBS ResNet-18, LC-Net ResNet-50 and SkipNet ResNet-110 are covered when dynkernels.models.fbs /
+.lcnet / .skipnet exist (each against its own masked execution; SkipNet in float32: its untrained
+activations overflow fp16, and its gates are calibrated to the density on a fixed batch).
 
 Routed models (headline, CPU): SpotTune's ResNet-26 (72x72, batch 64, each image fine-tuning
 half of the 12 blocks) and MSDNet CIFAR (batch 64, thresholds calibrated on held-out images so
@@ -46,19 +47,23 @@ def _sweep(cfg: RunConfig):
         runs = [("resnet101_imagenet", "bfloat16", 64, 224, CL), ("resnet110_cifar", "bfloat16", 128, 32, NCHW),
                 ("resnet110_cifar", "float16", 128, 32, NCHW), ("resnet110_cifar", "bfloat16", 64, 32, NCHW),
                 ("resnet110_cifar", "float32", 64, 32, NCHW), ("resnet101_imagenet", "float16", 64, 224, CL),
-                ("fbs_resnet18", "bfloat16", 128, 224, NCHW), ("lcnet_resnet50", "bfloat16", 64, 224, NCHW)]
+                ("fbs_resnet18", "bfloat16", 128, 224, NCHW), ("lcnet_resnet50", "bfloat16", 64, 224, NCHW),
+                ("skipnet_resnet110", "float32", 64, 32, NCHW)]
         return runs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
     if cfg.gpu:
         return [("resnet110_cifar", "float16", 64, 32, NCHW), ("resnet101_imagenet", "bfloat16", 16, 224, CL),
-                ("fbs_resnet18", "float16", 32, 224, NCHW), ("lcnet_resnet50", "float16", 16, 224, NCHW)], [0.25, 0.5, 1.0]
+                ("fbs_resnet18", "float16", 32, 224, NCHW), ("lcnet_resnet50", "float16", 16, 224, NCHW),
+                ("skipnet_resnet110", "float32", 64, 32, NCHW)], [0.25, 0.5, 1.0]
     # CPU: small batches, and ResNet-101 on 64x64 inputs to keep the quick report quick
     return [("resnet110_cifar", "float32", 8, 32, NCHW), ("resnet101_imagenet", "float32", 2, 64, NCHW),
-            ("fbs_resnet18", "float32", 2, 64, NCHW), ("lcnet_resnet50", "float32", 2, 64, NCHW)], [0.125, 0.25, 0.5, 0.75, 1.0]
+            ("fbs_resnet18", "float32", 2, 64, NCHW), ("lcnet_resnet50", "float32", 2, 64, NCHW),
+            ("skipnet_resnet110", "float32", 8, 32, NCHW)], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 BLOCKDROP = {"resnet110_cifar": ({"num_classes": 10}, "policy_net_cifar"),
              "resnet101_imagenet": ({"num_classes": 1000}, "policy_net_imagenet")}
-OTHERS = {"fbs_resnet18": ("fbs", "fbs_resnet18"), "lcnet_resnet50": ("lcnet", "resnet50")}  # (module, constructor)
+OTHERS = {"fbs_resnet18": ("fbs", "fbs_resnet18"), "lcnet_resnet50": ("lcnet", "resnet50"),
+          "skipnet_resnet110": ("skipnet", "resnet110_cifar")}  # (module, constructor)
 
 
 def _import(module: str):
@@ -174,7 +179,7 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact, ag
 
 
 def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
-    """FBS / LC-Net: whichever constructor arguments the module takes (density, execution)."""
+    """FBS / LC-Net / SkipNet: whichever constructor arguments the module takes (density, execution)."""
     module_name, ctor_name = OTHERS[name]
     module = _import(module_name)
     ctor = getattr(module, ctor_name, None)
