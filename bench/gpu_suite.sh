@@ -1,34 +1,45 @@
 #!/usr/bin/env bash
-# The GPU suite: build dynkernels with its CUDA kernels, run the GPU tests and the rest of
-# the tests, run the full benchmark, and leave logs, results and the report in OUT_DIR.
+# The GPU suite: build dynkernels with its CUDA kernels, run the GPU tests, tune, measure and check,
+# and leave logs, results and the report in OUT_DIR.
 #
 #   bench/gpu_suite.sh OUT_DIR [phase ...]     (run from anywhere; works in the repo root)
 #
-# Phases (default: build test bench), so that the suite can be split across calls of at most
-# 10 minutes each:
-#   build                 pip install --no-build-isolation --no-deps --no-index -e . (CUDA kernels on)
-#   test                  pytest -m "cuda or triton", then the remaining tests
-#   bench                 python -m dynkernels.bench --full --device cuda (the sweep suite, every family)
-#   bench-FAMILY          one family only (sample_gating, channel_sparse_conv, skip_blocks, models);
-#                         results of earlier families in the same OUT_DIR are kept, so the
-#                         report covers all families run into it
-#   headline              the headline suite (python -m dynkernels.bench --suite headline): the speed
-#                         targets' configurations, each family in its own process under a time limit
-#                         (about 6 minutes in all on an H100), then the report with the verdicts
+# `all` (the default) is the one-call run for a lent GPU, at most about 9 minutes on an H100/H200:
+# build, gpu-test, tune, headline and sanitize, each phase under its own time limit and all of them
+# under ALL_BUDGET_S (default 530 s: a phase that cannot fit in what is left is skipped and says so),
+# then its logs packed into OUT_DIR/logs.tar.gz. Phases:
+#   build       pip install --no-build-isolation --no-deps --no-index -e . (CUDA kernels on)
+#   gpu-test    pytest -m "cuda or triton" (the GPU tests; the rest run in CI)
+#   test        the GPU tests, then all the others
+#   tune        python -m dynkernels.tune --quick into OUT_DIR/tuned (bf16; the headline then uses it
+#               through DYNKERNELS_CONFIG_DIR; copy its JSON into dynkernels/configs/ to ship it)
+#   headline    the headline suite (python -m dynkernels.bench --suite headline): the speed targets'
+#               configurations, each family in its own process under a time limit, then the report
+#   sanitize    compute-sanitizer memcheck, racecheck and initcheck over bench/sanitizer_workload.py
+#               (every CUDA and Triton kernel on small shapes): zero errors expected
+#   bench       python -m dynkernels.bench --full --device cuda (the sweep suite, every family)
+#   bench-FAMILY  one family of the sweep (sample_gating, channel_sparse_conv, skip_blocks, models)
 # OUT_DIR gets at most 8 files: suite.log (every phase appends to it), report.md, results.csv,
-# results.json and one plot_<family>.png per family (run the headline phase into its own OUT_DIR).
+# results.json, tuned/<device>.json, logs.tar.gz (all, with --no-plots) or plots (other phases).
 # Nothing is downloaded: torch, Triton, pytest, numpy and matplotlib must be installed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 
 if [ $# -lt 1 ]; then
-    sed -n '2,20p' "$0"
+    sed -n '2,25p' "$0"
     exit 2
 fi
 OUT_DIR=$(mkdir -p "$1" && cd "$1" && pwd)
 shift
 PHASES=("$@")
-[ ${#PHASES[@]} -eq 0 ] && PHASES=(build test bench)
+[ ${#PHASES[@]} -eq 0 ] && PHASES=(all)
+PACK=0
+if [ "${PHASES[*]}" = all ]; then
+    PHASES=(build gpu-test tune headline sanitize)
+    PACK=1
+fi
+START=$(date +%s)
+ALL_BUDGET_S=${ALL_BUDGET_S:-530}
 cd "$(dirname "$0")/.."
 LOG="$OUT_DIR/suite.log"
 PYTHON=${PYTHON:-$(command -v python || command -v python3)}  # the first one on PATH
@@ -57,10 +68,20 @@ run_pytest() {  # like run, but pytest's "no tests selected" (exit status 5) is 
 
 for phase in "${PHASES[@]}"; do
     case "$phase" in
-    build | test | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models | headline) ;;
-    *) echo "gpu_suite: unknown phase '$phase' (expected build, test, bench, bench-FAMILY or headline)" >&2; exit 2 ;;
+    build | gpu-test | test | tune | headline | sanitize | bench | bench-sample_gating | bench-channel_sparse_conv | bench-skip_blocks | bench-models) ;;
+    *) echo "gpu_suite: unknown phase '$phase' (expected all, build, gpu-test, test, tune, headline, sanitize, bench or bench-FAMILY)" >&2; exit 2 ;;
     esac
 done
+
+left() { echo $(( ALL_BUDGET_S - ($(date +%s) - START) )); }  # seconds left of the whole run
+
+fits() {  # fits PHASE SECONDS: whether a phase that needs SECONDS fits in what is left; says so if not
+    if [ "$(left)" -lt "$2" ]; then
+        say "skipping $1: it needs ${2} s, $(left) s are left of ALL_BUDGET_S=$ALL_BUDGET_S"
+        STATUS=1
+        return 1
+    fi
+}
 
 info() { say "\$ $*"; "$@" 2>&1 | tee -a "$LOG"; }  # environment facts: a failure here is not a suite failure
 
@@ -75,12 +96,32 @@ for phase in "${PHASES[@]}"; do
         export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
         export MAX_JOBS=${MAX_JOBS:-$(nproc)}
         export DYNKERNELS_WITH_CUDA=1
-        run "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . || { say "build failed: stopping"; exit 1; }
+        run timeout --kill-after=10 300 "$PYTHON" -m pip install --no-build-isolation --no-deps --no-index -e . \
+            || { say "build failed: stopping"; exit 1; }
         info "$PYTHON" -c "import dynkernels, json; print(json.dumps(dynkernels.build_info(), indent=1))"
+        ;;
+    gpu-test)
+        fits gpu-test 60 && run_pytest timeout --kill-after=10 "$(( $(left) < 110 ? $(left) : 110 ))" \
+            "$PYTHON" -m pytest -q -rfEs --durations=15 python_tests -m "cuda or triton"
         ;;
     test)
         run_pytest "$PYTHON" -m pytest -q -rs python_tests -m "cuda or triton"
         run_pytest "$PYTHON" -m pytest -q -rs python_tests -m "not (cuda or triton)"
+        ;;
+    tune)
+        # Stops starting entries after --budget-s and writes what it has; the headline uses the table.
+        fits tune 45 && run timeout --kill-after=10 90 "$PYTHON" -m dynkernels.tune --quick --out "$OUT_DIR/tuned" --budget-s 60 \
+            --jobs "$(nproc)" && export DYNKERNELS_CONFIG_DIR="$OUT_DIR/tuned"
+        ;;
+    sanitize)
+        # compute-sanitizer ships with the CUDA toolkit; racecheck covers the shared-memory pipelines.
+        SAN=$(command -v compute-sanitizer || ls -d "${CUDA_HOME:-/usr/local/cuda}"/compute-sanitizer/compute-sanitizer \
+            /usr/local/cuda*/bin/compute-sanitizer /opt/nvidia/*/compute-sanitizer 2>/dev/null | head -1)
+        [ -z "$SAN" ] && { say "compute-sanitizer not found: sanitize skipped"; STATUS=1; continue; }
+        for tool in memcheck racecheck initcheck; do
+            fits "sanitize $tool" 25 && run timeout --kill-after=5 "$(( $(left) < 60 ? $(left) : 60 ))" \
+                "$SAN" --tool "$tool" --error-exitcode 1 --print-limit 20 "$PYTHON" bench/sanitizer_workload.py
+        done
         ;;
     bench)
         run "$PYTHON" -m dynkernels.bench --full --device cuda --out "$OUT_DIR"
@@ -91,15 +132,23 @@ for phase in "${PHASES[@]}"; do
     headline)
         # family:own budget:hard limit (s). A family stops starting cases past its own budget;
         # `timeout` ends it if one case hangs (results.json keeps what it had saved).
-        for spec in channel_sparse_conv:150:170 skip_blocks:55:70 models:110:130; do
+        # In `all`, about 3.5 minutes: the families' budgets shrink to fit what is left.
+        specs="channel_sparse_conv:150:170 skip_blocks:55:70 models:110:130"
+        [ "$PACK" = 1 ] && specs="channel_sparse_conv:85:100 skip_blocks:40:50 models:55:65"
+        for spec in $specs; do
             IFS=: read -r family budget limit <<<"$spec"
+            [ "$PACK" = 1 ] && { fits "headline $family" "$(( budget / 2 ))" || continue; }
             # HEADLINE_DEVICE=cpu HEADLINE_ARGS=--smoke: the same phase as a tiny CPU run (to check it)
             run timeout --kill-after=10 "$limit" "$PYTHON" -m dynkernels.bench --suite headline --only "$family" \
                 --device "${HEADLINE_DEVICE:-cuda}" ${HEADLINE_ARGS:-} --out "$OUT_DIR" --budget-s "$budget" --no-plots
         done
-        run "$PYTHON" -m dynkernels.bench --report-only --out "$OUT_DIR"  # the report with plots; prints the verdicts
+        plots=""; [ "$PACK" = 1 ] && plots=--no-plots  # at most 8 files
+        run "$PYTHON" -m dynkernels.bench --report-only --out "$OUT_DIR" $plots  # the report; prints the verdicts
         ;;
     esac
 done
-say "done (status $STATUS); files in $OUT_DIR: $(ls "$OUT_DIR" | tr '\n' ' ')"
+if [ "$PACK" = 1 ]; then  # every other log (tune.log, pytest caches are not kept) in one archive
+    find "$OUT_DIR" -name '*.log' ! -name suite.log -print0 | tar -czf "$OUT_DIR/logs.tar.gz" --null -T - --remove-files 2>/dev/null
+fi
+say "done (status $STATUS) in $(( $(date +%s) - START )) s; files in $OUT_DIR: $(find "$OUT_DIR" -type f -printf '%P ' )"
 exit $STATUS
