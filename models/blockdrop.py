@@ -33,6 +33,18 @@ from dynkernels.ops.sample_gating import resolved_kernels
 
 
 # ----------------------------------------------------------------------------- residual branches
+
+def resnet_init(module: nn.Module) -> nn.Module:
+    """The initialisation of the ResNet code these models' releases build on: every conv
+    He-normal over its fan-out, every BatchNorm weight 1 and bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return module
+
 class BasicBranch(nn.Module):
     """F(x) of a basic block: conv3x3(stride) BN ReLU conv3x3 BN (no residual, no final ReLU);
     both convs dilated by `dilation` (padded to keep the size), as DeepLab's later stages."""
@@ -167,13 +179,7 @@ class BlockDropResNet(nn.Module):
         self.cuda_graphs = cuda_graphs
         self._kept_blocks = [KeptBlock(branch) for _, _, _, branch in self._stages()]
         self._flops_cache = {}
-        for m in self.modules():  # the release's initialisation
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        resnet_init(self)
 
     @property
     def execution(self) -> str:

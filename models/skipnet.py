@@ -59,7 +59,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from dynkernels.models._gating import bias_for_density, check_density, check_images, original_state_dict
-from dynkernels.models.blockdrop import BasicBranch, BottleneckBranch
+from dynkernels.models.blockdrop import BasicBranch, BottleneckBranch, resnet_init
 from dynkernels.nn.skip_block import SkipBlock, check_execution
 from dynkernels.ops import check_backend
 
@@ -231,14 +231,9 @@ class SkipNet(nn.Module):
         ]
         self.execution = execution
         self.gating = gating
-        for m in self.modules():  # the original's initialisation
-            if isinstance(m, nn.Conv2d):
-                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
-                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
+        resnet_init(self)  # the original's initialisation
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.weight.shape[0] * m.weight.shape[1])))
 
     @property

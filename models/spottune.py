@@ -26,14 +26,13 @@ conv2.1, bn2}, parallel_blocks.<s>.<b>.*, bn2.0, linear (the shortcuts have no p
 The release's policy network also builds `parallel_blocks` it never uses;
 SpotTunePolicyNet.load_state_dict drops them.
 """
-import math
 from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynkernels.models.blockdrop import BasicBranch, PadDownsample
+from dynkernels.models.blockdrop import BasicBranch, PadDownsample, resnet_init
 from dynkernels.nn.route_block import RoutePlan, run_sparse, training_bucket
 from dynkernels.nn.bucket import check_bucket
 from dynkernels.nn.skip_block import check_execution
@@ -58,15 +57,6 @@ def _stage_layout(layers: Sequence[int], inplanes: int = 32, widths=(64, 128, 25
         blocks.append([(inplanes, planes, 2)] + [(planes, planes, 1)] * (n - 1))
         inplanes = planes
     return blocks, shortcuts
-
-
-def _init_like_release(module: nn.Module):
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / (m.kernel_size[0] * m.kernel_size[1] * m.out_channels)))
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 class SpotTuneResNet(nn.Module):
@@ -95,7 +85,7 @@ class SpotTuneResNet(nn.Module):
         self.execution = execution
         self.backend = check_backend("SpotTuneResNet", backend)
         self.bucket = check_bucket("SpotTuneResNet", bucket)
-        _init_like_release(self)
+        resnet_init(self)
 
     @property
     def execution(self) -> str:
@@ -173,7 +163,7 @@ class SpotTunePolicyNet(nn.Module):
         self.linear = nn.Linear(256, 2 * num_blocks)
         self.layer_config = list(layers)
         self.num_blocks = num_blocks
-        _init_like_release(self)
+        resnet_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _checks.tensor("SpotTunePolicyNet", "x", x, (4,), "[N, 3, H, W]")
