@@ -451,3 +451,16 @@ def conv_dtypes(device: str, backend: str):
 def test_channel_sparse_conv2d(device, backend, n):
     small = backend == "triton" and device == "cpu"
     run_examples(device, backend, n, check_conv, conv_cases(conv_dtypes(device, backend), small))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_nan_out_gate_on_the_dense_cpu_path(grad):
+    """A case the deep profile found: "auto" on CPU tensors runs dense execution for dense
+    gates, which multiplied a NaN gate into its channel (NaN) instead of leaving it exactly 0
+    like every kernel and the reference (NaN > 0 is false: inactive)."""
+    x = torch.ones(2, 1, 1, 1, requires_grad=grad)
+    weight = torch.ones(2, 1, 1, 1)
+    out_gate = torch.tensor([[0.0, 0.0], [1.0, math.nan]]) if not grad else torch.tensor([[1.0, 2.0], [1.0, math.nan]])
+    with torch.set_grad_enabled(grad):
+        y = dynkernels.channel_sparse_conv2d(x, weight, None, out_gate, backend="auto", density=1.0)
+    assert torch.equal(y.detach(), reference.channel_sparse_conv2d(x.detach(), weight, None, out_gate))
