@@ -248,6 +248,13 @@ a NaN gate entry (or threshold) is inactive (`NaN > t` is false), an inf one act
 or zero gate entry is inactive (in a scaled SkipBlock, any non-zero scale is active); count is
 clamped to [0, the rows there are]; entries of idx past count are never read; capacity above
 or below count gives zero rows or drops the rows past capacity.
+
+Limits of one backend, not in the table because they need a GPU: the hand-written CUDA conv
+has no float64 path (`backend="cuda"` with float64 x raises `TypeError: channel_sparse_conv2d:
+backend='cuda' supports float32, float16 and bfloat16 x`; `"auto"` runs the reference there),
+at most 65535 samples, and index limits below 2^31 (`ValueError`; all checked before the kernel
+runs, in `_check_cuda_kernel_args` of `dynkernels/ops/channel_sparse_conv2d.py`); bfloat16 through Triton is tested on a GPU
+only (the interpreter mishandles bf16 arithmetic).
 """
 
 
