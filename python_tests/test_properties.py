@@ -21,9 +21,9 @@ What the tests hold the kernels to (the reference's semantics, DESIGN.md):
     matter of summation order).
 Exceptions, by design: bfloat16 through Triton runs on a GPU only (the interpreter mishandles
 bf16 arithmetic); the hand-written CUDA conv has no float64 path ("auto" runs the reference
-there); x holds finite values in the conv properties, since a non-finite value in a gated-off
-input channel is skipped by the kernels (that channel costs no FLOPs) but reaches the
-reference's output through x * 0 = NaN.
+there); the conv properties put inf and NaN into x only where there is no in_gate, since a
+non-finite value in a gated-off input channel is skipped by the kernels (that channel costs no
+FLOPs) but reaches the reference's output through x * 0 = NaN.
 """
 import math
 
@@ -414,6 +414,11 @@ def conv_cases(draw, dtypes, small: bool):
     gate_dtypes = (torch.float32, torch.float64, dtype)
     out_gate = draw(gates((n, cout), gate_dtypes))
     in_gate = draw(gates((n, cin), gate_dtypes)) if draw(st.booleans()) else None
+    if in_gate is None and draw(st.booleans()):  # inf and NaN inputs (see the module docstring)
+        pick = torch.randint(0, 12, x.shape, generator=gen)
+        x = x.clone(memory_format=torch.preserve_format)
+        x[pick == 0] = math.inf
+        x[pick == 1] = math.nan
     return x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift
 
 
