@@ -15,6 +15,8 @@ def check_images(owner: str, x) -> None:
 
 
 def check_density(owner: str, density: float) -> float:
+    if isinstance(density, bool) or not isinstance(density, (int, float)):
+        raise TypeError(f"{owner}: density must be a number in [0, 1], got {type(density).__name__} {density!r}")
     if not 0.0 <= density <= 1.0:
         raise ValueError(f"{owner}: density must be in [0, 1], got {density}")
     return float(density)

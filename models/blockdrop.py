@@ -219,6 +219,9 @@ class BlockDropResNet(nn.Module):
 
     def _check_input(self, x, policy):
         _checks.tensor("BlockDropResNet", "x", x, (4,), "[N, 3, H, W]")
+        if x.shape[1] != self.conv1.in_channels:
+            raise ValueError(f"BlockDropResNet: x must be [N, {self.conv1.in_channels}, H, W], got shape {tuple(x.shape)}")
+        _checks.floating("BlockDropResNet", "x", x)
         if policy is None:
             return
         _checks.tensor("BlockDropResNet", "policy", policy, (2,), f"[N, {self.num_blocks}] (samples x blocks)")

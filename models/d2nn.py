@@ -102,6 +102,7 @@ class HighLowCapacityD2NN(_D2NN):
 
     def __init__(self, num_classes: int = 2, width: int = 16, execution: str = "sparse", backend: str = "auto", bucket="auto"):
         super().__init__()
+        check_execution(type(self).__name__, execution)  # named here, not by the RouteBlock inside
         w = width
         self.trunk = nn.Sequential(conv_node(3, w), conv_node(w, w, 2))
         self.control = ControlNode(w, 2)
@@ -122,6 +123,7 @@ class CascadeD2NN(_D2NN):
 
     def __init__(self, num_classes: int = 2, width: int = 16, stages: int = 4, execution: str = "sparse", backend: str = "auto", bucket="auto"):
         super().__init__()
+        check_execution(type(self).__name__, execution)  # named here, not by the RouteBlock inside
         if stages < 1:
             raise ValueError(f"CascadeD2NN: stages must be >= 1, got {stages}")
         widths = [width * 2**k for k in range(stages)]
@@ -148,6 +150,7 @@ class ChainD2NN(_D2NN):
 
     def __init__(self, num_classes: int = 10, width: int = 16, links: int = 4, execution: str = "sparse", backend: str = "auto", bucket="auto"):
         super().__init__()
+        check_execution(type(self).__name__, execution)  # named here, not by the RouteBlock inside
         w = 2 * width
         self.stem = nn.Sequential(conv_node(3, width), conv_node(width, w, 2))
         self.controls = nn.ModuleList(ControlNode(w, 2) for _ in range(links))
@@ -192,6 +195,7 @@ class HierarchicalD2NN(_D2NN):
 
     def __init__(self, num_classes: int = 10, groups: Optional[Sequence[Sequence[int]]] = None, width: int = 16, execution: str = "sparse", backend: str = "auto", bucket="auto"):
         super().__init__()
+        check_execution(type(self).__name__, execution)  # named here, not by the RouteBlock inside
         if groups is None:
             bounds = [round(num_classes * g / 3) for g in range(4)]
             groups = [list(range(a, b)) for a, b in zip(bounds, bounds[1:]) if b > a]

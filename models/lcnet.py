@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynkernels.models._gating import bias_for_density, check_density
+from dynkernels.models._gating import bias_for_density, check_density, check_images
 from dynkernels.models.blockdrop import BasicBranch, BottleneckBranch
 from dynkernels.nn.fold import fold_batchnorm
 from dynkernels.nn.graphs import check_graphs_arg
@@ -130,8 +130,7 @@ class LNetResNet(nn.Module):
             b.skip.cuda_graphs = pool
 
     def seed(self, x):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4:
-            raise ValueError(f"LNetResNet: x must be a [N, 3, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        check_images("LNetResNet", x)
         return F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -358,8 +357,7 @@ class LCNetResNet(nn.Module):
             b.set_execution(value)
 
     def forward(self, x: torch.Tensor, return_saliences: bool = False):
-        if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != 3:
-            raise ValueError(f"LCNetResNet: x must be a [N, 3, H, W] tensor, got {getattr(x, 'shape', type(x).__name__)}")
+        check_images("LCNetResNet", x)
         x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
         s_l, s_c = [], []
         for block in self.blocks:

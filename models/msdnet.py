@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from dynkernels.models._gating import check_images
 from dynkernels.nn.bucket import check_bucket
 from dynkernels.nn.early_exit import check_thresholds, max_softmax, run_masked, run_sparse
 from dynkernels.nn.route_block import training_bucket
@@ -277,6 +278,7 @@ class MSDNet(nn.Module):
 
     def _check_input(self, x):
         _checks.tensor("MSDNet", "x", x, (4,), "[N, 3, H, W]")
+        check_images("MSDNet", x)
 
     def exit_logits(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Every classifier's logits on every image [N, num_classes] (the release's forward)."""

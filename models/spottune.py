@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dynkernels.models._gating import check_images
 from dynkernels.models.blockdrop import BasicBranch, PadDownsample, resnet_init
 from dynkernels.nn.route_block import RoutePlan, run_sparse, training_bucket
 from dynkernels.nn.bucket import check_bucket
@@ -110,6 +111,7 @@ class SpotTuneResNet(nn.Module):
 
     def _check_input(self, x, policy):
         _checks.tensor("SpotTuneResNet", "x", x, (4,), "[N, 3, H, W]")
+        check_images("SpotTuneResNet", x)
         if policy is None:
             return
         _checks.tensor("SpotTuneResNet", "policy", policy, (2,), f"[N, {self.num_blocks}] (images x blocks)")
@@ -209,6 +211,7 @@ class SpotTune(nn.Module):
         self.temperature = temperature
 
     def forward(self, x: torch.Tensor, mode: str = "deterministic") -> SpotTuneOutput:
+        self.backbone._check_input(x, None)  # before the policy net sees x
         policy = decide(self.policy_net(x), mode, self.temperature)
         return SpotTuneOutput(self.backbone(x, policy), policy)
 

@@ -3,6 +3,10 @@
 On a machine without a GPU the Triton kernels run on CPU tensors under the Triton
 interpreter, which must be switched on before any kernel module is imported: this file
 does it first. Tests that need a GPU carry the `cuda` marker and are skipped here.
+
+The hypothesis profile of the property tests ("ci" or "deep", from
+DYNKERNELS_HYPOTHESIS_PROFILE) is loaded here too (_hypothesis.py), and the number of
+property cases each op ran is printed at the end of the run.
 """
 import os
 
@@ -12,6 +16,8 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+import _hypothesis  # noqa: E402  (registers and loads the profile)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -24,3 +30,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _hypothesis.CASES:
+        cases = ", ".join(f"{op} {n}" for op, n in sorted(_hypothesis.CASES.items()))
+        terminalreporter.write_line(f"property cases: {cases} ({_hypothesis.describe()})")

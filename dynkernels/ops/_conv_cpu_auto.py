@@ -109,7 +109,8 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     g = out_gate.to(y.dtype)
     t = None if shift is None else shift.to(y.dtype)[None, :, None, None]
     gates = _host_view(out_gate)
-    n_idx, c_idx = (gates <= 0).nonzero()  # the inactive (sample, channel) pairs
+    active = gates > 0
+    n_idx, c_idx = (~active).nonzero()  # the inactive (sample, channel) pairs: zero, negative or NaN gates
     if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
         # out of place, so that autograd keeps what each backward needs
         if t is None and not len(n_idx) and not g.requires_grad and (gates == 1).all():
@@ -119,7 +120,7 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
             return scaled
         return torch.where((out_gate > 0)[:, :, None, None], scaled, torch.zeros((), dtype=y.dtype))
     if len(n_idx):
-        g = g * torch.from_numpy(gates > 0)  # inactive gates 0 (also the negative ones)
+        g = g.masked_fill(torch.from_numpy(~active), 0)  # inactive gates 0 (also the negative and NaN ones)
     if t is not None:
         torch.addcmul(t, y, g[:, :, None, None], out=y)
     elif len(n_idx) or not (gates == 1).all():

@@ -21,6 +21,7 @@ idx and count from compact / route) call the `Kernels` of a resolved backend (`k
 `resolved_kernels`), which go straight to the kernel.
 """
 import functools
+import numbers
 from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
@@ -281,6 +282,9 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     count int32 [1] or [B], the number of active positions per row. No host sync.
     """
     _checks.gate("compact", "gate", gate)
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        # float() would also take a string, or a tensor (reading a device value on the host)
+        raise TypeError(f"compact: threshold must be a real number, got {type(threshold).__name__} {threshold!r}")
     return kernels(resolve("compact", backend, gate.device)).compact(gate, float(threshold))
 
 
