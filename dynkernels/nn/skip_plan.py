@@ -92,13 +92,14 @@ def rows_to_run(owner: str, count: torch.Tensor, n: int, capacity: Optional[int]
     """(rows each block runs on, the kept counts or None): the kept counts, read with one host
     synchronisation and bucketed, or (capacity=C) C for every block, without reading them (C
     >= every count is checked where that costs no sync: on CPU tensors, or on a GPU when
-    DYNKERNELS_CHECK_INDICES=1)."""
+    DYNKERNELS_CHECK_INDICES=1; not while torch.compile traces, where reading a count would
+    break the graph)."""
     if capacity is None:
         kept = count.tolist()
         if bucket is None:
             return kept, kept
         return [_bucket.bucketed_rows(c, bucket, n) for c in kept], kept
-    if count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+    if not torch.compiler.is_compiling() and (count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         most = int(count.max()) if count.numel() else 0
         if most > capacity:
             raise ValueError(
