@@ -199,9 +199,16 @@ def run_kept(
     replay. fn's result is checked against base (rows, row shape, dtype) by a cheap test
     first; where that fails, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
+
+    A block no row keeps is not run, except where autograd records (grad mode): there it runs
+    on an empty batch, so that its parameters take part in the backward with exact zero
+    gradients. DistributedDataParallel (without find_unused_parameters) waits for a gradient
+    of every parameter, and another process may have run the block; an empty batch costs a
+    few empty kernel calls and the merge one copy of base (BatchNorm leaves its running
+    statistics alone on an empty batch).
     """
     rows = row.rows
-    if rows == 0:
+    if rows == 0 and not torch.is_grad_enabled():
         return base
     if row.kept == row.n:  # every row kept: the inputs are their own compact batch
         y = fn(*inputs)
