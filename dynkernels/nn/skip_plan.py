@@ -212,6 +212,7 @@ def run_kept(
         return base
     if row.kept == row.n:  # every row kept: the inputs are their own compact batch
         y = fn(*inputs)
+        base, y = autocast_merge_dtypes(base, y)
         if type(y) is not torch.Tensor or y.shape != base.shape or y.dtype != base.dtype:
             (check_result or check_compact_result)(owner, base, y, rows)
         return y if scale is None else k.scatter_add_rows(base, y, row.idx, row.count, scale)
@@ -225,7 +226,20 @@ def run_kept(
         return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result)
 
 
+def autocast_merge_dtypes(base, y):
+    """(base, y) in one dtype where torch.autocast is on and they are floating tensors of two
+    dtypes (a block's result in the autocast dtype, an identity shortcut of a float32 input):
+    the promoted one, which masked execution's arithmetic (y * m + base * (1 - m)) gives.
+    Otherwise unchanged (outside autocast two dtypes are an error of the block)."""
+    if (type(y) is torch.Tensor and y.dtype != base.dtype and y.dtype.is_floating_point and base.dtype.is_floating_point
+            and base.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(base.device.type)):
+        dtype = torch.promote_types(base.dtype, y.dtype)
+        return base.to(dtype), y.to(dtype)
+    return base, y
+
+
 def _merge(owner, base, y, row, k, scale, check_result):
+    base, y = autocast_merge_dtypes(base, y)
     # (tuple slices: slicing a torch.Size costs several times more)
     if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (row.rows,) + tuple(base.shape)[1:]:
         (check_result or check_compact_result)(owner, base, y, row.rows)

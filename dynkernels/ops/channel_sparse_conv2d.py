@@ -248,6 +248,22 @@ def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, padding, back
     return "cuda"
 
 
+def autocast_operands(x, weight, bias, shift):
+    """(x, weight, bias, shift) as torch.autocast runs conv2d: in the autocast dtype where it is
+    enabled for x's device (float32 operands cast; float64 ones kept, as autocast keeps them),
+    so that the kernels and dense execution see one dtype, and give what nn.Conv2d would. The
+    gates keep their dtype (the kernels read them in float32). Outside autocast: unchanged."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return x, weight, bias, shift
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t if t is None or t.dtype in (dtype, torch.float64) or not t.dtype.is_floating_point else t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias), cast(shift)
+
+
 def dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None):
     """The contract by dense execution: one conv2d of the whole input (cuDNN / oneDNN), then
     one pass over its output, y = conv * g' + (bias * g' + shift * [g > 0]) with
@@ -323,7 +339,12 @@ def channel_sparse_conv2d(
     layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
     e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs), and the C++
     channel-sparse kernel below it.
+
+    Under torch.autocast (CPU or CUDA) x, weight, bias and shift run in the autocast dtype, as
+    conv2d does there (autocast_operands); the output has that dtype.
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, shift = autocast_operands(x, weight, bias, shift)
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     density = check_density("channel_sparse_conv2d", density)
     check_config("channel_sparse_conv2d", config)
