@@ -168,6 +168,22 @@ def test_spottune_with_its_route_built_ahead_one_graph():
     assert counter.frame_count == 1
 
 
+@torch.no_grad()
+def test_autocast_inside_a_compiled_forward():
+    conv = GatedConv2d(8, 12, 3, padding=1).eval()
+    block = SkipBlock(conv_block(), capacity=3).eval()
+    x, gate, keep = torch.randn(4, 8, 6, 6), torch.rand(4, 12), torch.tensor([1.0, 0, 1, 0])
+
+    def forward(x, gate, keep):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return conv(x, gate), block(x, keep)
+
+    fast, counter = compiled(forward)
+    for a, e in zip(fast(x, gate, keep), forward(x, gate, keep)):
+        assert_close(a, e)  # (one dtype each: bfloat16 conv, the merge promoted to float32)
+    assert counter.frame_count == 1
+
+
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.cuda
 @pytest.mark.parametrize("mode", [None, "reduce-overhead"], ids=["inductor", "cuda-graph"])
