@@ -362,8 +362,9 @@ class PolicyNet(nn.Module):
     keep probability per block (sigmoid). `vnet` is the release's value head: BlockDrop trains
     with a self-critical baseline and never uses it; it is kept so that the release's agent
     checkpoints load with strict=True, and its parameters do not require grad, so that
-    DistributedDataParallel (without find_unused_parameters) does not wait for their gradients. `input_pool`: average-pooling factor applied to the
-    input first (ImageNet: 2, so a 224x224 image is seen at 112x112)."""
+    DistributedDataParallel (without find_unused_parameters) does not wait for their gradients.
+    `input_pool`: average-pooling factor applied to the input first (ImageNet: 2, so a 224x224
+    image is seen at 112x112)."""
 
     def __init__(self, features: BlockDropResNet, num_blocks: int, input_pool: int = 1):
         super().__init__()

@@ -166,6 +166,8 @@ def test_spottune_with_its_route_built_ahead_one_graph():
     fast, counter = compiled(model)
     assert_close(fast(x, policy, model.route(policy)), model(x, policy), rtol=1e-5)
     assert counter.frame_count == 1
+    with pytest.raises(ValueError, match=r"SpotTuneResNet: plan must be route\(policy\) for the given policy \(3 blocks\)"):
+        model(x, None, model.route(policy))
 
 
 @torch.no_grad()

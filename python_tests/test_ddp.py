@@ -172,3 +172,11 @@ def test_the_dropped_block_is_really_unused_on_process_0():
             step(case, model, slice(rank * PER_RANK, (rank + 1) * PER_RANK))
             sums.append(sum(float(p.grad.abs().sum()) for p in params(model)))
         assert sums[0] == 0.0 and sums[1] > 0.0, (case, sums)
+
+
+def test_reinforce_step_checks_the_given_draw():
+    agent = build("reinforce")
+    x, y, uniform = data("reinforce")
+    opt = torch.optim.SGD(agent.policy_net.parameters(), lr=0.0)
+    with pytest.raises(ValueError, match=r"reinforce_step: uniform must be a tensor of the policy's shape \(6, 6\), got torch.Size\(\[6, 5\]\)"):
+        reinforce_step(agent, x, y, opt, uniform=uniform[:, :5])
