@@ -21,6 +21,8 @@ them, without inductor's slow C++ compile on this machine); GatedConv2d and Skip
 with inductor. The `cuda` tests repeat the capacity-mode model with inductor on the GPU, and with
 mode="reduce-overhead", i.e. replayed from a CUDA graph.
 """
+import importlib
+
 import pytest
 import torch
 import torch.nn as nn
@@ -184,6 +186,32 @@ def test_autocast_inside_a_compiled_forward():
     for a, e in zip(fast(x, gate, keep), forward(x, gate, keep)):
         assert_close(a, e)  # (one dtype each: bfloat16 conv, the merge promoted to float32)
     assert counter.frame_count == 1
+
+
+@pytest.mark.filterwarnings("ignore:dynkernels. no tuned conv configurations")
+def test_host_side_choices_are_constants_under_compile(monkeypatch):
+    """What the CUDA paths ask the build and the tuned tables (files read under a lock) is
+    taken as a constant while torch.compile traces, not traced into (checked on the CPU with a
+    mocked device: the GPU tests run the real thing)."""
+    from dynkernels import _extension, tuned_configs
+
+    conv_ops = importlib.import_module("dynkernels.ops.channel_sparse_conv2d")  # the module, not the function
+
+    monkeypatch.setattr(tuned_configs, "device_name", lambda device: "Fake GPU")
+    monkeypatch.setattr(tuned_configs, "num_sms", lambda device: 132)
+    key = (64, 64, 3, 3, (1, 1), 16, 16, 32, "float16", "out")
+
+    def choices(x):
+        flags = (_extension.cuda_kernels_compiled(), _extension.triton_available(), _extension.triton_interpret())
+        return x + sum(flags) + len(tuned_configs.cuda_config_ids()), [
+            conv_ops._gpu_choice(key, torch.device("cuda", 0), backend, resolved, 0.5)
+            for backend, resolved in (("auto", "cuda"), ("triton", "triton"))
+        ]
+
+    fast, counter = compiled(choices)
+    x = torch.zeros(2)
+    (y, got), (y_eager, expected) = fast(x), choices(x)
+    assert got == expected and torch.equal(y, y_eager) and counter.frame_count == 1
 
 
 # ----------------------------------------------------------------------------- GPU
