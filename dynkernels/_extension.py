@@ -49,6 +49,7 @@ def _load():
 _C = _load()
 
 
+@torch.compiler.assume_constant_result  # constant per process: compile calls it, not traces it
 def cuda_kernels_compiled() -> bool:
     """Whether the hand-written CUDA kernels are in this build."""
     if _C is not None:
@@ -57,10 +58,12 @@ def cuda_kernels_compiled() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # constant per process: compile calls it, not traces it
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@torch.compiler.assume_constant_result  # constant per process: compile calls it, not traces it
 def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 

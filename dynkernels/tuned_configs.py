@@ -134,13 +134,16 @@ class ConvKey:
 
     @classmethod
     def of(cls, x: torch.Tensor, weight: torch.Tensor, in_gate, out_shape: Sequence[int], stride: Sequence[int]):
+        return cls(*cls.fields_of(x, weight, in_gate, out_shape, stride))
+
+    @staticmethod
+    def fields_of(x: torch.Tensor, weight: torch.Tensor, in_gate, out_shape: Sequence[int], stride: Sequence[int]) -> tuple:
+        """The key's fields in order, as a plain tuple (a constant torch.compile can pass on)."""
         # int(): under tracing with dynamic shapes this specialises on the sizes, as the choice of
         # a tile does anyway (and keeps the key hashable)
-        return cls(
-            cin=int(x.shape[1]), cout=int(weight.shape[0]), kh=int(weight.shape[2]), kw=int(weight.shape[3]),
-            stride=(int(stride[0]), int(stride[1])), ho=int(out_shape[2]), wo=int(out_shape[3]), n=int(x.shape[0]),
-            dtype=str(x.dtype).replace("torch.", ""), gating="out" if in_gate is None else "in+out",
-        )
+        return (int(x.shape[1]), int(weight.shape[0]), int(weight.shape[2]), int(weight.shape[3]),
+                (int(stride[0]), int(stride[1])), int(out_shape[2]), int(out_shape[3]), int(x.shape[0]),
+                str(x.dtype).replace("torch.", ""), "out" if in_gate is None else "in+out")
 
     @property
     def pixels(self) -> int:
@@ -443,6 +446,7 @@ def cuda_conv_configs() -> List[dict]:
 
 
 @functools.lru_cache(maxsize=None)
+@torch.compiler.assume_constant_result  # (inside the cache, which torch.compile sees through)
 def cuda_config_ids() -> Tuple[int, ...]:
     """The CUDA kernel's config ids (read once: a build's configurations do not change)."""
     return tuple(int(c["id"]) for c in cuda_conv_configs())

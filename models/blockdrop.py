@@ -370,8 +370,10 @@ class PolicyNet(nn.Module):
     """BlockDrop's policy network: a small ResNet (`features`, no fc), then `logit` gives one
     keep probability per block (sigmoid). `vnet` is the release's value head: BlockDrop trains
     with a self-critical baseline and never uses it; it is kept so that the release's agent
-    checkpoints load with strict=True. `input_pool`: average-pooling factor applied to the
-    input first (ImageNet: 2, so a 224x224 image is seen at 112x112)."""
+    checkpoints load with strict=True, and its parameters do not require grad, so that
+    DistributedDataParallel (without find_unused_parameters) does not wait for their gradients.
+    `input_pool`: average-pooling factor applied to the input first (ImageNet: 2, so a 224x224
+    image is seen at 112x112)."""
 
     def __init__(self, features: BlockDropResNet, num_blocks: int, input_pool: int = 1):
         super().__init__()
@@ -379,7 +381,7 @@ class PolicyNet(nn.Module):
             raise ValueError(f"PolicyNet: num_blocks must be a positive int, got {num_blocks!r}")
         self.features = features
         self.logit = nn.Linear(features.feat_dim, num_blocks)
-        self.vnet = nn.Linear(features.feat_dim, 1)
+        self.vnet = nn.Linear(features.feat_dim, 1).requires_grad_(False)
         self.num_blocks = num_blocks
         self.input_pool = input_pool
 

@@ -51,8 +51,15 @@ def reinforce_step(
     penalty: float = -1.0,
     beta: float = 0.1,
     cl_step: Optional[int] = None,
+    uniform: Optional[torch.Tensor] = None,
 ) -> StepStats:
-    """One policy-gradient step on the policy network (the backbone is frozen, in eval mode)."""
+    """One policy-gradient step on the policy network (the backbone is frozen, in eval mode).
+
+    uniform: None, or numbers in [0, 1) of the policy's shape [N, K] that draw it (block k of
+    sample n kept where uniform[n, k] < its bounded keep probability), e.g. to replay one draw
+    for a batch split across processes (each passes its rows). agent.policy_net may be wrapped
+    (DistributedDataParallel: the averaged gradients are those of one step on the combined
+    batch, except that the policy net's BatchNorm takes its training statistics per process)."""
     k = agent.backbone.num_blocks
     agent.policy_net.train()
     agent.backbone.eval()
@@ -60,7 +67,13 @@ def reinforce_step(
     greedy = (probs.detach() >= 0.5).to(probs.dtype)
     bounded = probs * agent.alpha + (1 - probs) * (1 - agent.alpha)
     distr = Bernoulli(bounded)
-    policy = distr.sample()
+    if uniform is None:
+        policy = distr.sample()
+    else:
+        if not isinstance(uniform, torch.Tensor) or uniform.shape != bounded.shape:
+            raise ValueError(f"reinforce_step: uniform must be a tensor of the policy's shape {tuple(bounded.shape)}, "
+                             f"got {getattr(uniform, 'shape', type(uniform).__name__)}")
+        policy = (uniform.to(bounded.device) < bounded.detach()).to(bounded.dtype)
     decided = None
     if cl_step is not None and cl_step < k:  # curriculum: the first k - cl_step blocks stay on
         policy[:, : k - cl_step] = 1

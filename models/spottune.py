@@ -66,7 +66,9 @@ class SpotTuneResNet(nn.Module):
     forward(x, policy=None): x [N, 3, H, W]; policy [N, num_blocks], 1 (or True, or > 0.5)
     where the image takes the fine-tuned copy of a block, 0 for the frozen one; None runs the
     frozen network (the release's forward without a policy). execution "masked" | "sparse"
-    (settable), bucket as in dynkernels.nn.RouteBlock.
+    (settable), bucket as in dynkernels.nn.RouteBlock. forward(x, policy, plan) with plan =
+    route(policy) built ahead reads nothing on the host (sparse execution without a host
+    sync: torch.compile(fullgraph=True) traces it as one graph).
     """
 
     def __init__(self, layers: Sequence[int] = (4, 4, 4), num_classes: int = 10, execution: str = "sparse", backend: str = "auto", bucket="auto"):
@@ -119,8 +121,18 @@ class SpotTuneResNet(nn.Module):
             raise ValueError(f"SpotTuneResNet: policy must be [N, num_blocks] = [{x.shape[0]}, {self.num_blocks}], got {tuple(policy.shape)}")
         _checks.same_device("SpotTuneResNet", "policy", policy, "x", x)
 
-    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def route(self, policy: torch.Tensor) -> RoutePlan:
+        """The route of every block for a policy [N, num_blocks] (one `route` call, one host
+        sync): what a sparse forward builds, for a caller that builds it ahead, e.g. outside a
+        torch.compile'd forward, which then reads nothing on the host."""
+        choice = (policy > 0.5).to(torch.int64) if policy.dtype != torch.bool else policy.to(torch.int64)
+        return RoutePlan(choice, 2, self.backend)
+
+    def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None, plan: Optional[RoutePlan] = None) -> torch.Tensor:
+        """plan: route(policy) built ahead (sparse execution), or None to build it here."""
         self._check_input(x, policy)
+        if plan is not None and (policy is None or not isinstance(plan, RoutePlan) or len(plan) != self.num_blocks):
+            raise ValueError(f"SpotTuneResNet: plan must be route(policy) for the given policy ({self.num_blocks} blocks)")
         x = self.seed(x)
         if policy is None:
             for _, frozen, _ in self._copies():
@@ -131,8 +143,8 @@ class SpotTuneResNet(nn.Module):
                 m = mask[:, t].to(x.dtype).view(-1, 1, 1, 1)
                 x = frozen(x) * (1 - m) + tuned(x) * m
         else:
-            choice = (policy > 0.5).to(torch.int64) if policy.dtype != torch.bool else policy.to(torch.int64)
-            plan = RoutePlan(choice, 2, self.backend)  # every block's route, one host sync
+            if plan is None:
+                plan = self.route(policy)  # every block's route, one host sync
             bucket = training_bucket("SpotTuneResNet", self.bucket, self, x.device)
             for t, frozen, tuned in self._copies():
                 x = run_sparse(x, [frozen, tuned], plan[t], bucket, self.backend, owner="SpotTuneResNet")

@@ -86,7 +86,8 @@ def tame_bn(model):
         if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
             m.running_mean.uniform_(-0.2, 0.2)
             m.running_var.uniform_(2.0, 4.0)
-            m.weight.data.uniform_(0.3, 0.6)
+            if m.weight is not None:  # (FBS's BatchNorm has no affine parameters)
+                m.weight.data.uniform_(0.3, 0.6)
     return model.eval()
 
 

@@ -125,13 +125,22 @@ def test_later_stages_run_only_on_the_samples_still_in():
 
 
 def test_every_sample_leaves_at_the_first_exit():
-    """Threshold 0: every sample exits at once; later stages never run (an empty stage)."""
+    """Threshold 0: every sample exits at once; later stages never run (an empty stage), except
+    in grad mode, where they run on an empty batch so that every parameter gets its (zero)
+    gradient, as DistributedDataParallel without find_unused_parameters needs."""
     m = model(counted=True, threshold=0.0)
     x = torch.randn(6, 4, 8, 8)
-    (lm, em), (ls, es) = both(m, x)
+    with torch.no_grad():
+        (lm, em), (ls, es) = both(m, x)
     assert torch.equal(es, torch.zeros(6, dtype=torch.int64)) and torch.equal(em, es)
     assert_close(ls, lm, rtol=RTOL)
     assert [s.batches for s in m.stages] == [[6, 6], [6], [6]]
+    m.execution = "sparse"
+    logits, _ = m(x)
+    logits.sum().backward()
+    assert [s.batches for s in m.stages] == [[6, 6, 6], [6, 0], [6, 0]]
+    later = [p.grad for k in (1, 2) for p in list(m.stages[k].parameters()) + list(m.exits[k].parameters())]
+    assert all(g is not None and torch.count_nonzero(g) == 0 for g in later)
 
 
 def test_threshold_one_keeps_everyone_to_the_last_exit():

@@ -125,7 +125,9 @@ def run_sparse(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stage k on the compact batch of the samples still in; each exit's logits written into
     their rows of the output in place. bucket: a resolved bucket (see nn.bucket). One host
-    sync per exit but the last."""
+    sync per exit but the last. Once every sample has left, the later stages and exits are not
+    run, except in grad mode: there they run on an empty batch, so that their parameters get
+    (zero) gradients, which DistributedDataParallel without find_unused_parameters waits for."""
     first = _batch(x)
     n, device = first.shape[0], first.device
     kernels = _gating.resolved_backend("EarlyExit", backend, device)
@@ -152,8 +154,8 @@ def run_sparse(
         stay[real:] = False  # padding rows
         idx, count = ops.compact(stay, backend=kernels)
         staying = int(count)  # the one host synchronisation of this exit
-        if staying == 0:
-            break
+        if staying == 0 and not torch.is_grad_enabled():
+            break  # (in grad mode the later stages run on an empty batch: see the docstring)
         if staying == real:  # nobody left: the batch stays as it is
             continue
         rows = bucketed_rows(staying, bucket, n)

@@ -128,6 +128,12 @@ def run_sparse(
     rows of out, which is then required. Branches that no sample chose are not called; a
     branch every sample chose runs on x itself (the route is then the identity). No host sync
     beyond the one that made `row`.
+
+    Where autograd records (grad mode), a branch no sample chose runs on an empty batch, and a
+    branch every sample chose on its gathered batch like the others, so that every branch's
+    parameters take part in the backward (exact zero gradients for the unchosen ones):
+    DistributedDataParallel without find_unused_parameters waits for a gradient of every
+    parameter, and another process's samples may have chosen the branch.
     """
     n = x.shape[0]
     if row.idx.shape[0] != n or row.idx.device != x.device:
@@ -138,11 +144,12 @@ def run_sparse(
         raise ValueError(f"{owner}: a branch that is not run (None) keeps its samples' rows of `out`, so out must be given")
     kernels = _gating.resolved_backend(owner, backend, x.device)
     k = _gating.kernels(kernels)
+    every_branch = torch.is_grad_enabled() and len(branches) > 1  # (see the docstring)
     for b, branch in enumerate(branches):
         size = row.size(b)
-        if size == 0 or branch is None:
+        if branch is None or (size == 0 and not every_branch):
             continue
-        if size == n:  # every sample chose this branch
+        if size == n and not every_branch:  # every sample chose this branch
             y = branch(x)
             _check_branch_result(owner, y, n, out, b)
             return y

@@ -92,13 +92,14 @@ def rows_to_run(owner: str, count: torch.Tensor, n: int, capacity: Optional[int]
     """(rows each block runs on, the kept counts or None): the kept counts, read with one host
     synchronisation and bucketed, or (capacity=C) C for every block, without reading them (C
     >= every count is checked where that costs no sync: on CPU tensors, or on a GPU when
-    DYNKERNELS_CHECK_INDICES=1)."""
+    DYNKERNELS_CHECK_INDICES=1; not while torch.compile traces, where reading a count would
+    break the graph)."""
     if capacity is None:
         kept = count.tolist()
         if bucket is None:
             return kept, kept
         return [_bucket.bucketed_rows(c, bucket, n) for c in kept], kept
-    if count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU:
+    if not torch.compiler.is_compiling() and (count.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         most = int(count.max()) if count.numel() else 0
         if most > capacity:
             raise ValueError(
@@ -198,12 +199,20 @@ def run_kept(
     replay. fn's result is checked against base (rows, row shape, dtype) by a cheap test
     first; where that fails, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
+
+    A block no row keeps is not run, except where autograd records (grad mode): there it runs
+    on an empty batch, so that its parameters take part in the backward with exact zero
+    gradients. DistributedDataParallel (without find_unused_parameters) waits for a gradient
+    of every parameter, and another process may have run the block; an empty batch costs a
+    few empty kernel calls and the merge one copy of base (BatchNorm leaves its running
+    statistics alone on an empty batch).
     """
     rows = row.rows
-    if rows == 0:
+    if rows == 0 and not torch.is_grad_enabled():
         return base
     if row.kept == row.n:  # every row kept: the inputs are their own compact batch
         y = fn(*inputs)
+        base, y = autocast_merge_dtypes(base, y)
         if type(y) is not torch.Tensor or y.shape != base.shape or y.dtype != base.dtype:
             (check_result or check_compact_result)(owner, base, y, rows)
         return y if scale is None else k.scatter_add_rows(base, y, row.idx, row.count, scale)
@@ -217,7 +226,20 @@ def run_kept(
         return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result)
 
 
+def autocast_merge_dtypes(base, y):
+    """(base, y) in one dtype where torch.autocast is on and they are floating tensors of two
+    dtypes (a block's result in the autocast dtype, an identity shortcut of a float32 input):
+    the promoted one, which masked execution's arithmetic (y * m + base * (1 - m)) gives.
+    Otherwise unchanged (outside autocast two dtypes are an error of the block)."""
+    if (type(y) is torch.Tensor and y.dtype != base.dtype and y.dtype.is_floating_point and base.dtype.is_floating_point
+            and base.device.type in ("cpu", "cuda") and torch.is_autocast_enabled(base.device.type)):
+        dtype = torch.promote_types(base.dtype, y.dtype)
+        return base.to(dtype), y.to(dtype)
+    return base, y
+
+
 def _merge(owner, base, y, row, k, scale, check_result):
+    base, y = autocast_merge_dtypes(base, y)
     # (tuple slices: slicing a torch.Size costs several times more)
     if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (row.rows,) + tuple(base.shape)[1:]:
         (check_result or check_compact_result)(owner, base, y, row.rows)

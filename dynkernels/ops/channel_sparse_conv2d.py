@@ -239,13 +239,29 @@ def _check_cuda_kernel_args(x: torch.Tensor, weight: torch.Tensor, padding, back
             "Cout * kh * kw * Cin (Cin rounded up to a multiple of 8) below 2^31, got x of shape "
             f"{tuple(x.shape)}, padding {tuple(padding)} and weight of shape {tuple(weight.shape)}"
         )
-    n = len(cuda_conv_configs())
+    n = len(tuned_configs.cuda_config_ids())
     if config >= n:
         raise ValueError(
             f"channel_sparse_conv2d: config {config} is not a tile configuration of the CUDA kernel: use -1 "
             f"(its own choice) or an id in [0, {n}) of dynkernels._C.cuda_conv_configs()"
         )
     return "cuda"
+
+
+def autocast_operands(x, weight, bias, shift):
+    """(x, weight, bias, shift) as torch.autocast runs conv2d: in the autocast dtype where it is
+    enabled for x's device (float32 operands cast; float64 ones kept, as autocast keeps them),
+    so that the kernels and dense execution see one dtype, and give what nn.Conv2d would. The
+    gates keep their dtype (the kernels read them in float32). Outside autocast: unchanged."""
+    device = x.device.type
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return x, weight, bias, shift
+    dtype = torch.get_autocast_dtype(device)
+
+    def cast(t):
+        return t if t is None or t.dtype in (dtype, torch.float64) or not t.dtype.is_floating_point else t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias), cast(shift)
 
 
 def dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift=None):
@@ -272,15 +288,23 @@ def gpu_choice(x, weight, in_gate, stride, padding, dilation, backend: str, reso
     between the kernels and dense execution. The configuration comes from the device's tuned
     table: a TileConfig list for "triton", a config id for "cuda" (-1, the kernel's heuristic,
     where the table has none or names an id this build lacks), None for "dense"."""
-    key = tuned_configs.ConvKey.of(x, weight, in_gate, conv2d_output_shape(x, weight, stride, padding, dilation), stride)
+    out_shape = conv2d_output_shape(x, weight, stride, padding, dilation)
+    return _gpu_choice(tuned_configs.ConvKey.fields_of(x, weight, in_gate, out_shape, stride), x.device, backend, resolved, density)
+
+
+@torch.compiler.assume_constant_result
+def _gpu_choice(key_fields: tuple, device: torch.device, backend: str, resolved: str, density):
+    """gpu_choice from constants only: the tuned tables are host state (files, a lock), so
+    torch.compile calls this while it traces and keeps the answer, instead of tracing it."""
+    key = tuned_configs.ConvKey(*key_fields)
     run = resolved
     if backend == "auto":
-        entry = tuned_configs.entry_for(tuned_configs.device_name(x.device), key, density)
+        entry = tuned_configs.entry_for(tuned_configs.device_name(device), key, density)
         run = gpu_execution(entry, density, cuda_kernels_compiled(), triton_available())
     if run == "triton":
-        return run, tuned_configs.triton_config(x.device, key, density).to_list()
+        return run, tuned_configs.triton_config(device, key, density).to_list()
     if run == "cuda":
-        cid = tuned_configs.cuda_config(x.device, key, density)
+        cid = tuned_configs.cuda_config(device, key, density)
         return run, cid if cid in tuned_configs.cuda_config_ids() else -1
     return run, None
 
@@ -323,7 +347,12 @@ def channel_sparse_conv2d(
     layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
     e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs), and the C++
     channel-sparse kernel below it.
+
+    Under torch.autocast (CPU or CUDA) x, weight, bias and shift run in the autocast dtype, as
+    conv2d does there (autocast_operands); the output has that dtype.
     """
+    if isinstance(x, torch.Tensor):
+        x, weight, bias, shift = autocast_operands(x, weight, bias, shift)
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     density = check_density("channel_sparse_conv2d", density)
     check_config("channel_sparse_conv2d", config)

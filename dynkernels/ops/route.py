@@ -44,13 +44,14 @@ def check_num_branches(op: str, num_branches) -> int:
 
 def check_choice(op: str, choice, num_branches: int, name: str = "choice", shape: str = "[N] or [R, N]"):
     """choice: a 1-D or 2-D integer tensor; its values in [0, num_branches) where that costs no
-    sync (CPU tensors, or a GPU with DYNKERNELS_CHECK_INDICES=1)."""
+    sync (CPU tensors, or a GPU with DYNKERNELS_CHECK_INDICES=1) and no graph break (not while
+    torch.compile traces: the values are host reads)."""
     _checks.tensor(op, name, choice, (1, 2), shape)
     if choice.dtype not in _INT_DTYPES:
         raise TypeError(f"{op}: {name} must be an integer tensor (uint8, int8, int16, int32, int64), got {choice.dtype}")
     if choice.shape[-1] > 2**31 - 1:
         raise ValueError(f"{op}: rows longer than 2^31-1 are not supported")
-    if choice.numel() and (choice.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
+    if choice.numel() and not torch.compiler.is_compiling() and (choice.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         lo, hi = (int(v) for v in torch.aminmax(choice))
         if lo < 0 or hi >= num_branches:
             bad = ((choice < 0) | (choice >= num_branches)).nonzero()[0].tolist()

@@ -175,7 +175,11 @@ def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
     """resolve(owner, backend, device), remembered per (backend, device): the answer depends
     only on those and on how dynkernels was built and imported (TRITON_INTERPRET is read
     before import), so callers on a hot path pay a dict lookup, not the checks (keyed by the
-    device itself: device.type builds a new string on every call)."""
+    device itself: device.type builds a new string on every call). While torch.compile traces
+    it is resolved afresh (traced once per graph): a cache filled during tracing would fail
+    the compiled graph's guards on its next call and compile it a second time."""
+    if torch.compiler.is_compiling():
+        return resolve(owner, backend, device)
     key = (backend, device)
     b = _RESOLVED.get(key)
     if b is None:
@@ -186,8 +190,10 @@ def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
 def resolved_kernels(owner: str, backend: str, device: torch.device) -> Kernels:
     """kernels(resolved_backend(owner, backend, device)), remembered the same way; in
     inference mode (outside torch.compile) the direct ones. For one forward: the mode is
-    read here, once."""
-    key = (backend, device, torch.is_inference_mode_enabled() and not torch.compiler.is_compiling())
+    read here, once. Not cached while torch.compile traces (see resolved_backend)."""
+    if torch.compiler.is_compiling():
+        return kernels(resolve(owner, backend, device))
+    key = (backend, device, torch.is_inference_mode_enabled())
     k = _RESOLVED_KERNELS.get(key)
     if k is None:
         k = _RESOLVED_KERNELS[key] = kernels(resolved_backend(owner, backend, device), key[2])
@@ -209,7 +215,7 @@ def _run(op, *args, differentiable: bool = True):
     the call torch.library's autograd wrapper would make, without that Python wrapper (a
     few microseconds per op, paid by every eager forward). Inference mode excludes autograd
     itself, so there the op is called as it is."""
-    if torch.is_inference_mode_enabled() or torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (is_compiling first: compile cannot trace the other)
         return op(*args)
     if differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
