@@ -139,7 +139,7 @@ def ddp_grads(tmp_path_factory):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail("the DDP processes did not finish (a gradient DDP waited for never came?)")
+            pytest.fail(f"the DDP processes did not finish within {3 * TIMEOUT_S} s")
     per_rank = [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(WORLD)]
     return {case: [g[case] for g in per_rank] for case in CASES}
 
