@@ -3,9 +3,10 @@
 Each process takes one step of a model on its half of a batch; the gradients DDP averages must
 equal those of one process stepping on the whole batch (same initialisation, same data). Every
 case has a block, branch or channel that no sample of process 0 uses while process 1's samples
-use it: sparse execution does not run a block for nobody, and DDP without
-find_unused_parameters would wait for its parameters' gradients forever (dynkernels.nn's sparse
-paths run such a block on an empty batch in grad mode instead: zero gradients, see run_kept).
+use it: sparse execution does not run a block for nobody, while DDP without
+find_unused_parameters expects every parameter's gradient in every step (without one, the
+averaged gradients of that block came out wrong here). dynkernels.nn's sparse paths run such a
+block on an empty batch in grad mode instead: zero gradients (see run_kept).
 
 BatchNorm in training mode takes its statistics per process under DDP (SyncBatchNorm needs
 GPUs), so the backbones step with frozen BatchNorm statistics (eval mode, or training mode with
@@ -33,7 +34,7 @@ from dynkernels.models.spottune import SpotTuneResNet
 
 WORLD = 2
 PER_RANK = 3  # samples per process
-TIMEOUT_S = 45  # a process waiting for a gradient that never comes fails the test instead of hanging it
+TIMEOUT_S = 45  # a process stuck in a collective fails the test instead of hanging it
 DROPPED = 2  # the block (BlockDrop, SpotTune, LC-Net) that process 0's samples do not use
 
 
@@ -138,7 +139,7 @@ def ddp_grads(tmp_path_factory):
         if time.monotonic() > deadline:
             for p in context.processes:
                 p.kill()
-            pytest.fail("the DDP processes did not finish (a gradient DDP waited for never came?)")
+            pytest.fail(f"the DDP processes did not finish within {3 * TIMEOUT_S} s")
     per_rank = [torch.load(os.path.join(out_dir, f"{r}.pt")) for r in range(WORLD)]
     return {case: [g[case] for g in per_rank] for case in CASES}
 
