@@ -159,7 +159,7 @@ def rows():
         R("convert", "bad backend name", lambda: dnn.convert(nn.Conv2d(3, 4, 3), backend="cudnn"), ValueError, "convert: backend must be one of ('auto', 'cuda', 'cpu', 'triton', 'torch')"),
         R("FBSConv2d", "density zero", lambda: dnn.FBSConv2d(3, 4, 3, density=0), ValueError, 'FBSConv2d: density must be in (0, 1]'),
         R("FBSConv2d", "bad execution string", lambda: dnn.FBSConv2d(3, 4, 3, execution="fast"), ValueError, "FBSConv2d: execution must be one of ('masked', 'sparse')"),
-        R("FBSConv2d", "bad backend name", lambda: dnn.FBSConv2d(3, 4, 3, backend="cudnn"), ValueError, "GatedConv2d: backend must be one of ('auto', 'cuda', 'cpu', 'triton', 'torch')"),
+        R("FBSConv2d", "bad backend name", lambda: dnn.FBSConv2d(3, 4, 3, backend="cudnn"), ValueError, "FBSConv2d: backend must be one of ('auto', 'cuda', 'cpu', 'triton', 'torch')"),
         R("FBSConv2d", "x with another channel count", lambda: dnn.FBSConv2d(4, 4, 3)(img), ValueError, 'FBSConv2d: x must be [N, 4, H, W]'),
         R("FBSConv2d", "in_gate of another shape", lambda: dnn.FBSConv2d(3, 4, 3)(img, torch.ones(2, 4)), ValueError, 'FBSConv2d: in_gate must be [N, Cin] = [2, 3]'),
         R("fbs_convert", "density out of (0, 1]", lambda: dnn.fbs_convert(_bn_block(), 1.5), ValueError, 'fbs_convert: density must be in (0, 1]'),

@@ -92,6 +92,7 @@ class FBSConv2d(nn.Module):
         infer_in_gate: bool = False, eps: float = 1e-5, momentum: float = 0.1,
     ):
         super().__init__()
+        check_backend("FBSConv2d", backend)  # named here, not by the GatedConv2d inside
         self.conv = GatedConv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, bias=bias, backend=backend)
         self.conv._gated_padding()  # groups 1 and a padding the sparse path supports: fail here, not at inference
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum, affine=False)
