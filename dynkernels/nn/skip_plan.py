@@ -195,8 +195,8 @@ def run_kept(
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
     resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
-    replay. fn's result is checked against base (rows, row shape, dtype) by a cheap test
-    first; where that fails, check_result(owner, base, y, rows) (default check_compact_result)
+    replay. fn's result is checked against base (rows, row shape, dtype, device: see _merge);
+    where it does not fit, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
     """
     rows = row.rows

@@ -378,5 +378,5 @@ def cpu_gated(cfg: RunConfig) -> List[Case]:
 
 
 def headline(cfg: RunConfig) -> List[Case]:
-    cpu = cpu_blockdrop(cfg) + cpu_gated(cfg) + cpu_routing(cfg) if cfg.cpu_targets else []
+    cpu = cpu_blockdrop(cfg) + cpu_routing(cfg) + cpu_gated(cfg) if cfg.cpu_targets else []
     return (gpu_blockdrop(cfg) if cfg.gpu_targets else []) + cpu
