@@ -168,9 +168,9 @@ MODES = ("autograd", "no_grad", "inference")
 def _below_autograd(raw: Callable, backend: str) -> Callable:
     """raw (a dispatcher entry, OpOverload._op) called below autograd: without torch.library's
     Python autograd wrapper, which costs microseconds even where no gradient is needed. For
-    the CPU kernels the autograd key is excluded by hand (two thread-local flag writes cost a
-    few hundred nanoseconds less than the guard object; excluding it removes the autograd
-    functionality for every backend, as the guard does)."""
+    the CPU kernels the CPU autograd key, the one their calls dispatch to, is excluded by
+    hand: the thread-local flag read and written costs a few hundred nanoseconds less than
+    creating the guard, and is restored as it was (also when the kernel raises)."""
     if backend != "cpu":
         def call(*args):
             with _BelowAutograd():
