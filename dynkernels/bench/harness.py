@@ -84,6 +84,7 @@ class Case:
     host_time: bool = False  # also time the CPU side of one call (bursts of HOST_CALLS calls)
     grad: bool = False  # run with autograd (training steps); otherwise under torch.inference_mode
     no_grad: bool = False  # (without grad) under torch.no_grad() instead of torch.inference_mode()
+    calls_per_run: int = 1  # calls of the module or op in one timed run (a burst); overhead_us is per call
 
 
 # Output checks are a sanity net for the benchmark (the tests are the real check): relative
@@ -292,11 +293,12 @@ class Runner:
             if base and base.get("graph_ms") and r.get("graph_ms"):
                 r["graph_speedup"] = base["graph_ms"] / r["graph_ms"]
             if base and r.get("median_ms") is not None and any(t.overhead_us is not None for t in case.targets.values()):
-                r["overhead_us"] = (r["median_ms"] - base["median_ms"]) * 1e3
+                r["overhead_us"] = (r["median_ms"] - base["median_ms"]) * 1e3 / case.calls_per_run
             target = case.targets.get(r["variant"])
             if target is not None:
                 if target.overhead_us is not None:  # as a speedup: baseline / (baseline + overhead)
-                    need = base["median_ms"] / (base["median_ms"] + target.overhead_us * 1e-3) if base else float("nan")
+                    allowed_ms = target.overhead_us * 1e-3 * case.calls_per_run
+                    need = base["median_ms"] / (base["median_ms"] + allowed_ms) if base else float("nan")
                 else:
                     need = target.speedup * ((r["ideal_speedup"] or float("nan")) if target.of_ideal else 1.0)
                 r.update(target=target.label, target_speedup=need)
