@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dynkernels import flops
 from dynkernels.nn.graphs import check_graphs_arg, check_inference, compact_like, graph_sizes
 from dynkernels.nn.skip_block import check_execution
 from dynkernels.nn.skip_plan import SkipPlan, check_rows_args, plan_bucket, run_kept
@@ -178,7 +177,6 @@ class BlockDropResNet(nn.Module):
         self.capacity, self.bucket = check_rows_args("BlockDropResNet", capacity, bucket)
         self.cuda_graphs = cuda_graphs
         self._kept_blocks = [KeptBlock(branch) for _, _, _, branch in self._stages()]
-        self._flops_cache = {}
         resnet_init(self)
 
     @property
@@ -296,52 +294,6 @@ class BlockDropResNet(nn.Module):
                 pool.capture(kept, *(compact_like(i, size) for i in inputs))
             h = kept(*inputs)
         return len(pool)
-
-    # ------------------------------------------------------------------------- FLOPs
-    def _count_flops(self, input_size: int):
-        """(FLOPs of the parts every sample runs, FLOPs of each block's branch), one sample,
-        counted by dynkernels.flops from the layers that run (a dense forward, then each
-        branch on the input it saw)."""
-        inputs = {}
-        hooks = [
-            branch.register_forward_pre_hook(lambda m, args, t=t: inputs.__setitem__(t, args[0]))
-            for t, _, _, branch in self._stages()
-        ]
-        was_training = self.training
-        p = next(self.parameters())
-        try:
-            self.eval()
-            total = flops.count(self.forward, torch.zeros(1, 3, input_size, input_size, device=p.device, dtype=p.dtype))
-            per_block = [float(flops.count(branch, inputs[t])) for t, _, _, branch in self._stages()]
-        finally:
-            self.train(was_training)
-            for h in hooks:
-                h.remove()
-        return total - sum(per_block), torch.tensor(per_block, dtype=torch.float64)
-
-    def _flops(self, input_size):
-        size = self.input_size if input_size is None else int(input_size)
-        if size not in self._flops_cache:
-            self._flops_cache[size] = self._count_flops(size)
-        return self._flops_cache[size]
-
-    def block_flops(self, input_size: Optional[int] = None) -> torch.Tensor:
-        """FLOPs (multiply-adds x 2, convolutions and fc) of each block's branch for one sample
-        of input_size x input_size (default: the model's nominal size): float64 [num_blocks]."""
-        return self._flops(input_size)[1].clone()
-
-    def fixed_flops(self, input_size: Optional[int] = None) -> float:
-        """FLOPs every sample spends whatever the policy: stem, downsample shortcuts, fc."""
-        return self._flops(input_size)[0]
-
-    def flops(self, policy: torch.Tensor, input_size: Optional[int] = None) -> torch.Tensor:
-        """FLOPs per sample [N] (float64) for policy [N, num_blocks]; all ones gives the dense
-        ResNet, so dense_flops / flops(policy) is the ideal speedup."""
-        _checks.tensor("BlockDropResNet.flops", "policy", policy, (2,), f"[N, {self.num_blocks}]")
-        if policy.shape[1] != self.num_blocks:
-            raise ValueError(f"BlockDropResNet.flops: policy must have {self.num_blocks} columns, got {policy.shape[1]}")
-        fixed, per_block = self._flops(input_size)
-        return fixed + (policy.detach().cpu() > 0).to(torch.float64) @ per_block
 
 
 def resnet32_cifar(num_classes: int = 10, execution: str = "sparse", backend: str = "auto", capacity: Optional[int] = None,

@@ -198,20 +198,6 @@ def test_flop_counts():
     assert accounting.channel_sparse_conv_flops(out_gate, in_gate, 3, k, hw) == 2 * (2 * 2 + 1 * 1) * 9 * 25
     assert accounting.conv2d_flops(2 * 4, 3, k, hw) == 2 * 8 * 3 * 9 * 25
     assert accounting.conv2d_out_size(56, 3, 2, 1) == 28
-    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 8 * 8, 10))
-    assert accounting.counted_flops(lambda: net(torch.randn(1, 3, 8, 8))) == 2 * 4 * 64 * 3 * 9 + 2 * 10 * 256
-
-
-def test_blockdrop_flops_split_the_network_into_fixed_parts_and_branches():
-    from dynkernels.bench.families.models import blockdrop_flops
-    from dynkernels.models.blockdrop import resnet110_cifar
-
-    m = resnet110_cifar(execution="masked").eval()
-    dense, per_block = blockdrop_flops(m, torch.randn(1, 3, 32, 32))
-    assert per_block.shape == (54,) and (per_block > 0).all()
-    hooks_fixed, hooks_blocks = m.fixed_flops(), m.block_flops()  # the model's own count (forward hooks)
-    assert dense == pytest.approx(hooks_fixed + float(hooks_blocks.sum()), rel=1e-6)
-    assert torch.allclose(per_block, hooks_blocks, rtol=1e-6)
 
 
 def test_gates_have_the_exact_density():
@@ -308,6 +294,27 @@ def test_case_variants_targets_and_check_only_variants():
     assert by["dense"]["target_speedup"] == pytest.approx(0.5 * 4.0) and by["dense"]["target_met"] is False
     (bad,) = runner().run_case(_toy_case(variants, variants=["dense", "typo"]))
     assert bad["status"] == "error" and "typo" in bad["reason"]
+
+
+def test_overhead_target_is_the_microseconds_above_the_baseline():
+    variants = [Variant("dense", lambda: lambda x: x * 2, work="dense"),
+                Variant("slow", lambda: lambda x: (time.sleep(5e-4), x * 2)[1])]
+    for allowed_us, met in ((100.0, False), (1e6, True)):
+        targets = {"slow": Target("slow: at most this much above dense", overhead_us=allowed_us)}
+        by = {r["variant"]: r for r in runner().run_case(_toy_case(variants, targets=targets))}
+        assert by["dense"]["overhead_us"] == 0.0 and by["slow"]["overhead_us"] >= 450
+        assert by["slow"]["target_met"] is met
+        need = by["dense"]["median_ms"] / (by["dense"]["median_ms"] + allowed_us * 1e-3)  # as a speedup
+        assert by["slow"]["target_speedup"] == pytest.approx(need)
+
+
+def test_no_grad_cases_run_under_no_grad():
+    seen = []
+    variants = [Variant("dense", lambda: lambda x: seen.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled())),
+                        work="dense")]
+    runner().run_case(_toy_case(variants, no_grad=True))
+    runner().run_case(_toy_case(variants))
+    assert {seen[0], seen[-1]} == {(False, False), (False, True)}
 
 
 def test_case_threads_are_set_for_the_case_and_restored():
@@ -436,7 +443,9 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     gpu = [c for name in FAMILIES for c in cases(name, "headline", RunConfig(torch.device("cuda"), "quick", 1))]
     cpu = [c for name in FAMILIES for c in cases(name, "headline", RunConfig(CPU, "quick", 1))]
     assert SUITES == ("sweep", "headline") and gpu and cpu
-    assert all(c.targets for c in cpu if not c.grad) and all(c.grad for c in cpu if not c.targets)  # training: no target
+    # training steps have no target, nor LC-Net at its own gates' sparsity (reported next to its ideal)
+    assert all(c.targets for c in cpu if not c.grad and c.op != "lcnet_resnet50")
+    assert all(c.grad or c.op == "lcnet_resnet50" for c in cpu if not c.targets)
     conv = [c for c in gpu if c.op == "channel_sparse_conv2d"]
     assert len(conv) == 12 * 2 * 4 and {c.layout for c in conv} == {"channels_last"} and {c.dtype for c in conv} == {"bfloat16"}
     assert {(c.mode, c.density) for c in conv} == {("out", 0.5), ("in+out", 0.5), ("out", 0.1), ("out", 1.0)}
@@ -453,7 +462,17 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     assert [c.config.rsplit(", ", 1)[1] for c in r110] == ["run 1", "run 2", "run 3"] and all(c.batch == 128 for c in r110)
     assert all("sparse-cuda+graphs" in c.variants and c.targets["sparse-cuda"].speedup == 1.6 for c in r110)
     assert {c.op for c in cpu} == {"channel_sparse_conv2d", "GatedConv2d training step", "SkipSequential", "resnet110_cifar",
-                                   "spottune_resnet26", "msdnet_cifar"}
+                                   "spottune_resnet26", "msdnet_cifar", "fbs_resnet18", "lcnet_resnet50", "skipnet_resnet110",
+                                   "SkipBlock host overhead"}
+    fbs = [c for c in cpu if c.op == "fbs_resnet18"]
+    assert {(c.batch, c.shape, c.density, c.threads) for c in fbs} == {(64, "64x3x32x32", 0.5, t) for t in (1, 2)}
+    assert all(c.variants == ["dense", "masked", "sparse-auto"] and c.targets["sparse-auto"].speedup == 1.5 for c in fbs)
+    skipnet = [c for c in cpu if c.op == "skipnet_resnet110"]
+    assert {(c.batch, c.density, c.threads) for c in skipnet} == {(64, 0.5, t) for t in (1, 2)}
+    assert all(c.targets["sparse-auto"].speedup == 1.6 for c in skipnet)
+    host = [c for c in cpu if c.op == "SkipBlock host overhead"]
+    assert {(c.mode, c.no_grad) for c in host} == {("no_grad", True), ("inference_mode", False)}
+    assert all(c.targets["SkipBlock-cpu+plan"].overhead_us == 10.0 and c.baseline == "block" for c in host)
     routed = [c for c in cpu if c.op in ("spottune_resnet26", "msdnet_cifar")]
     assert {(c.op, c.batch, c.threads) for c in routed} == {(op, 64, t) for op in ("spottune_resnet26", "msdnet_cifar") for t in (1, 2)}
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 from _utils import assert_close, bn_keys, count_compacts, random_state, tame_bn
 
+from dynkernels.flops import model_flops
 from dynkernels.models.blockdrop import (
     BlockDrop,
     policy_net_cifar,
@@ -216,19 +217,17 @@ def test_flops():
         for j in range(5):
             cin = c // 2 if (j == 0 and s > 0) else c
             expected.append(2.0 * hw * c * 9 * (cin + c))
-    assert model.block_flops().tolist() == expected
     fixed = 2.0 * (32 * 32 * 16 * 27 + 64 * 10)
-    assert model.fixed_flops() == fixed
     policy = policies(6, 15, "random")
-    assert torch.equal(model.flops(policy), fixed + policy.double() @ torch.tensor(expected, dtype=torch.float64))
-    assert model.flops(torch.ones(1, 15)).item() == fixed + sum(expected)
-    with pytest.raises(ValueError, match="must have 15 columns"):
-        model.flops(torch.ones(2, 14))
+    count = model_flops(model, torch.randn(6, 3, 32, 32), policy)
+    assert count.dense == fixed + sum(expected)
+    assert torch.equal(count.per_sample, fixed + policy.double() @ torch.tensor(expected, dtype=torch.float64))
 
 
 def test_resnet101_flops_are_resnet101s():
-    dense = resnet101_imagenet().flops(torch.ones(1, 33)).item()
-    assert 15.5e9 < dense < 15.8e9  # ResNet-101: 7.8 G multiply-adds at 224x224
+    count = model_flops(resnet101_imagenet(), torch.randn(1, 3, 224, 224), torch.ones(1, 33), per_sample=False)
+    assert 15.5e9 < count.dense < 15.8e9  # ResNet-101: 7.8 G multiply-adds at 224x224
+    assert count.executed == count.dense  # every block kept
 
 
 # ----------------------------------------------------------------------------- agent and training

@@ -485,6 +485,28 @@ def _cpp_bad_inputs(device):
     return cases
 
 
+def test_no_grad_kernels_exclude_autograd_only_for_their_call():
+    """The Kernels for grad mode off go below autograd by a thread-local flag: set for the call
+    only (also when the kernel raises), so gradients flow as before afterwards."""
+    from dynkernels.ops import sample_gating as sg
+
+    excluded = lambda: torch._C._dispatch_tls_is_dispatch_key_excluded(torch._C.DispatchKey.AutogradCPU)  # noqa: E731
+    x = torch.randn(5, 3, requires_grad=True)
+    idx, count = dynkernels.compact(torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0]))
+    k = sg.kernels("cpu", "no_grad")
+    with torch.no_grad():
+        y = k.gather_rows(x, idx, count, 3)
+        assert torch.equal(y, x[[0, 2, 3]]) and not excluded()
+        assert torch.equal(k.scatter_rows(x, y * 2, idx, count)[[0, 2, 3]], 2 * x[[0, 2, 3]])
+        with pytest.raises(IndexError, match="out of range"):
+            k.gather_rows(x, torch.tensor([0, 9, 1, 2, 3], dtype=torch.int32), count, 3)
+        assert not excluded()
+    dynkernels.gather_rows(x, idx, count).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])[:, None].expand(5, 3))
+    with pytest.raises(ValueError, match="mode must be one of"):
+        sg.kernels("cpu", "fast")
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, skip_cuda_throws])])
 def test_cpp_op_errors(device):
     if device == "cuda" and not dynkernels.cuda_kernels_compiled():

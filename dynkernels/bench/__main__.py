@@ -32,7 +32,7 @@ TIMING = {
 BUDGET_S = {
     ("quick", "cpu"): {"sample_gating": 30, "channel_sparse_conv": 50, "skip_blocks": 40, "models": 60},
     ("full", "cpu"): {"sample_gating": 300, "channel_sparse_conv": 900, "skip_blocks": 600, "models": 900},
-    ("headline", "cpu"): {"channel_sparse_conv": 150, "skip_blocks": 60, "models": 90},
+    ("headline", "cpu"): {"channel_sparse_conv": 150, "skip_blocks": 60, "models": 600},
     ("quick", "cuda"): {"sample_gating": 20, "channel_sparse_conv": 40, "skip_blocks": 30, "models": 40},
     ("full", "cuda"): {"sample_gating": 45, "channel_sparse_conv": 160, "skip_blocks": 60, "models": 75},
     ("headline", "cuda"): {"channel_sparse_conv": 150, "skip_blocks": 55, "models": 110},  # as in bench/gpu_suite.sh

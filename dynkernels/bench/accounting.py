@@ -32,16 +32,6 @@ def channel_sparse_conv_flops(out_gate: torch.Tensor, in_gate: Optional[torch.Te
     return 2.0 * float((active_out * active_in).sum()) * k[0] * k[1] * out_hw[0] * out_hw[1]
 
 
-def counted_flops(fn: Callable[[], object]) -> float:
-    """FLOPs of one call as torch.utils.flop_counter.FlopCounterMode counts them (convolutions
-    and matrix products)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
-
-
 def derived(median_ms, baseline_ms, dense_cost, sparse_cost, executed_flops, executed_bytes,
             rates: Optional[Dict[str, float]]) -> Dict[str, Optional[float]]:
     """speedup (over the baseline), ideal, efficiency, TFLOP/s, GB/s and floor; None where undefined."""

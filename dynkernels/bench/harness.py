@@ -52,13 +52,16 @@ class Setup:
     dense_bytes: Optional[float] = None
     sparse_bytes: Optional[float] = None
     rtol: Optional[float] = None  # output check tolerance; default per dtype (RTOL)
+    density: Optional[float] = None  # the density the setup found (a model's own gates), replacing the case's
 
 
 @dataclass(frozen=True)
 class Target:
     label: str  # what it measures, e.g. "GatedConv2d out 0.5 over nn.Conv2d"
-    speedup: float  # the least speedup over the case's baseline that meets it
+    speedup: float = 1.0  # the least speedup over the case's baseline that meets it
     of_ideal: bool = False  # speedup is a fraction of the case's ideal speedup
+    # instead of a speedup: at most this many microseconds above the baseline (host overhead)
+    overhead_us: Optional[float] = None
 
 
 @dataclass
@@ -80,6 +83,8 @@ class Case:
     graph: bool = False  # on a GPU also time the CUDA-graph replay of the capturable variants
     host_time: bool = False  # also time the CPU side of one call (bursts of HOST_CALLS calls)
     grad: bool = False  # run with autograd (training steps); otherwise under torch.inference_mode
+    no_grad: bool = False  # (without grad) under torch.no_grad() instead of torch.inference_mode()
+    calls_per_run: int = 1  # calls of the module or op in one timed run (a burst); overhead_us is per call
 
 
 # Output checks are a sanity net for the benchmark (the tests are the real check): relative
@@ -168,7 +173,8 @@ class Runner:
         return rows
 
     def run_case(self, case: Case) -> List[Dict[str, object]]:
-        with _threads(case.threads), torch.inference_mode(not case.grad):
+        autograd = torch.no_grad() if case.no_grad and not case.grad else torch.inference_mode(not case.grad)
+        with _threads(case.threads), autograd:
             try:
                 st = case.setup()
                 timed = self._selected(case, st)
@@ -211,6 +217,8 @@ class Runner:
             executed_bytes = v.executed_bytes or (st.dense_bytes if v.work == "dense" else st.sparse_bytes)
             row = self._row(case, variant=v.name, backend=v.backend, dense_flops=st.dense_flops,
                             sparse_flops=st.sparse_flops, executed_flops=executed_flops, executed_bytes=executed_bytes)
+            if st.density is not None:
+                row["density"] = st.density
             row.update(fields[v.name])
             rows.append(row)
         self._derive(case, st, rows, rates)
@@ -284,10 +292,15 @@ class Runner:
                                         r["executed_flops"], r["executed_bytes"], rates))
             if base and base.get("graph_ms") and r.get("graph_ms"):
                 r["graph_speedup"] = base["graph_ms"] / r["graph_ms"]
+            if base and r.get("median_ms") is not None and any(t.overhead_us is not None for t in case.targets.values()):
+                r["overhead_us"] = (r["median_ms"] - base["median_ms"]) * 1e3 / case.calls_per_run
             target = case.targets.get(r["variant"])
             if target is not None:
-                scale = (r["ideal_speedup"] or float("nan")) if target.of_ideal else 1.0
-                need = target.speedup * scale
+                if target.overhead_us is not None:  # as a speedup: baseline / (baseline + overhead)
+                    allowed_ms = target.overhead_us * 1e-3 * case.calls_per_run
+                    need = base["median_ms"] / (base["median_ms"] + allowed_ms) if base else float("nan")
+                else:
+                    need = target.speedup * ((r["ideal_speedup"] or float("nan")) if target.of_ideal else 1.0)
                 r.update(target=target.label, target_speedup=need)
                 if r["status"] == "ok" and r["speedup"] is not None:
                     r["target_met"] = r["speedup"] >= need

@@ -37,7 +37,8 @@ FAMILY_NOTES = {
     "SkipPlan built outside the timed call, as BlockDrop's models do once per forward for all blocks (no sync). "
     "`SkipSequential-*` run a chain of blocks planned at once. Each sparse one is checked against its masked twin.",
     "models": "BlockDrop policies keep each block per sample at density d (a fixed count per sample where the "
-    "configuration says so). Ideal = dense FLOPs / FLOPs of the policy, counted by `FlopCounterMode`: it includes "
+    "configuration says so); FBS, LC-Net and SkipNet gate with their own gates. Ideal = dense FLOPs / FLOPs the "
+    "gates leave to compute, both by `dynkernels.model_flops`: it includes the gates and "
     "the parts that always run (stem, downsampling shortcuts, classifier). `sparse-*` outputs are checked against "
     "`masked`; `agent-cuda` also runs the policy network (its FLOPs count in its TFLOP/s and floor, not in the ideal).",
 }
@@ -184,6 +185,8 @@ def _cell(r) -> str:
     if r["status"] in ("skipped", "error") or r.get("median_ms") is None:
         return r["status"]
     text = f"{_fmt(r['median_ms'])} ms, {_fmt(r['speedup'])}x"
+    if r.get("overhead_us") is not None:
+        text += f", {r['overhead_us']:+.1f} us"
     if r["status"] == "mismatch":
         text += " (wrong output)"
     elif r.get("target_met") is not None:

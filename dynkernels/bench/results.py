@@ -19,7 +19,7 @@ FIELDS = [
     "run_id", "suite", "family", "op", "config", "shape", "batch", "dtype", "layout", "mode", "density", "threads", "load",
     "variant", "backend", "status", "reason",
     "median_ms", "p20_ms", "p80_ms", "runs", "timer", "first_call_ms", "graph_ms", "host_ms",
-    "baseline", "baseline_ms", "speedup", "graph_speedup", "ideal_speedup", "efficiency", "floor_ms",
+    "baseline", "baseline_ms", "speedup", "overhead_us", "graph_speedup", "ideal_speedup", "efficiency", "floor_ms",
     "target", "target_speedup", "target_met",
     "dense_flops", "sparse_flops", "executed_flops", "executed_bytes", "tflops", "gbps", "max_rel_err",
     "device", "device_name", "cpu", "cpu_isa", "torch", "triton", "cuda", "dynkernels", "cuda_kernels", "command",

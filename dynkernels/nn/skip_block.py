@@ -228,39 +228,38 @@ class SkipBlock(nn.Module):
     def forward(self, x: torch.Tensor, gate: torch.Tensor, plan: Optional[RowPlan] = None) -> torch.Tensor:
         """x [N, ...], gate [N]; plan: this block's row of a SkipPlan built from the same gate
         (then no sync here), or None to compact the gate now."""
+        # One compound test accepts the usual arguments (each attribute read once); anything
+        # else goes to _check_gate, which says what is wrong (or accepts a tensor subclass).
         device = x.device if type(x) is torch.Tensor else None
-        if not (device is not None and type(gate) is torch.Tensor and gate.dim() == 1 and x.dim() > 0
-                and gate.shape[0] == x.shape[0] and (gate.dtype.is_floating_point or gate.dtype is torch.bool)
+        n = gate.shape[0] if type(gate) is torch.Tensor and gate.dim() == 1 else -1
+        if not (device is not None and x.dim() and n == x.shape[0] and (gate.dtype.is_floating_point or gate.dtype is torch.bool)
                 and gate.device == device):
-            self._check_gate(x, gate)  # says what is wrong (or accepts a tensor subclass)
-            device = x.device
+            self._check_gate(x, gate)
+            device, n = x.device, gate.shape[0]
         if self.execution == "masked":
             return self._masked(x, gate)
         if plan is None:
             plan = self.plan(gate)
-        elif type(plan) is not RowPlan or plan.n != gate.shape[0] or plan.idx.device != device:
-            raise ValueError(
-                f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {gate.shape[0]} samples on {device})"
-            )
+        elif type(plan) is not RowPlan or plan.n != n or plan.idx.device != device:
+            raise ValueError(f"SkipBlock: plan must be the RowPlan of this gate (a SkipPlan row for {n} samples on {device})")
         if plan.rows != plan.kept and any(m.training for m in self._bns):
             raise RuntimeError(
                 "SkipBlock: a bucket or a fixed capacity pads the compact batch with zero rows, which would "
                 "enter the batch statistics of the block's BatchNorm in training mode; use eval(), "
                 "bucket=None or bucket='auto' (exact in training mode)"
             )
-        block = self._block
         graphs = self._graph_pool
         if graphs is not None:
-            check_inference("SkipBlock", self.training or block.training, x)
+            check_inference("SkipBlock", self.training or self._block.training, x)
         # Resolved once per forward; gather and merge then go straight to the kernels.
         k = _gating.resolved_kernels("SkipBlock", self.backend, device)
         base = x if self._identity_shortcut else self._shortcut(x)
         if not self.scaled:
-            return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, None, self._check_result)
+            return run_kept("SkipBlock", self._block, (x,), base, plan, k, graphs, None, self._check_result)
         if not base.dtype.is_floating_point:
             raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
         scale = gate.to(base.dtype) if gate.dtype is torch.bool else gate
-        return run_kept("SkipBlock", block, (x,), base, plan, k, graphs, scale, self._check_result)
+        return run_kept("SkipBlock", self._block, (x,), base, plan, k, graphs, scale, self._check_result)
 
     def _check_result(self, owner, base, y, rows):
         """A block result of another row shape than the shortcut's: the block changes the

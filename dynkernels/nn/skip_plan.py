@@ -196,8 +196,8 @@ def run_kept(
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
     resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
-    replay. fn's result is checked against base (rows, row shape, dtype) by a cheap test
-    first; where that fails, check_result(owner, base, y, rows) (default check_compact_result)
+    replay. fn's result is checked against base (rows, row shape, dtype, device: see _merge);
+    where it does not fit, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
 
     A block no row keeps is not run, except where autograd records (grad mode): there it runs
@@ -239,13 +239,25 @@ def autocast_merge_dtypes(base, y):
 
 
 def _merge(owner, base, y, row, k, scale, check_result):
+    """The merge of the compact result y into base. The compiled kernels check y's row shape,
+    dtype and device against base's themselves (k.checks_merge): then only what they cannot
+    see is tested here (a tensor of the compact batch's rows; not a meta tensor, which would
+    dispatch to the fake kernel), and a kernel's refusal (a RuntimeError) becomes the error
+    of check_result (default check_compact_result), which names the problem."""
     base, y = autocast_merge_dtypes(base, y)
-    # (tuple slices: slicing a torch.Size costs several times more)
-    if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (row.rows,) + tuple(base.shape)[1:]:
-        (check_result or check_compact_result)(owner, base, y, row.rows)
-    if scale is None:
-        return k.scatter_rows(base, y, row.idx, row.count)
-    return k.scatter_add_rows(base, y, row.idx, row.count, scale)
+    rows = row.rows
+    if not (k.checks_merge and type(y) is torch.Tensor and y.dim() and y.shape[0] == rows and not y.is_meta):
+        # (tuple slices: slicing a torch.Size costs several times more)
+        if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (rows,) + tuple(base.shape)[1:]:
+            (check_result or check_compact_result)(owner, base, y, rows)
+    try:
+        if scale is None:
+            return k.scatter_rows(base, y, row.idx, row.count)
+        return k.scatter_add_rows(base, y, row.idx, row.count, scale)
+    except RuntimeError as e:
+        refused = e
+    (check_result or check_compact_result)(owner, base, y, rows)
+    raise refused
 
 
 def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:

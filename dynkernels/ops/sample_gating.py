@@ -12,13 +12,15 @@ The row ops take idx [M] and count and move the rows idx[:count]: compact's idx 
 the part of route's idx that belongs to one branch, idx[offsets[b]:] with count
 offsets[b + 1] - offsets[b] (dynkernels.route). scatter_rows alone needs a permutation.
 
-The public functions check every argument on every call; for CPU tensors on the C++ kernels
-the index values (idx in range, scatter_rows' permutation, scatter_rows_' distinct rows) are
-checked by the kernel itself, with the same errors, since a few Python-level tensor ops on a
-small index tensor would cost more than moving the rows. Callers that already checked once for
-many calls (dynkernels.nn.SkipBlock, SkipPlan, RoutePlan and EarlyExit: a gate checked once,
-idx and count from compact / route) call the `Kernels` of a resolved backend (`kernels`,
-`resolved_kernels`), which go straight to the kernel.
+The public functions check every argument on every call. On plain CPU tensors with the
+backend "auto" or "cpu" they call the C++ kernel at once: it checks every argument itself (the
+index values too: idx in range, scatter_rows' permutation, scatter_rows_' distinct rows, with
+the errors of the Python checks), and where it refuses one (a RuntimeError) the Python checks
+run to raise the error that names it; on a small tensor the Python checks would cost more than
+moving the rows. Callers that already checked once for many calls (dynkernels.nn.SkipBlock,
+SkipPlan, RoutePlan and EarlyExit: a gate checked once, idx and count from compact / route)
+call the `Kernels` of a resolved backend (`kernels`, `resolved_kernels`), which go straight
+to the kernel.
 """
 import functools
 import numbers
@@ -32,6 +34,11 @@ from . import _checks
 from ._backend import resolve
 
 _lib = torch.ops.dynkernels
+_Tensor = torch.Tensor
+_BelowAutograd = torch._C._AutoDispatchBelowAutograd
+_AUTOGRAD_CPU = torch._C.DispatchKey.AutogradCPU
+_key_excluded = torch._C._dispatch_tls_is_dispatch_key_excluded
+_exclude_key = torch._C._dispatch_tls_set_dispatch_key_excluded
 
 
 # ----------------------------------------------------------------------------- fake kernels
@@ -146,29 +153,70 @@ class Kernels(NamedTuple):
     scatter_add_rows: Callable
     scatter_rows: Callable
     scatter_rows_: Callable
+    # The merge kernels check y's row shape, dtype and device against base's themselves (the
+    # compiled ones, csrc/sample_gating_common.h; not Triton's or the reference).
+    checks_merge: bool = False
+
+
+# How the compiled and Triton kernels are called (Kernels per backend and mode): "autograd"
+# through _run, which picks per call; "no_grad" below autograd (grad mode off, outside
+# torch.compile: no gradient can be needed); "inference" the dispatcher entries themselves
+# (inference mode, outside torch.compile: autograd is excluded anyway). resolved_kernels
+# picks the mode.
+MODES = ("autograd", "no_grad", "inference")
+
+
+def _below_autograd(raw: Callable, backend: str) -> Callable:
+    """raw (a dispatcher entry, OpOverload._op) called below autograd: without torch.library's
+    Python autograd wrapper, which costs microseconds even where no gradient is needed. For
+    the CPU kernels the CPU autograd key, the one their calls dispatch to, is excluded by
+    hand: the thread-local flag read and written costs a few hundred nanoseconds less than
+    creating the guard, and is restored as it was (also when the kernel raises)."""
+    if backend != "cpu":
+        def call(*args):
+            with _BelowAutograd():
+                return raw(*args)
+
+        return call
+
+    def call_cpu(*args):
+        was = _key_excluded(_AUTOGRAD_CPU)
+        _exclude_key(_AUTOGRAD_CPU, True)
+        try:
+            return raw(*args)
+        finally:
+            _exclude_key(_AUTOGRAD_CPU, was)
+
+    return call_cpu
 
 
 @functools.lru_cache(maxsize=None)
-def kernels(backend: str, direct: bool = False) -> Kernels:
-    """The Kernels of a resolved backend ("cpu", "cuda", "triton" or "torch"). direct: the
-    dispatcher entries themselves (OpOverload._op), for calls in inference mode outside
-    torch.compile, where autograd is excluded anyway (see _run)."""
+def kernels(backend: str, mode: str = "autograd") -> Kernels:
+    """The Kernels of a resolved backend ("cpu", "cuda", "triton" or "torch") for one of
+    MODES (see there; the reference is the same in all of them)."""
+    if mode not in MODES:
+        raise ValueError(f"kernels: mode must be one of {MODES}, got {mode!r}")
     if backend == "torch":
         return Kernels(reference.compact, reference.gather_rows, reference.scatter_add_rows, reference.scatter_rows,
                        functools.partial(_scatter_rows_, backend=backend))
     names = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
-    if direct:
-        return Kernels(*(_kernel(name, backend)._op for name in names), functools.partial(_scatter_rows_, backend=backend))
+    scatter_rows_inplace = functools.partial(_scatter_rows_, backend=backend)
+    compiled = backend in ("cpu", "cuda")
+    if mode == "inference":
+        return Kernels(*(_kernel(name, backend)._op for name in names), scatter_rows_inplace, compiled)
+    if mode == "no_grad":
+        return Kernels(*(_below_autograd(_kernel(name, backend)._op, backend) for name in names), scatter_rows_inplace,
+                       compiled)
     if backend == "triton":
         compact_op = _triton().compact_triton
     else:  # integer outputs: never differentiable
         compact_op = functools.partial(_run, _kernel("compact", backend), differentiable=False)
     return Kernels(compact_op, *(functools.partial(_run, _kernel(name, backend)) for name in names[1:]),
-                   functools.partial(_scatter_rows_, backend=backend))
+                   scatter_rows_inplace, compiled)
 
 
 _RESOLVED = {}  # (backend, device) -> resolved backend
-_RESOLVED_KERNELS = {}  # (backend, device, direct) -> its Kernels
+_RESOLVED_KERNELS = {}  # (backend, device, mode) -> its Kernels
 
 
 def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
@@ -188,15 +236,19 @@ def resolved_backend(owner: str, backend: str, device: torch.device) -> str:
 
 
 def resolved_kernels(owner: str, backend: str, device: torch.device) -> Kernels:
-    """kernels(resolved_backend(owner, backend, device)), remembered the same way; in
-    inference mode (outside torch.compile) the direct ones. For one forward: the mode is
-    read here, once. Not cached while torch.compile traces (see resolved_backend)."""
+    """kernels(resolved_backend(owner, backend, device), mode), remembered the same way, the
+    mode (MODES) the one that fits the calls made now. For one forward: read here, once. Not
+    cached while torch.compile traces (see resolved_backend)."""
     if torch.compiler.is_compiling():
-        return kernels(resolve(owner, backend, device))
-    key = (backend, device, torch.is_inference_mode_enabled())
+        return kernels(resolve(owner, backend, device), "autograd")
+    if torch.is_inference_mode_enabled():
+        mode = "inference"
+    else:
+        mode = "autograd" if torch.is_grad_enabled() else "no_grad"
+    key = (backend, device, mode)
     k = _RESOLVED_KERNELS.get(key)
     if k is None:
-        k = _RESOLVED_KERNELS[key] = kernels(resolved_backend(owner, backend, device), key[2])
+        k = _RESOLVED_KERNELS[key] = kernels(resolved_backend(owner, backend, device), mode)
     return k
 
 
@@ -211,16 +263,18 @@ def _kernel(name: str, backend: str):
 
 
 def _run(op, *args, differentiable: bool = True):
-    """Call a registered op. When no gradient is needed this goes below autograd directly:
-    the call torch.library's autograd wrapper would make, without that Python wrapper (a
-    few microseconds per op, paid by every eager forward). Inference mode excludes autograd
-    itself, so there the op is called as it is."""
-    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():  # (is_compiling first: compile cannot trace the other)
+    """Call a registered op (an OpOverload). When no gradient is needed this goes below
+    autograd directly: the call torch.library's autograd wrapper would make, without that
+    Python wrapper (microseconds per op, paid by every eager forward). Inference mode
+    excludes autograd itself, so there the dispatcher entry is called as it is."""
+    if torch.compiler.is_compiling():  # (first: compile cannot trace the other checks)
         return op(*args)
+    if torch.is_inference_mode_enabled():
+        return op._op(*args)
     if differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
-    with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+    with _BelowAutograd():
+        return op._op(*args)
 
 
 def _scatter_rows_kernel_(base, y, idx, count, backend: str):
@@ -294,6 +348,20 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     return kernels(resolve("compact", backend, gate.device)).compact(gate, float(threshold))
 
 
+def _cpu_fast(backend: str, *tensors) -> bool:
+    """Whether a call may go straight to the C++ CPU kernel, which checks every argument itself
+    (the same conditions, the index values too): plain CPU tensors (no subclass, no tensor on
+    another device, which would dispatch elsewhere) and the backend "auto" or "cpu". The Python
+    checks then run only where the kernel refuses the arguments (a RuntimeError), to raise the
+    error that names the argument; the saved microseconds are most of a small tensor's call."""
+    if backend != "auto" and backend != "cpu":
+        return False
+    for t in tensors:
+        if type(t) is not _Tensor or not t.is_cpu:
+            return False
+    return True
+
+
 def gather_rows(
     x: torch.Tensor,
     idx: torch.Tensor,
@@ -309,21 +377,39 @@ def gather_rows(
     offsets[b+1] - offsets[b]), clamped to [0, min(M, capacity)]. Differentiable in x. No host
     sync.
     """
+    if _cpu_fast(backend, x, idx, count) and x.dim():
+        cap = x.shape[0] if capacity is None else _checks.capacity("gather_rows", capacity)
+        try:
+            return _run(_GATHER_ROWS, x, idx, count, cap)
+        except RuntimeError as e:
+            refused = e
+        _check_gather_args(x, idx, count, capacity, values=False)  # raises the error naming the argument
+        raise refused
+    b, capacity = _check_gather_args(x, idx, count, capacity, backend=backend)
+    return kernels(b).gather_rows(x, idx, count, capacity)
+
+
+def _check_gather_args(x, idx, count, capacity, backend: str = "auto", values: bool = True):
+    """gather_rows' checks; returns (resolved backend, capacity). values=False: the index values
+    are left to the CPU kernel (as they are on the resolved "cpu" backend)."""
     _checks.tensor("gather_rows", "x", x)
     if x.dim() == 0:
         raise ValueError("gather_rows: x must have at least one dimension (the rows), got a 0-d tensor")
     capacity = _checks.capacity("gather_rows", x.shape[0] if capacity is None else capacity)
     b = resolved_backend("gather_rows", backend, x.device)
-    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True, values=b != "cpu")
-    return kernels(b).gather_rows(x, idx, count, capacity)
+    _checks.index_args("gather_rows", idx, count, x.shape[0], "x", x, any_length=True, values=values and b != "cpu")
+    return b, capacity
 
 
-def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool, values: bool):
+def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permutation: bool, backend: str = "auto",
+                      values: bool = True) -> str:
     """The checks the merge ops (scatter_add_rows, scatter_rows, scatter_rows_) share, in this
     order: base has rows (and is floating, if asked), y has base's row shape, dtype and device,
     idx/count index base's rows (idx has base's N entries where it must be a permutation; their
-    values are checked too, unless values=False: see _checks.index_args)."""
+    values are checked too, unless the CPU kernel checks them: values=False or the resolved
+    backend "cpu"; see _checks.index_args). Returns the resolved backend."""
     _checks.tensor(op, "base", base)
+    b = resolved_backend(op, backend, base.device)
     if base.dim() == 0:
         raise ValueError(f"{op}: base must have at least one dimension (the rows), got a 0-d tensor")
     if floating_base:
@@ -334,7 +420,9 @@ def _check_merge_args(op: str, base, y, idx, count, floating_base: bool, permuta
     if y.dtype != base.dtype:
         raise TypeError(f"{op}: y must have base's dtype {base.dtype}, got {y.dtype}")
     _checks.same_device(op, "y", y, "base", base)
-    _checks.index_args(op, idx, count, base.shape[0], "base", base, any_length=not permutation, values=values)
+    _checks.index_args(op, idx, count, base.shape[0], "base", base, any_length=not permutation,
+                       values=values and b != "cpu")
+    return b
 
 
 def scatter_add_rows(
@@ -353,16 +441,27 @@ def scatter_add_rows(
     floating or None (1). The sum is formed in float32 and rounded once. Differentiable in
     base, y and scale. No host sync.
     """
+    if _cpu_fast(backend, base, y, idx, count) and (scale is None or _cpu_fast(backend, scale)):
+        try:
+            return _run(_SCATTER_ADD_ROWS, base, y, idx, count, scale)
+        except RuntimeError as e:
+            refused = e
+        _check_scatter_add_args(base, y, idx, count, scale, values=False)  # raises the error naming the argument
+        raise refused
+    b = _check_scatter_add_args(base, y, idx, count, scale, backend=backend)
+    return kernels(b).scatter_add_rows(base, y, idx, count, scale)
+
+
+def _check_scatter_add_args(base, y, idx, count, scale, backend: str = "auto", values: bool = True) -> str:
     op = "scatter_add_rows"
-    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
-    _check_merge_args(op, base, y, idx, count, floating_base=True, permutation=False, values=b != "cpu")
+    b = _check_merge_args(op, base, y, idx, count, floating_base=True, permutation=False, backend=backend, values=values)
     if scale is not None:
         _checks.tensor(op, "scale", scale, (1,), "a 1-D tensor [N]")
         _checks.floating(op, "scale", scale)
         if scale.shape[0] != base.shape[0]:
             raise ValueError(f"{op}: scale has {scale.shape[0]} entries but base has {base.shape[0]} rows; they must match")
         _checks.same_device(op, "scale", scale, "base", base)
-    return kernels(b).scatter_add_rows(base, y, idx, count, scale)
+    return b
 
 
 def scatter_rows(
@@ -389,8 +488,14 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
-    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
-    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, values=b != "cpu")
+    if _cpu_fast(backend, base, y, idx, count):
+        try:
+            return _run(_SCATTER_ROWS, base, y, idx, count)
+        except RuntimeError as e:
+            refused = e
+        _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, values=False)
+        raise refused
+    b = _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, backend=backend)
     if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         _check_permutation(op, idx, base.shape[0])
     return kernels(b).scatter_rows(base, y, idx, count)
@@ -422,14 +527,30 @@ def scatter_rows_(
     Differentiable in base (grad_out with the written rows zeroed) and y (the written rows of
     grad_out, zero past count). No host sync.
     """
+    if _cpu_fast(backend, base, y, idx, count):
+        try:
+            return _scatter_rows_(base, y, idx, count, "cpu")
+        except RuntimeError as e:
+            refused = e
+        _check_scatter_rows_inplace_args(base, y, idx, count, values=False)  # raises the error naming the argument
+        raise refused
+    b = _check_scatter_rows_inplace_args(base, y, idx, count, backend=backend)
+    return kernels(b).scatter_rows_(base, y, idx, count)
+
+
+def _check_scatter_rows_inplace_args(base, y, idx, count, backend: str = "auto", values: bool = True) -> str:
     op = "scatter_rows_"
-    b = resolved_backend(op, backend, base.device) if isinstance(base, torch.Tensor) else None
-    _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=False, values=b != "cpu")
+    b = _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=False, backend=backend, values=values)
     if not base.is_contiguous(memory_format=row_layout(base)):
         raise ValueError(f"{op}: base is written in place, so it must be contiguous (or channels_last), got strides {base.stride()}")
-    if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
+    if values and b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         n = max(0, min(int(count.reshape(-1)[0]), idx.shape[0], y.shape[0]))
         if n and int(torch.bincount(idx[:n].long(), minlength=1).max()) > 1:
             twice = int((torch.bincount(idx[:n].long()) > 1).nonzero()[0])
             raise ValueError(f"{op}: the first count entries of idx list row {twice} more than once; they must be distinct")
-    return kernels(b).scatter_rows_(base, y, idx, count)
+    return b
+
+
+_GATHER_ROWS = _lib.gather_rows.default
+_SCATTER_ADD_ROWS = _lib.scatter_add_rows.default
+_SCATTER_ROWS = _lib.scatter_rows.default

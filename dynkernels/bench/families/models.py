@@ -1,9 +1,9 @@
 """End-to-end models: BlockDrop ResNet-110 (CIFAR) and ResNet-101 (ImageNet) with a policy of
 density d (each sample keeps each block with probability d, or exactly round(d * blocks)
 blocks where the case says so), run dense (policy None), masked (the paper's code: dense
-compute times the policy) and sparse (our kernels, per backend). The ideal speedup is dense
-FLOPs / policy FLOPs, both counted with FlopCounterMode (one sample through the dense network,
-each block's residual branch on its input). The BlockDrop models get a small last BN scale in
+compute times the policy) and sparse (our kernels, per backend). The ideal speedup of every
+model is its dense FLOPs over the FLOPs its gates leave to compute, both by
+dynkernels.model_flops (`ideal_flops`: the layers that run, counted by FlopCounterMode). The BlockDrop models get a small last BN scale in
 every residual branch (_common.bounded_residual_init), so that their activations stay finite
 in fp16. FBS ResNet-18, LC-Net ResNet-50 and SkipNet ResNet-110 are covered when dynkernels.models.fbs /
 .lcnet / .skipnet exist (each against its own masked execution; SkipNet in float32: its untrained
@@ -12,7 +12,7 @@ activations overflow fp16, and its gates are calibrated to the density on a fixe
 Routed models (headline, CPU): SpotTune's ResNet-26 (72x72, batch 64, each image fine-tuning
 half of the 12 blocks) and MSDNet CIFAR (batch 64, thresholds calibrated on held-out images so
 that half of the images leave at the first two exits), sparse against masked execution, the
-ideal being masked FLOPs / sparse FLOPs (FlopCounterMode over one call of each).
+ideal being masked FLOPs / sparse FLOPs (`ideal_flops`).
 
 Headline: on a GPU, BlockDrop ResNet-110 (CIFAR, batch 128) at keep 0.5 against dense (>= 1.6x,
 three runs: the speedup must be stable within 10%), and ResNet-101 (224x224, batch 64 and 128,
@@ -26,11 +26,11 @@ ResNet-110 (batch 64, 27 of 54 blocks per sample) against its masked execution (
 import importlib
 import inspect
 from dataclasses import replace
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 
-from .. import accounting
+from ... import flops
 from ..harness import RTOL, Case, Setup, Target, Unavailable, Variant
 from ._common import (CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, bounded_residual_init, cpu_threads, memory_format, randn,
                       resolved, seeded)
@@ -47,23 +47,28 @@ def _sweep(cfg: RunConfig):
         runs = [("resnet101_imagenet", "bfloat16", 64, 224, CL), ("resnet110_cifar", "bfloat16", 128, 32, NCHW),
                 ("resnet110_cifar", "float16", 128, 32, NCHW), ("resnet110_cifar", "bfloat16", 64, 32, NCHW),
                 ("resnet110_cifar", "float32", 64, 32, NCHW), ("resnet101_imagenet", "float16", 64, 224, CL),
-                ("fbs_resnet18", "bfloat16", 128, 224, NCHW), ("lcnet_resnet50", "bfloat16", 64, 224, NCHW),
+                ("fbs_resnet18", "bfloat16", 128, 224, NCHW), ("lnet_resnet50", "bfloat16", 64, 224, NCHW),
                 ("skipnet_resnet110", "float32", 64, 32, NCHW)]
         return runs, [0.05, 0.1, 0.25, 0.5, 0.75, 1.0]
     if cfg.gpu:
         return [("resnet110_cifar", "float16", 64, 32, NCHW), ("resnet101_imagenet", "bfloat16", 16, 224, CL),
-                ("fbs_resnet18", "float16", 32, 224, NCHW), ("lcnet_resnet50", "float16", 16, 224, NCHW),
+                ("fbs_resnet18", "float16", 32, 224, NCHW), ("lnet_resnet50", "float16", 16, 224, NCHW),
                 ("skipnet_resnet110", "float32", 64, 32, NCHW)], [0.25, 0.5, 1.0]
     # CPU: small batches, and ResNet-101 on 64x64 inputs to keep the quick report quick
     return [("resnet110_cifar", "float32", 8, 32, NCHW), ("resnet101_imagenet", "float32", 2, 64, NCHW),
-            ("fbs_resnet18", "float32", 2, 64, NCHW), ("lcnet_resnet50", "float32", 2, 64, NCHW),
+            ("fbs_resnet18", "float32", 2, 64, NCHW), ("lnet_resnet50", "float32", 2, 64, NCHW),
             ("skipnet_resnet110", "float32", 8, 32, NCHW)], [0.125, 0.25, 0.5, 0.75, 1.0]
 
 
 BLOCKDROP = {"resnet110_cifar": ({"num_classes": 10}, "policy_net_cifar"),
              "resnet101_imagenet": ({"num_classes": 1000}, "policy_net_imagenet")}
-OTHERS = {"fbs_resnet18": ("fbs", "fbs_resnet18"), "lcnet_resnet50": ("lcnet", "resnet50"),
-          "skipnet_resnet110": ("skipnet", "resnet110_cifar")}  # (module, constructor)
+# (module, constructor): lnet_resnet50 is L-Net only (gates calibrated to a density),
+# lcnet_resnet50 LC-Net complete (L-Net and C-Net, at the sparsity its own gates produce).
+OTHERS = {"fbs_resnet18": ("fbs", "fbs_resnet18"), "lnet_resnet50": ("lcnet", "resnet50"),
+          "lcnet_resnet50": ("lcnet", "lcnet_resnet50"), "skipnet_resnet110": ("skipnet", "resnet110_cifar")}
+# The dense network of a gated one (module, constructor, arguments): the plain CIFAR ResNet-18
+# (LC-Net's without either gate: FBS ResNet-18's convs and shortcuts, its ReLU before the sum).
+DENSE_TWINS = {"fbs_resnet18": ("lcnet", "lcnet_resnet18_cifar", {"lnet": False, "cnet": False})}
 
 
 def _import(module: str):
@@ -101,18 +106,30 @@ def _built(ctor, name, dtype, dev, fmt, execution, backend, base=None, cuda_grap
     return _cached((ctor, name, dtype, str(dev), fmt, execution, backend, cuda_graphs), make)
 
 
-def blockdrop_flops(model, sample: torch.Tensor):
-    """(dense FLOPs of one sample, float64 [num_blocks] FLOPs of each block's residual branch),
-    counted with FlopCounterMode."""
-    inputs = []
-    branches = [branch for stage in model.blocks for branch in stage]
-    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in branches]
+def ideal_flops(model: torch.nn.Module, *inputs) -> Tuple[float, float]:
+    """(dense, sparse) FLOPs of one batch of model(*inputs), by dynkernels.model_flops: dense
+    over the masked execution, sparse over one sparse forward of the batch, both as our
+    compiled kernels execute them. For the count, every module's backend "auto" becomes the
+    device's kernels (auto may run a dense conv where the gates are dense, which would count
+    as dense) and every bucket is exact (no padding rows); both are restored afterwards."""
+    from dynkernels.ops._backend import resolve
+
+    kernels = resolve("model FLOPs", "auto", inputs[0].device)
+    saved = []
+    for m in model.modules():
+        if getattr(m, "backend", None) == "auto":
+            saved.append((m, "backend", "auto"))
+            m.backend = kernels
+        if getattr(m, "bucket", None) is not None and getattr(m, "capacity", None) is None:
+            saved.append((m, "bucket", m.bucket))
+            m.bucket = None
     try:
-        dense = accounting.counted_flops(lambda: model(sample, None))
+        count = flops.model_flops(model, *inputs, per_sample=False)
     finally:
-        for h in hooks:
-            h.remove()
-    return dense, torch.tensor([accounting.counted_flops(lambda: b(i)) for b, i in zip(branches, inputs)], dtype=torch.float64)
+        for m, name, value in reversed(saved):
+            setattr(m, name, value)
+    n = inputs[0].shape[0]
+    return n * count.dense, n * count.executed
 
 
 def _policy(batch: int, blocks: int, d: float, exact: bool, g: torch.Generator) -> torch.Tensor:
@@ -135,9 +152,7 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact, ag
     for _ in range(cfg.input_sets):
         x = randn((batch, 3, size, size), dev, dt, gd).contiguous(memory_format=memory_format(fmt))
         sets.append((x, _policy(batch, base.num_blocks, d, exact, g).to(dev, dt)))
-    dense, per_block = _cached((ctor, name, dtype, str(dev), fmt, "flops", size),
-                               lambda: blockdrop_flops(base, sets[0][0][:1]))
-    sparse_flops = float(((dense - per_block.sum()) + (sets[0][1].cpu() > 0).double() @ per_block).sum())
+    dense_flops, sparse_flops = ideal_flops(base, *sets[0])
 
     def masked():
         base.execution = "masked"
@@ -171,29 +186,34 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact, ag
     if agent:
         with torch.device("meta"):
             net = getattr(blockdrop, BLOCKDROP[name][1])(base.num_blocks).eval()
-        policy_flops = accounting.counted_flops(lambda: net(torch.empty(1, 3, size, size, device="meta")))
+        policy_flops = flops.count(net, torch.empty(1, 3, size, size, device="meta"))
         variants.append(Variant("agent-cuda", policy_net_then_sparse, backend="cuda", compare_to="masked",
                                 executed_flops=sparse_flops + batch * policy_flops))
     # deep nets accumulate rounding differences between execution orders: a looser check
-    return Setup(sets, variants, dense_flops=batch * dense, sparse_flops=sparse_flops, rtol=10 * RTOL[dtype])
+    return Setup(sets, variants, dense_flops=dense_flops, sparse_flops=sparse_flops, rtol=10 * RTOL[dtype])
 
 
-def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
-    """FBS / LC-Net / SkipNet: whichever constructor arguments the module takes (density, execution)."""
+def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, extra=None, dense=False) -> Setup:
+    """FBS / LC-Net / SkipNet: whichever constructor arguments the module takes (density,
+    execution), plus `extra` ones. d=None: the model's own gates decide (no density argument);
+    the case's density is then the fraction of the dense FLOPs they leave. dense: also the
+    dense network (DENSE_TWINS) as a row."""
     module_name, ctor_name = OTHERS[name]
     module = _import(module_name)
     ctor = getattr(module, ctor_name, None)
     if ctor is None:
         raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} is not available in this build")
     params = inspect.signature(ctor).parameters
-    density_arg = next((a for a in ("density", "d", "keep_ratio") if a in params), None)
-    if density_arg is None:
-        raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no density argument (density, d or keep_ratio)")
+    kwargs = dict(extra or {})
+    if d is not None:
+        density_arg = next((a for a in ("density", "d", "keep_ratio") if a in params), None)
+        if density_arg is None:
+            raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no density argument (density, d or keep_ratio)")
+        kwargs[density_arg] = d
     if "execution" not in params:
         raise Unavailable(f"dynkernels.models.{module_name}.{ctor_name} takes no execution= argument: "
                           "cannot compare masked and sparse")
     dt, dev = DTYPES[dtype], cfg.device
-    kwargs = {density_arg: d}
     torch.manual_seed(7)
     base = ctor(execution="masked", **kwargs).to(dev, dt).eval()
     gd = seeded(7, dev)
@@ -208,16 +228,29 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d) -> Setup:
 
         return build
 
-    variants = [Variant("masked", lambda: lambda x: base(x), work="dense")]
+    def dense_twin():
+        twin_module, twin_ctor, twin_kwargs = DENSE_TWINS[name]
+        num_classes = {k: v for k, v in kwargs.items() if k == "num_classes"}
+        m = getattr(_import(twin_module), twin_ctor)(**num_classes, **twin_kwargs).to(dev, dt).eval()
+        return lambda x: m(x)
+
+    dense_flops, sparse_flops = ideal_flops(base, *sets[0])
+    variants = [Variant("dense", dense_twin, work="dense")] if dense else []
+    variants += [Variant("masked", lambda: lambda x: base(x), work="dense")]
     variants += [Variant(f"sparse-{b}", sparse(b), backend=b, compare_to="masked") for b in OUR_BACKENDS]
-    return Setup(sets, variants, rtol=10 * RTOL[dtype])
+    return Setup(sets, variants, dense_flops=dense_flops, sparse_flops=sparse_flops, rtol=10 * RTOL[dtype],
+                 density=sparse_flops / dense_flops if d is None else None)
 
 
 def _case(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact=False, agent=False, threads=None, graphs=False,
-          repeat=None) -> Case:
+          repeat=None, extra=None, dense=False) -> Case:
     """graphs: also sparse-cuda+graphs (BlockDrop with cuda_graphs); repeat: the n-th of
-    repeated measurements of one configuration (its baselines timed again too)."""
+    repeated measurements of one configuration (its baselines timed again too); extra, dense:
+    see _other_setup (d=None: the model's own gates)."""
     config = f"{name} N={batch} {size}x{size} {dtype}" + (f" {fmt}" if fmt == CL else "")
+    config += "".join(f", {k}={v}" for k, v in (extra or {}).items() if k != "num_classes")
+    if d is None:
+        config += ", its own gates"
     if exact:
         config += f", {round(d * (33 if 'imagenet' in name else 54))} blocks per sample"
     if threads:
@@ -228,11 +261,11 @@ def _case(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact=False, agent=F
     def setup():
         if name in BLOCKDROP:
             return _blockdrop_setup(cfg, name, dtype, batch, size, fmt, d, exact, agent, graphs, repeat)
-        return _other_setup(cfg, name, dtype, batch, size, fmt, d)
+        return _other_setup(cfg, name, dtype, batch, size, fmt, d, extra, dense)
 
     baseline = "dense" if name in BLOCKDROP else "masked"
-    return Case(NAME, name, config, f"{batch}x3x{size}x{size}", batch, dtype, d, setup, layout=fmt, baseline=baseline,
-                threads=threads)
+    return Case(NAME, name, config, f"{batch}x3x{size}x{size}", batch, dtype, 1.0 if d is None else d, setup, layout=fmt,
+                baseline=baseline, threads=threads)
 
 
 def sweep(cfg: RunConfig) -> List[Case]:
@@ -302,11 +335,11 @@ def _routed_setup(cfg: RunConfig, name: str, batch: int, size: int, d: float) ->
         return fn
 
     with torch.inference_mode():
-        flops = {e: accounting.counted_flops(lambda e=e: run(e)(*sets[0])) for e in ("masked", "sparse")}
+        dense_flops, sparse_flops = ideal_flops(model, *sets[0])
     variants = [Variant("masked", lambda: run("masked"), work="dense")]
     variants += [Variant(f"sparse-{b}", lambda b=b: run("sparse", resolved("route", b, cfg)), backend=b, compare_to="masked")
                  for b in OUR_BACKENDS]
-    return Setup(sets, variants, dense_flops=flops["masked"], sparse_flops=flops["sparse"], rtol=10 * RTOL["float32"])
+    return Setup(sets, variants, dense_flops=dense_flops, sparse_flops=sparse_flops, rtol=10 * RTOL["float32"])
 
 
 def cpu_routing(cfg: RunConfig) -> List[Case]:
@@ -323,6 +356,27 @@ def cpu_routing(cfg: RunConfig) -> List[Case]:
             for name, size, d, target in runs for threads in cpu_threads(cfg)]
 
 
+def cpu_gated(cfg: RunConfig) -> List[Case]:
+    """Models with gates of their own, sparse against masked on the CPU: FBS ResNet-18 (CIFAR
+    stem, 32x32, batch 64, density 0.5; >= 1.5x) with the dense ResNet-18 as a row, at 1 and
+    2 threads; LC-Net ResNet-50 (64x64, batch 16, 1 thread) at the sparsity its untrained
+    gates produce, next to its ideal; SkipNet ResNet-110 (batch 64, gates calibrated to keep
+    0.5; >= 1.6x) at 1 and 2 threads."""
+    batch = 2 if cfg.smoke else 64
+    fbs = Target("FBS ResNet-18, density 0.5, CIFAR 32x32, over masked (CPU)", 1.5)
+    skipnet = Target("SkipNet ResNet-110, keep 0.5, over masked (CPU)", 1.6)
+    cases = [replace(_case(cfg, "fbs_resnet18", "float32", batch, 32, NCHW, 0.5, threads=threads,
+                           extra={"num_classes": 10, "stem": "cifar"}, dense=True),
+                     variants=["dense", "masked", "sparse-auto"], targets={"sparse-auto": fbs})
+             for threads in cpu_threads(cfg)]
+    cases.append(replace(_case(cfg, "lcnet_resnet50", "float32", 2 if cfg.smoke else 16, 32 if cfg.smoke else 64, NCHW, None,
+                               threads=1, extra={"num_classes": 10}), variants=["masked", "sparse-auto"]))
+    cases += [replace(_case(cfg, "skipnet_resnet110", "float32", batch, 8 if cfg.smoke else 32, NCHW, 0.5, threads=threads),
+                      variants=["masked", "sparse-auto"], targets={"sparse-auto": skipnet})
+              for threads in cpu_threads(cfg)]
+    return cases
+
+
 def headline(cfg: RunConfig) -> List[Case]:
-    cpu = cpu_blockdrop(cfg) + cpu_routing(cfg) if cfg.cpu_targets else []
+    cpu = cpu_blockdrop(cfg) + cpu_routing(cfg) + cpu_gated(cfg) if cfg.cpu_targets else []
     return (gpu_blockdrop(cfg) if cfg.gpu_targets else []) + cpu

@@ -14,14 +14,16 @@ its first call, which captures, is the row's first-call time. `SkipBlock-<b>+gra
 `SkipBlock-<b>+plan+graphs` is the per-block cost of a gate computed on the device (L-Net,
 SkipNet, ConvNet-AIG): one compact and one 4-byte device-to-host copy.
 Gates are 0/1 per sample with exactly round(d * N) ones. FLOPs are the block's (counted by
-FlopCounterMode on one sample) times the samples that run it.
+dynkernels.flops.count on one sample) times the samples that run it.
 
 Headline: on a GPU, the ResNet-101 bottlenecks (layer3, 1024 channels at 14x14, first: the
 target block) at batch 128, bf16, channels_last, keep 0.5 (>= 1.8x over the dense block) and
 1.0 (>= 0.97x), eager and with cuda_graphs, with CUDA-graph replay of the whole call (where it
 reads nothing on the host) and host time per call. On the CPU, a chain of 4
 basic blocks (64 channels, 16x16, batch 64, each block kept by half the samples) under
-SkipSequential against its masked execution (>= 1.6x), at 1 and 2 threads.
+SkipSequential against its masked execution (>= 1.6x), at 1 and 2 threads, and the host
+overhead of a SkipBlock given its plan on tiny tensors (at most 10 us above its block, under
+torch.no_grad() and torch.inference_mode()).
 """
 from dataclasses import replace
 from typing import List
@@ -29,7 +31,7 @@ from typing import List
 import torch
 import torch.nn as nn
 
-from .. import accounting
+from ... import flops
 from ..harness import Case, Setup, Target, Unavailable, Variant
 from . import _common
 from ._common import CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, cpu_threads, memory_format, randn, resolved, sample_gate, seeded
@@ -132,7 +134,7 @@ def _skipblock_variant(name, block, execution, backend, cfg, compare_to, with_pl
         b = resolved("gather_rows", backend, cfg) if execution == "sparse" else backend
         m = cls(block, execution=execution, backend=b, cuda_graphs=graphs).eval()
         if with_plan:
-            return lambda x, gate, plan: m(x, gate, plan=plan)
+            return lambda x, gate, plan: m(x, gate, plan)
         return lambda x, gate, plan: m(x, gate)
 
     label = "pytorch" if execution == "masked" else backend
@@ -158,7 +160,7 @@ def _case(cfg: RunConfig, spec, dtype, batch, fmt, d, graphs=False) -> Case:
             x = randn((batch, c, hw, hw), dev, dt, gd).contiguous(memory_format=memory_format(fmt))
             gate = sample_gate(batch, d, dev, dtype=dt, generator=g)
             sets.append((x, gate, plan_cls(gate.unsqueeze(1))[0]))  # the plan: built once, outside any timed call
-        per_sample = accounting.counted_flops(lambda: block(sets[0][0][:1]))
+        per_sample = flops.count(block, sets[0][0][:1])
         k = int((sets[0][1] > 0).sum())
 
         def masked(x, gate, plan):
@@ -220,7 +222,7 @@ def _chain_case(cfg: RunConfig, n_blocks, c, hw, batch, d, threads) -> Case:
         blocks = [_make_block(basic_block, c, dev, torch.float32, NCHW, g) for _ in range(n_blocks)]
         policy = torch.stack([sample_gate(batch, d, dev, generator=g) for _ in blocks], dim=1)
         sets = [(torch.randn(batch, c, hw, hw, generator=g).to(dev), policy) for _ in range(cfg.input_sets)]
-        per_block = accounting.counted_flops(lambda: blocks[0](sets[0][0][:1]))
+        per_block = flops.count(blocks[0], sets[0][0][:1])
 
         def dense():
             chain_of_blocks = nn.Sequential(*blocks)
@@ -253,5 +255,58 @@ def cpu_chain(cfg: RunConfig) -> List[Case]:
             for threads in cpu_threads(cfg)]
 
 
+HOST_OVERHEAD_US = 10.0  # the most a SkipBlock given its plan may add to its block on tiny tensors
+HOST_BURST = 20  # calls per timed run of the host-overhead cases
+
+
+def _burst(fn):
+    """fn called HOST_BURST times in one timed run: a call of microseconds, timed alone, is
+    dominated by the timer and by the harness's own code between the runs."""
+    def run(*inputs):
+        for _ in range(HOST_BURST - 1):
+            fn(*inputs)
+        return fn(*inputs)
+
+    return run
+
+
+def _host_case(cfg: RunConfig, no_grad: bool) -> Case:
+    """The host time SkipBlock adds to its block: tiny tensors (N=8, 4 channels, 4x4, a 1x1
+    conv block, 5 of 8 samples kept, fp32, 1 thread), where the kernels' work is negligible, so
+    that SkipBlock-cpu+plan (given its SkipPlan row) minus the block alone on all 8 samples is
+    the Python and dispatch cost of the gather, the merge and the checks. Each timed run is a
+    burst of HOST_BURST calls; overhead_us is per call."""
+    mode = "no_grad" if no_grad else "inference_mode"
+    shape_str = "1x1 conv block: 4ch @4x4"
+    config = f"SkipBlock host overhead, {shape_str}, N=8, 5 of 8 kept, float32, 1 thread, {mode}"
+
+    def setup():
+        torch.manual_seed(9)
+        block = nn.Conv2d(4, 4, 1).to(cfg.device).eval()
+        g = seeded(9)
+        sets = []
+        for _ in range(cfg.input_sets):
+            gate = sample_gate(8, 5 / 8, cfg.device, generator=g)
+            sets.append((torch.randn(8, 4, 4, 4, generator=g).to(cfg.device), gate, _common.nn_modules().SkipPlan(gate.unsqueeze(1))[0]))
+        per_sample = flops.count(block, sets[0][0][:1])
+        skip = _skipblock_variant("SkipBlock-cpu+plan", block, "sparse", "cpu", cfg, "SkipBlock-masked", with_plan=True)
+        variants = [Variant("block", lambda: _burst(lambda x, gate, plan: block(x)), work="dense"),
+                    _skipblock_variant("SkipBlock-masked", block, "masked", "auto", cfg, None),
+                    replace(skip, build=lambda: _burst(skip.build()))]
+        return Setup(sets, variants, dense_flops=HOST_BURST * 8 * per_sample, sparse_flops=HOST_BURST * 5 * per_sample)
+
+    target = Target(f"SkipBlock given its plan: at most {HOST_OVERHEAD_US:g} us above its block (CPU, tiny tensors, {mode})",
+                    overhead_us=HOST_OVERHEAD_US)
+    return Case(NAME, "SkipBlock host overhead", config, shape_str, 8, "float32", 5 / 8, setup, mode=mode, baseline="block",
+                threads=1, no_grad=no_grad, variants=["block", "SkipBlock-cpu+plan"], targets={"SkipBlock-cpu+plan": target},
+                calls_per_run=HOST_BURST)
+
+
+def cpu_host_overhead(cfg: RunConfig) -> List[Case]:
+    """SkipBlock's host overhead on the CPU under torch.no_grad() and torch.inference_mode()."""
+    return [_host_case(cfg, no_grad) for no_grad in (True, False)]
+
+
 def headline(cfg: RunConfig) -> List[Case]:
-    return (gpu_bottlenecks(cfg) if cfg.gpu_targets else []) + (cpu_chain(cfg) if cfg.cpu_targets else [])
+    cpu = cpu_chain(cfg) + cpu_host_overhead(cfg) if cfg.cpu_targets else []
+    return (gpu_bottlenecks(cfg) if cfg.gpu_targets else []) + cpu
