@@ -106,15 +106,17 @@ def _built(ctor, name, dtype, dev, fmt, execution, backend, base=None, cuda_grap
     return _cached((ctor, name, dtype, str(dev), fmt, execution, backend, cuda_graphs), make)
 
 
-def ideal_flops(model: torch.nn.Module, *inputs) -> Tuple[float, float]:
-    """(dense, sparse) FLOPs of one batch of model(*inputs), by dynkernels.model_flops: dense
-    over the masked execution, sparse over one sparse forward of the batch, both as our
+def ideal_flops(model: torch.nn.Module, input_sets: List[tuple]) -> Tuple[float, float]:
+    """(dense, sparse) FLOPs of one call of model(*inputs), the mean over the input sets the case
+    times (their gates differ: e.g. how many images leave at an early exit; the times are
+    taken over all of them), by dynkernels.model_flops: dense
+    over the masked execution, sparse over one sparse forward of each batch, both as our
     compiled kernels execute them. For the count, every module's backend "auto" becomes the
     device's kernels (auto may run a dense conv where the gates are dense, which would count
     as dense) and every bucket is exact (no padding rows); both are restored afterwards."""
     from dynkernels.ops._backend import resolve
 
-    kernels = resolve("model FLOPs", "auto", inputs[0].device)
+    kernels = resolve("model FLOPs", "auto", input_sets[0][0].device)
     saved = []
     for m in model.modules():
         if getattr(m, "backend", None) == "auto":
@@ -123,13 +125,15 @@ def ideal_flops(model: torch.nn.Module, *inputs) -> Tuple[float, float]:
         if getattr(m, "bucket", None) is not None and getattr(m, "capacity", None) is None:
             saved.append((m, "bucket", m.bucket))
             m.bucket = None
+    dense = sparse = 0.0
     try:
-        count = flops.model_flops(model, *inputs, per_sample=False)
+        for inputs in input_sets:
+            count = flops.model_flops(model, *inputs, per_sample=False)
+            dense, sparse = dense + inputs[0].shape[0] * count.dense, sparse + inputs[0].shape[0] * count.executed
     finally:
         for m, name, value in reversed(saved):
             setattr(m, name, value)
-    n = inputs[0].shape[0]
-    return n * count.dense, n * count.executed
+    return dense / len(input_sets), sparse / len(input_sets)
 
 
 def _policy(batch: int, blocks: int, d: float, exact: bool, g: torch.Generator) -> torch.Tensor:
@@ -152,7 +156,7 @@ def _blockdrop_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact, ag
     for _ in range(cfg.input_sets):
         x = randn((batch, 3, size, size), dev, dt, gd).contiguous(memory_format=memory_format(fmt))
         sets.append((x, _policy(batch, base.num_blocks, d, exact, g).to(dev, dt)))
-    dense_flops, sparse_flops = ideal_flops(base, *sets[0])
+    dense_flops, sparse_flops = ideal_flops(base, sets)
 
     def masked():
         base.execution = "masked"
@@ -234,7 +238,7 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, extra=None, d
         m = getattr(_import(twin_module), twin_ctor)(**num_classes, **twin_kwargs).to(dev, dt).eval()
         return lambda x: m(x)
 
-    dense_flops, sparse_flops = ideal_flops(base, *sets[0])
+    dense_flops, sparse_flops = ideal_flops(base, sets)
     variants = [Variant("dense", dense_twin, work="dense")] if dense else []
     variants += [Variant("masked", lambda: lambda x: base(x), work="dense")]
     variants += [Variant(f"sparse-{b}", sparse(b), backend=b, compare_to="masked") for b in OUR_BACKENDS]
@@ -335,7 +339,7 @@ def _routed_setup(cfg: RunConfig, name: str, batch: int, size: int, d: float) ->
         return fn
 
     with torch.inference_mode():
-        dense_flops, sparse_flops = ideal_flops(model, *sets[0])
+        dense_flops, sparse_flops = ideal_flops(model, sets)
     variants = [Variant("masked", lambda: run("masked"), work="dense")]
     variants += [Variant(f"sparse-{b}", lambda b=b: run("sparse", resolved("route", b, cfg)), backend=b, compare_to="masked")
                  for b in OUR_BACKENDS]
