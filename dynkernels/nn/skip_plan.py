@@ -245,19 +245,14 @@ def _merge(owner, base, y, row, k, scale, check_result):
     dispatch to the fake kernel), and a kernel's refusal (a RuntimeError) becomes the error
     of check_result (default check_compact_result), which names the problem."""
     base, y = autocast_merge_dtypes(base, y)
-    rows = row.rows
+    rows, check = row.rows, check_result or check_compact_result
     if not (k.checks_merge and type(y) is torch.Tensor and y.dim() and y.shape[0] == rows and not y.is_meta):
         # (tuple slices: slicing a torch.Size costs several times more)
         if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (rows,) + tuple(base.shape)[1:]:
-            (check_result or check_compact_result)(owner, base, y, rows)
-    try:
-        if scale is None:
-            return k.scatter_rows(base, y, row.idx, row.count)
-        return k.scatter_add_rows(base, y, row.idx, row.count, scale)
-    except RuntimeError as e:
-        refused = e
-    (check_result or check_compact_result)(owner, base, y, rows)
-    raise refused
+            check(owner, base, y, rows)
+    if scale is None:
+        return _gating.kernel_first(k.scatter_rows, (base, y, row.idx, row.count), check, owner, base, y, rows)
+    return _gating.kernel_first(k.scatter_add_rows, (base, y, row.idx, row.count, scale), check, owner, base, y, rows)
 
 
 def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.Tensor:

@@ -348,6 +348,20 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
     return kernels(resolve("compact", backend, gate.device)).compact(gate, float(threshold))
 
 
+def kernel_first(kernel: Callable, args: tuple, check: Callable, *check_args, **check_kwargs):
+    """kernel(*args) with arguments not checked beforehand (the compiled kernels check them
+    themselves). Where the kernel refuses them (a RuntimeError), check(*check_args,
+    **check_kwargs) runs to raise the error that names the argument; if it finds nothing, the
+    kernel's own error is raised. Raised outside the except block, so that the named error
+    does not carry the kernel's as its context."""
+    try:
+        return kernel(*args)
+    except RuntimeError as e:
+        refused = e
+    check(*check_args, **check_kwargs)
+    raise refused
+
+
 def _cpu_fast(backend: str, *tensors) -> bool:
     """Whether a call may go straight to the C++ CPU kernel, which checks every argument itself
     (the same conditions, the index values too): plain CPU tensors (no subclass, no tensor on
@@ -379,12 +393,7 @@ def gather_rows(
     """
     if _cpu_fast(backend, x, idx, count) and x.dim():
         cap = x.shape[0] if capacity is None else _checks.capacity("gather_rows", capacity)
-        try:
-            return _run(_GATHER_ROWS, x, idx, count, cap)
-        except RuntimeError as e:
-            refused = e
-        _check_gather_args(x, idx, count, capacity, values=False)  # raises the error naming the argument
-        raise refused
+        return kernel_first(_run, (_GATHER_ROWS, x, idx, count, cap), _check_gather_args, x, idx, count, capacity, values=False)
     b, capacity = _check_gather_args(x, idx, count, capacity, backend=backend)
     return kernels(b).gather_rows(x, idx, count, capacity)
 
@@ -442,12 +451,8 @@ def scatter_add_rows(
     base, y and scale. No host sync.
     """
     if _cpu_fast(backend, base, y, idx, count) and (scale is None or _cpu_fast(backend, scale)):
-        try:
-            return _run(_SCATTER_ADD_ROWS, base, y, idx, count, scale)
-        except RuntimeError as e:
-            refused = e
-        _check_scatter_add_args(base, y, idx, count, scale, values=False)  # raises the error naming the argument
-        raise refused
+        return kernel_first(_run, (_SCATTER_ADD_ROWS, base, y, idx, count, scale), _check_scatter_add_args,
+                            base, y, idx, count, scale, values=False)
     b = _check_scatter_add_args(base, y, idx, count, scale, backend=backend)
     return kernels(b).scatter_add_rows(base, y, idx, count, scale)
 
@@ -489,12 +494,8 @@ def scatter_rows(
     """
     op = "scatter_rows"
     if _cpu_fast(backend, base, y, idx, count):
-        try:
-            return _run(_SCATTER_ROWS, base, y, idx, count)
-        except RuntimeError as e:
-            refused = e
-        _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, values=False)
-        raise refused
+        return kernel_first(_run, (_SCATTER_ROWS, base, y, idx, count), _check_merge_args,
+                            op, base, y, idx, count, floating_base=False, permutation=True, values=False)
     b = _check_merge_args(op, base, y, idx, count, floating_base=False, permutation=True, backend=backend)
     if b != "cpu" and (idx.device.type == "cpu" or _checks.CHECK_INDICES_ON_GPU):
         _check_permutation(op, idx, base.shape[0])
@@ -528,12 +529,8 @@ def scatter_rows_(
     grad_out, zero past count). No host sync.
     """
     if _cpu_fast(backend, base, y, idx, count):
-        try:
-            return _scatter_rows_(base, y, idx, count, "cpu")
-        except RuntimeError as e:
-            refused = e
-        _check_scatter_rows_inplace_args(base, y, idx, count, values=False)  # raises the error naming the argument
-        raise refused
+        return kernel_first(_scatter_rows_, (base, y, idx, count, "cpu"), _check_scatter_rows_inplace_args,
+                            base, y, idx, count, values=False)
     b = _check_scatter_rows_inplace_args(base, y, idx, count, backend=backend)
     return kernels(b).scatter_rows_(base, y, idx, count)
 
