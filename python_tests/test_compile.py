@@ -143,18 +143,12 @@ def test_blockdrop_capacity_one_graph_for_every_policy():
     assert counter.frame_count == 2
 
 
+@pytest.mark.parametrize("make", [lambda: fbs_cifarnet(width=0.125, density=0.5),
+                                  lambda: lcnet_resnet18_cifar(lnet=False, width=0.125)],
+                         ids=["fbs_net", "lcnet_channel_gates"])
 @torch.no_grad()
-def test_fbs_net_one_graph():
-    model = tame_bn(fbs_cifarnet(width=0.125, density=0.5))
-    fast, counter = compiled(model)
-    x = torch.randn(2, 3, 16, 16)
-    assert_close(fast(x), model(x), rtol=1e-5)
-    assert counter.frame_count == 1
-
-
-@torch.no_grad()
-def test_lcnet_channel_gates_one_graph():
-    model = tame_bn(lcnet_resnet18_cifar(lnet=False, width=0.125))
+def test_channel_gated_net_one_graph(make):
+    model = tame_bn(make())
     fast, counter = compiled(model)
     x = torch.randn(2, 3, 16, 16)
     assert_close(fast(x), model(x), rtol=1e-5)

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 
 from ... import flops
-from ..harness import Case, Setup, Target, Unavailable, Variant
+from ..harness import HOST_CALLS, Case, Setup, Target, Unavailable, Variant
 from . import _common
 from ._common import CL, DTYPES, NCHW, OUR_BACKENDS, RunConfig, cpu_threads, memory_format, randn, resolved, sample_gate, seeded
 
@@ -256,14 +256,13 @@ def cpu_chain(cfg: RunConfig) -> List[Case]:
 
 
 HOST_OVERHEAD_US = 10.0  # the most a SkipBlock given its plan may add to its block on tiny tensors
-HOST_BURST = 20  # calls per timed run of the host-overhead cases
 
 
 def _burst(fn):
-    """fn called HOST_BURST times in one timed run: a call of microseconds, timed alone, is
+    """fn called HOST_CALLS times in one timed run: a call of microseconds, timed alone, is
     dominated by the timer and by the harness's own code between the runs."""
     def run(*inputs):
-        for _ in range(HOST_BURST - 1):
+        for _ in range(HOST_CALLS - 1):
             fn(*inputs)
         return fn(*inputs)
 
@@ -275,7 +274,7 @@ def _host_case(cfg: RunConfig, no_grad: bool) -> Case:
     conv block, 5 of 8 samples kept, fp32, 1 thread), where the kernels' work is negligible, so
     that SkipBlock-cpu+plan (given its SkipPlan row) minus the block alone on all 8 samples is
     the Python and dispatch cost of the gather, the merge and the checks. Each timed run is a
-    burst of HOST_BURST calls; overhead_us is per call."""
+    burst of HOST_CALLS calls; overhead_us is per call."""
     mode = "no_grad" if no_grad else "inference_mode"
     shape_str = "1x1 conv block: 4ch @4x4"
     config = f"SkipBlock host overhead, {shape_str}, N=8, 5 of 8 kept, float32, 1 thread, {mode}"
@@ -293,13 +292,13 @@ def _host_case(cfg: RunConfig, no_grad: bool) -> Case:
         variants = [Variant("block", lambda: _burst(lambda x, gate, plan: block(x)), work="dense"),
                     _skipblock_variant("SkipBlock-masked", block, "masked", "auto", cfg, None),
                     replace(skip, build=lambda: _burst(skip.build()))]
-        return Setup(sets, variants, dense_flops=HOST_BURST * 8 * per_sample, sparse_flops=HOST_BURST * 5 * per_sample)
+        return Setup(sets, variants, dense_flops=HOST_CALLS * 8 * per_sample, sparse_flops=HOST_CALLS * 5 * per_sample)
 
     target = Target(f"SkipBlock given its plan: at most {HOST_OVERHEAD_US:g} us above its block (CPU, tiny tensors, {mode})",
                     overhead_us=HOST_OVERHEAD_US)
     return Case(NAME, "SkipBlock host overhead", config, shape_str, 8, "float32", 5 / 8, setup, mode=mode, baseline="block",
                 threads=1, no_grad=no_grad, variants=["block", "SkipBlock-cpu+plan"], targets={"SkipBlock-cpu+plan": target},
-                calls_per_run=HOST_BURST)
+                calls_per_run=HOST_CALLS)
 
 
 def cpu_host_overhead(cfg: RunConfig) -> List[Case]:
