@@ -2,9 +2,12 @@
 // the other translation units; its functions say which CUDA version (if any) the CUDA kernels
 // were compiled with, so that import can check it against torch, which tile configurations the
 // CUDA channel_sparse_conv2d kernel offers, and which micro-kernel the CPU channel-sparse conv
-// runs on this CPU.
+// runs on this CPU; its submodules below_autograd and cpu_first call the sample-gating
+// operators without autograd (csrc/python_calls.cpp).
 // Not part of the CMake library, which is loaded with torch.ops.load_library instead.
 #include <Python.h>
+
+#include "python_calls.h"
 
 #ifdef WITH_CUDA
 #include "cuda/channel_sparse_conv2d_tiles.h"
@@ -65,4 +68,8 @@ static PyMethodDef methods[] = {
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dynkernels compiled kernels", -1, methods};
 
-PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__C(void) {
+  PyObject* m = PyModule_Create(&module);
+  if (m != nullptr && dynkernels_add_call_modules(m) != 0) Py_CLEAR(m);
+  return m;
+}

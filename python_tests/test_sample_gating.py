@@ -507,6 +507,44 @@ def test_no_grad_kernels_exclude_autograd_only_for_their_call():
         sg.kernels("cpu", "fast")
 
 
+@pytest.mark.skipif(dynkernels._extension._C is None, reason="kernels loaded as a library, without dynkernels._C")
+def test_direct_calls_below_autograd():
+    """dynkernels._C.below_autograd / cpu_first: the ops' results, through the dispatcher (the
+    profiler sees them); cpu_first declines (NotImplemented) what the public ops must send
+    elsewhere: a gradient needed, a tensor subclass or a tensor off the CPU, a capacity that
+    is not an int. The public ops then still give gradients."""
+    C = dynkernels._extension._C
+    x, base = torch.randn(5, 3), torch.randn(5, 3)
+    gate = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.0])
+    idx, count = C.below_autograd.compact(gate, 0.0)
+    assert torch.equal(idx, reference.compact(gate)[0]) and torch.equal(count, reference.compact(gate)[1])
+    for calls in (C.below_autograd, C.cpu_first):
+        cap = None if calls is C.cpu_first else 5
+        assert torch.equal(calls.gather_rows(x, idx, count, cap), reference.gather_rows(x, idx, count, 5))
+        assert torch.equal(calls.scatter_rows(base, x, idx, count), reference.scatter_rows(base, x, idx, count))
+        assert_close(calls.scatter_add_rows(base, x, idx, count, gate), reference.scatter_add_rows(base, x, idx, count, gate))
+    with torch.profiler.profile() as prof:
+        C.below_autograd.gather_rows(x, idx, count, 3)
+    assert "dynkernels::gather_rows" in {e.name for e in prof.events()}
+
+    class Sub(torch.Tensor):
+        pass
+
+    leaf = x.clone().requires_grad_()
+    declined = [(leaf, idx, count, None), (x.as_subclass(Sub), idx, count, None), (x.to("meta"), idx, count, None),
+                (x, idx, count, True), (x, idx, count, 2.0)]
+    for args in declined:
+        assert C.cpu_first.gather_rows(*args) is NotImplemented
+    with torch.no_grad():
+        assert torch.equal(C.cpu_first.gather_rows(leaf, idx, count, 3), x[[0, 2, 3]])
+    with pytest.raises(TypeError, match="not a subclass"):
+        C.below_autograd.gather_rows(x.as_subclass(Sub), idx, count, 3)
+    with pytest.raises(TypeError, match="takes 4 arguments"):
+        C.below_autograd.gather_rows(x, idx, count)
+    dynkernels.scatter_add_rows(base, dynkernels.gather_rows(leaf, idx, count, 3), idx, count).sum().backward()
+    assert torch.equal(leaf.grad, gate[:, None].expand(5, 3))
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, skip_cuda_throws])])
 def test_cpp_op_errors(device):
     if device == "cuda" and not dynkernels.cuda_kernels_compiled():

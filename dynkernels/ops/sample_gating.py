@@ -17,7 +17,9 @@ backend "auto" or "cpu" they call the C++ kernel at once: it checks every argume
 index values too: idx in range, scatter_rows' permutation, scatter_rows_' distinct rows, with
 the errors of the Python checks), and where it refuses one (a RuntimeError) the Python checks
 run to raise the error that names it; on a small tensor the Python checks would cost more than
-moving the rows. Callers that already checked once for many calls (dynkernels.nn.SkipBlock,
+moving the rows. Where no gradient is needed that call is made from C++ (dynkernels._C.cpu_first,
+csrc/python_calls.cpp: the arguments unpacked and the op dispatched below autograd, a
+microsecond where torch.ops takes three or more). Callers that already checked once for many calls (dynkernels.nn.SkipBlock,
 SkipPlan, RoutePlan and EarlyExit: a gate checked once, idx and count from compact / route)
 call the `Kernels` of a resolved backend (`kernels`, `resolved_kernels`), which go straight
 to the kernel.
@@ -29,12 +31,14 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 
 from .. import reference
+from .._extension import _C
 from .._layout import row_layout
 from . import _checks
 from ._backend import resolve
 
 _lib = torch.ops.dynkernels
 _Tensor = torch.Tensor
+_is_compiling = torch.compiler.is_compiling
 _BelowAutograd = torch._C._AutoDispatchBelowAutograd
 _AUTOGRAD_CPU = torch._C.DispatchKey.AutogradCPU
 _key_excluded = torch._C._dispatch_tls_is_dispatch_key_excluded
@@ -166,12 +170,17 @@ class Kernels(NamedTuple):
 MODES = ("autograd", "no_grad", "inference")
 
 
-def _below_autograd(raw: Callable, backend: str) -> Callable:
-    """raw (a dispatcher entry, OpOverload._op) called below autograd: without torch.library's
-    Python autograd wrapper, which costs microseconds even where no gradient is needed. For
-    the CPU kernels the CPU autograd key, the one their calls dispatch to, is excluded by
-    hand: the thread-local flag read and written costs a few hundred nanoseconds less than
-    creating the guard, and is restored as it was (also when the kernel raises)."""
+def _below_autograd(op, backend: str) -> Callable:
+    """op (an OpOverload) called below autograd: without torch.library's Python autograd
+    wrapper, which costs microseconds even where no gradient is needed. The op's direct call
+    where it has one (_DIRECT); else its dispatcher entry under a guard. For the CPU kernels
+    the CPU autograd key, the one their calls dispatch to, is excluded by hand: the
+    thread-local flag read and written costs a few hundred nanoseconds less than creating the
+    guard, and is restored as it was (also when the kernel raises)."""
+    direct = _DIRECT.get(op)
+    if direct is not None:
+        return direct
+    raw = op._op
     if backend != "cpu":
         def call(*args):
             with _BelowAutograd():
@@ -203,9 +212,10 @@ def kernels(backend: str, mode: str = "autograd") -> Kernels:
     scatter_rows_inplace = functools.partial(_scatter_rows_, backend=backend)
     compiled = backend in ("cpu", "cuda")
     if mode == "inference":
-        return Kernels(*(_kernel(name, backend)._op for name in names), scatter_rows_inplace, compiled)
+        return Kernels(*(_DIRECT.get(_kernel(name, backend)) or _kernel(name, backend)._op for name in names),
+                       scatter_rows_inplace, compiled)
     if mode == "no_grad":
-        return Kernels(*(_below_autograd(_kernel(name, backend)._op, backend) for name in names), scatter_rows_inplace,
+        return Kernels(*(_below_autograd(_kernel(name, backend), backend) for name in names), scatter_rows_inplace,
                        compiled)
     if backend == "triton":
         compact_op = _triton().compact_triton
@@ -265,14 +275,20 @@ def _kernel(name: str, backend: str):
 def _run(op, *args, differentiable: bool = True):
     """Call a registered op (an OpOverload). When no gradient is needed this goes below
     autograd directly: the call torch.library's autograd wrapper would make, without that
-    Python wrapper (microseconds per op, paid by every eager forward). Inference mode
-    excludes autograd itself, so there the dispatcher entry is called as it is."""
+    Python wrapper (microseconds per op, paid by every eager forward), through the op's
+    direct call where it has one (_DIRECT). Inference mode excludes autograd itself, so
+    there the dispatcher entry is called as it is (or the direct call)."""
     if torch.compiler.is_compiling():  # (first: compile cannot trace the other checks)
         return op(*args)
-    if torch.is_inference_mode_enabled():
-        return op._op(*args)
+    # (inference mode turns grad mode off, and where it is turned on again inside, autograd
+    # stays excluded for the op's call anyway)
     if differentiable and torch.is_grad_enabled() and torch._C._any_requires_grad(*args):
         return op(*args)
+    direct = _DIRECT.get(op)
+    if direct is not None:
+        return direct(*args)
+    if torch.is_inference_mode_enabled():
+        return op._op(*args)
     with _BelowAutograd():
         return op._op(*args)
 
@@ -350,16 +366,22 @@ def compact(gate: torch.Tensor, threshold: float = 0.0, *, backend: str = "auto"
 
 def kernel_first(kernel: Callable, args: tuple, check: Callable, *check_args, **check_kwargs):
     """kernel(*args) with arguments not checked beforehand (the compiled kernels check them
-    themselves). Where the kernel refuses them (a RuntimeError), check(*check_args,
-    **check_kwargs) runs to raise the error that names the argument; if it finds nothing, the
-    kernel's own error is raised. Raised outside the except block, so that the named error
-    does not carry the kernel's as its context."""
+    themselves). Where the kernel refuses them (a RuntimeError), _refused raises the error
+    that names the argument, outside the except block, so that it does not carry the
+    kernel's as its context."""
     try:
         return kernel(*args)
     except RuntimeError as e:
         refused = e
+    _refused(refused, check, *check_args, **check_kwargs)
+
+
+def _refused(error: RuntimeError, check: Callable, *check_args, **check_kwargs):
+    """A compiled kernel refused its arguments with `error`: check(*check_args, **check_kwargs)
+    runs to raise the error that names the argument; if it finds nothing, `error` is raised.
+    (Called outside the except block that caught `error`.)"""
     check(*check_args, **check_kwargs)
-    raise refused
+    raise error
 
 
 def _cpu_fast(backend: str, *tensors) -> bool:
@@ -391,6 +413,13 @@ def gather_rows(
     offsets[b+1] - offsets[b]), clamped to [0, min(M, capacity)]. Differentiable in x. No host
     sync.
     """
+    if (backend == "auto" or backend == "cpu") and _CPU_FIRST is not None and not _is_compiling():
+        try:
+            y = _CPU_FIRST.gather_rows(x, idx, count, capacity)
+        except RuntimeError as e:
+            y = e
+        if y is not NotImplemented:
+            return y if type(y) is _Tensor else _refused(y, _check_gather_args, x, idx, count, capacity, values=False)
     if _cpu_fast(backend, x, idx, count) and x.dim():
         cap = x.shape[0] if capacity is None else _checks.capacity("gather_rows", capacity)
         return kernel_first(_run, (_GATHER_ROWS, x, idx, count, cap), _check_gather_args, x, idx, count, capacity, values=False)
@@ -450,6 +479,14 @@ def scatter_add_rows(
     floating or None (1). The sum is formed in float32 and rounded once. Differentiable in
     base, y and scale. No host sync.
     """
+    if (backend == "auto" or backend == "cpu") and _CPU_FIRST is not None and not _is_compiling():
+        try:
+            out = _CPU_FIRST.scatter_add_rows(base, y, idx, count, scale)
+        except RuntimeError as e:
+            out = e
+        if out is not NotImplemented:
+            return out if type(out) is _Tensor else _refused(out, _check_scatter_add_args, base, y, idx, count, scale,
+                                                             values=False)
     if _cpu_fast(backend, base, y, idx, count) and (scale is None or _cpu_fast(backend, scale)):
         return kernel_first(_run, (_SCATTER_ADD_ROWS, base, y, idx, count, scale), _check_scatter_add_args,
                             base, y, idx, count, scale, values=False)
@@ -493,6 +530,14 @@ def scatter_rows(
     rows of grad_out, zero past count). No host sync.
     """
     op = "scatter_rows"
+    if (backend == "auto" or backend == "cpu") and _CPU_FIRST is not None and not _is_compiling():
+        try:
+            out = _CPU_FIRST.scatter_rows(base, y, idx, count)
+        except RuntimeError as e:
+            out = e
+        if out is not NotImplemented:
+            return out if type(out) is _Tensor else _refused(out, _check_merge_args, op, base, y, idx, count,
+                                                             floating_base=False, permutation=True, values=False)
     if _cpu_fast(backend, base, y, idx, count):
         return kernel_first(_run, (_SCATTER_ROWS, base, y, idx, count), _check_merge_args,
                             op, base, y, idx, count, floating_base=False, permutation=True, values=False)
@@ -551,3 +596,16 @@ def _check_scatter_rows_inplace_args(base, y, idx, count, backend: str = "auto",
 _GATHER_ROWS = _lib.gather_rows.default
 _SCATTER_ADD_ROWS = _lib.scatter_add_rows.default
 _SCATTER_ROWS = _lib.scatter_rows.default
+# The compiled ops' direct calls below autograd (dynkernels._C.below_autograd, csrc/python_calls.cpp:
+# the arguments unpacked and the op dispatched in C++, a microsecond where torch.ops takes
+# three or more), by OpOverload. Empty where the kernels were loaded as a library without the
+# Python module (torch.ops.load_library): then the dispatcher entries are called instead.
+# The public ops' first try (dynkernels._C.cpu_first: plain CPU tensors where no gradient is
+# needed, else NotImplemented), or None in such a library.
+_CPU_FIRST = None if _C is None else _C.cpu_first
+_DIRECT = {} if _C is None else {
+    _lib.compact.default: _C.below_autograd.compact,
+    _GATHER_ROWS: _C.below_autograd.gather_rows,
+    _SCATTER_ADD_ROWS: _C.below_autograd.scatter_add_rows,
+    _SCATTER_ROWS: _C.below_autograd.scatter_rows,
+}

@@ -1,0 +1,191 @@
+// Direct calls of the sample-gating operators from Python, below autograd. A call through
+// torch.ops parses its arguments against the schema in Python and, for an op whose autograd
+// is registered in Python (torch.library.register_autograd), runs that Python wrapper even
+// when no gradient is needed: about 3 us before the kernel starts, as much as a 1 MiB copy
+// takes. Here the arguments are unpacked in C++ and the op is called through the C++
+// dispatcher with the autograd keys excluded, so it still dispatches by device and still
+// shows in the profiler. Two modules of the same functions:
+//   below_autograd: for callers that know no gradient is needed (dynkernels/ops/sample_gating.py
+//     under no_grad and inference mode); tensors on any device.
+//   cpu_first: the public ops' first try, which returns NotImplemented (the caller then takes
+//     its usual path) unless every tensor is a plain CPU tensor (the CPU kernels check every
+//     argument themselves), no gradient is needed (grad mode off, or no argument requires
+//     grad) and capacity is an int or None.
+// Not part of the CMake library (plain Python module code; without it, dynkernels makes the
+// same calls through torch.ops).
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/GradMode.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <optional>
+
+#include "python_calls.h"
+
+namespace {
+
+using at::Tensor;
+
+enum class Mode { below_autograd, cpu_first };
+
+// The tensor arguments of one call, unpacked; `usable` false where cpu_first declines it.
+template <Mode mode>
+struct Unpacked {
+  const char* op;
+  bool usable = true;
+  bool any_requires_grad = false;
+
+  // Argument i: a torch.Tensor or nn.Parameter (a subclass would skip its __torch_function__
+  // here: below_autograd refuses it, cpu_first declines it).
+  const Tensor* tensor(PyObject* const* args, int i) {
+    if (!THPVariable_CheckExact(args[i])) {
+      TORCH_CHECK_TYPE(mode == Mode::cpu_first, op, ": argument ", i, " must be a torch.Tensor, not a subclass");
+      usable = false;
+      return nullptr;
+    }
+    const Tensor& t = THPVariable_Unpack(args[i]);
+    if (mode == Mode::cpu_first && !t.is_cpu()) usable = false;
+    any_requires_grad = any_requires_grad || t.requires_grad();
+    return &t;
+  }
+  std::optional<Tensor> optional_tensor(PyObject* const* args, int i) {
+    if (args[i] == Py_None) return std::nullopt;
+    const Tensor* t = tensor(args, i);
+    return t ? std::optional<Tensor>(*t) : std::nullopt;
+  }
+  // Whether the call goes ahead (cpu_first: also no gradient needed).
+  bool go() const { return usable && (mode == Mode::below_autograd || !(any_requires_grad && c10::GradMode::is_enabled())); }
+};
+
+void check_nargs(const char* op, Py_ssize_t nargs, Py_ssize_t want) {
+  TORCH_CHECK_TYPE(nargs == want, op, ": takes ", want, " arguments, got ", nargs);
+}
+
+PyObject* not_implemented() { Py_RETURN_NOTIMPLEMENTED; }
+
+// The registered operator `name`, typed (each caller keeps it in a static: looked up once).
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+// fn() with the GIL released (as torch's own bindings run their kernels) and the autograd
+// dispatch keys excluded.
+template <typename Fn>
+auto below_autograd(Fn fn) {
+  pybind11::gil_scoped_release no_gil;
+  at::AutoDispatchBelowAutograd guard;
+  return fn();
+}
+
+// gather_rows(x, idx, count, capacity): capacity an int (cpu_first: or None, for x's rows).
+template <Mode mode>
+PyObject* gather_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<mode> a{"gather_rows"};
+  check_nargs(a.op, nargs, 4);
+  const Tensor *x = a.tensor(args, 0), *idx = a.tensor(args, 1), *count = a.tensor(args, 2);
+  if (!a.go()) return not_implemented();
+  int64_t capacity;
+  if (mode == Mode::cpu_first && args[3] == Py_None) {
+    if (x->dim() == 0) return not_implemented();
+    capacity = x->size(0);
+  } else {
+    if (mode == Mode::cpu_first && !PyLong_CheckExact(args[3])) return not_implemented();  // (a bool, say)
+    capacity = PyLong_AsLongLong(args[3]);
+    if (capacity == -1 && PyErr_Occurred()) return nullptr;
+  }
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+  static const auto handle = op_handle<Sig>("dynkernels::gather_rows");
+  return THPVariable_Wrap(below_autograd([&] { return handle.call(*x, *idx, *count, capacity); }));
+  END_HANDLE_TH_ERRORS
+}
+
+// scatter_add_rows(base, y, idx, count, scale): scale a tensor or None.
+template <Mode mode>
+PyObject* scatter_add_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<mode> a{"scatter_add_rows"};
+  check_nargs(a.op, nargs, 5);
+  const Tensor *base = a.tensor(args, 0), *y = a.tensor(args, 1), *idx = a.tensor(args, 2), *count = a.tensor(args, 3);
+  const std::optional<Tensor> scale = a.optional_tensor(args, 4);
+  if (!a.go()) return not_implemented();
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&);
+  static const auto handle = op_handle<Sig>("dynkernels::scatter_add_rows");
+  return THPVariable_Wrap(below_autograd([&] { return handle.call(*base, *y, *idx, *count, scale); }));
+  END_HANDLE_TH_ERRORS
+}
+
+// scatter_rows(base, y, idx, count).
+template <Mode mode>
+PyObject* scatter_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<mode> a{"scatter_rows"};
+  check_nargs(a.op, nargs, 4);
+  const Tensor *base = a.tensor(args, 0), *y = a.tensor(args, 1), *idx = a.tensor(args, 2), *count = a.tensor(args, 3);
+  if (!a.go()) return not_implemented();
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows");
+  return THPVariable_Wrap(below_autograd([&] { return handle.call(*base, *y, *idx, *count); }));
+  END_HANDLE_TH_ERRORS
+}
+
+// compact(gate, threshold): threshold a float.
+template <Mode mode>
+PyObject* compact(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<mode> a{"compact"};
+  check_nargs(a.op, nargs, 2);
+  const Tensor* gate = a.tensor(args, 0);
+  if (!a.go() || (mode == Mode::cpu_first && !PyFloat_CheckExact(args[1]))) return not_implemented();
+  const double threshold = PyFloat_AsDouble(args[1]);
+  if (threshold == -1.0 && PyErr_Occurred()) return nullptr;
+  using Sig = std::tuple<Tensor, Tensor>(const Tensor&, double);
+  static const auto handle = op_handle<Sig>("dynkernels::compact");
+  auto [idx, count] = below_autograd([&] { return handle.call(*gate, threshold); });
+  PyObject* out = PyTuple_New(2);
+  if (out == nullptr) return nullptr;
+  PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(idx)));
+  PyTuple_SET_ITEM(out, 1, THPVariable_Wrap(std::move(count)));
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+template <typename Fn>
+PyCFunction fastcall(Fn fn) {
+  return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn));
+}
+
+template <Mode mode>
+PyMethodDef methods[] = {
+    {"gather_rows", fastcall(gather_rows<mode>), METH_FASTCALL, "gather_rows(x, idx, count, capacity)"},
+    {"scatter_add_rows", fastcall(scatter_add_rows<mode>), METH_FASTCALL,
+     "scatter_add_rows(base, y, idx, count, scale)"},
+    {"scatter_rows", fastcall(scatter_rows<mode>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
+    {"compact", fastcall(compact<mode>), METH_FASTCALL, "compact(gate, threshold)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef below_autograd_module = {
+    PyModuleDef_HEAD_INIT, "below_autograd",
+    "The sample-gating operators called below autograd, on any device, for calls that need no gradient.", -1,
+    methods<Mode::below_autograd>};
+
+PyModuleDef cpu_first_module = {
+    PyModuleDef_HEAD_INIT, "cpu_first",
+    "The sample-gating operators on plain CPU tensors where no gradient is needed, else NotImplemented.", -1,
+    methods<Mode::cpu_first>};
+
+}  // namespace
+
+int dynkernels_add_call_modules(PyObject* module) {
+  for (PyModuleDef* def : {&below_autograd_module, &cpu_first_module}) {
+    PyObject* sub = PyModule_Create(def);
+    if (sub == nullptr || PyModule_AddObject(module, def->m_name, sub) != 0) {
+      Py_XDECREF(sub);
+      return -1;
+    }
+  }
+  return 0;
+}
