@@ -247,7 +247,7 @@ struct SampleConv {
       const int64_t HW = padded_stride<T>(g.H * g.W);
       planes_buf.resize(kin * HW);
       if (std::is_same_v<scalar_t, float> && sxc == 1 && sxh == g.W * sxw) {
-        cpu_conv::gather_planes(reinterpret_cast<const float*>(xs), sxw, ci.data(), kin, g.H * g.W,
+        cpu_conv::gather_planes(reinterpret_cast<const float*>(xs), sxw, Cin, ci.data(), kin, g.H * g.W,
                                 reinterpret_cast<float*>(planes_buf.data()), HW);
       } else {
         // Pixel by pixel, so that x is read in order (which the prefetchers follow); the
@@ -279,35 +279,28 @@ struct SampleConv {
     pr.scale = scale_j.data();
     pr.shift = shift_j.data();
 
-    // The results go straight into y where it holds T (float32, float64), in either layout,
-    // else into a buffer of rows that finish() writes out.
     c_row.resize(kout);
     if (writes_y_directly()) {
       pr.c = reinterpret_cast<T*>(yp);
-      pr.c_pixel_stride = nhwc_out ? Cout : 1;
       for (int64_t j = 0; j < kout; ++j) c_row[j] = n * syn + static_cast<int64_t>(co[j]) * syc;
     } else {
       out_buf.resize((kout + 1) * out_stride());  // + a row of zeros for finish()
       pr.c = out_buf.data();
-      pr.c_pixel_stride = 1;
       for (int64_t j = 0; j < kout; ++j) c_row[j] = j * out_stride();
     }
     pr.c_row = c_row.data();
     return pr;
   }
 
-  static constexpr bool writes_y_directly() { return std::is_same_v<scalar_t, T>; }
+  // The results go into y itself where it holds T (float32, float64) and is NCHW; else
+  // into a buffer of rows that finish() writes out (channels_last: transposed into pixels).
+  bool writes_y_directly() const { return std::is_same_v<scalar_t, T> && !nhwc_out; }
   int64_t out_stride() const { return padded_stride<T>(g.Ho * g.Wo); }
 
-  // Zeros of the inactive channels before the kernel runs (channels_last: of the whole
-  // sample, then the kernel overwrites the active channels; a contiguous fill is cheaper than
-  // a strided one) ...
+  // Zeros of the inactive channels of an NCHW y before the kernel runs (channels_last:
+  // finish() writes every channel) ...
   void start(int64_t n, const std::vector<int32_t>& co) {
-    const int64_t P = g.Ho * g.Wo;
-    if (!nhwc_out)
-      write_zero_channels(yp + n * syn, co, Cout, P, syc);
-    else if (writes_y_directly())
-      std::fill(yp + n * syn, yp + n * syn + P * Cout, scalar_t(0));
+    if (!nhwc_out) write_zero_channels(yp + n * syn, co, Cout, g.Ho * g.Wo, syc);
   }
 
   // ... and, after it, the buffered results written into y.
@@ -335,6 +328,10 @@ struct SampleConv {
     slot_off.assign(Cout, kout * ld);
     for (int64_t j = 0; j < kout; ++j) slot_off[co[j]] = j * ld;
     const int64_t* off = slot_off.data();
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      cpu_conv::scatter_planes(out, off, Cout, P, ys, Cout);
+      return;
+    }
     for (int64_t p = 0; p < P; ++p) {
       scalar_t* dst = ys + p * Cout;
       const T* src = out + p;

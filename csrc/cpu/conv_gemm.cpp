@@ -33,6 +33,11 @@
 #else
 #define DK_UNROLL
 #endif
+#if defined(__GNUC__)
+#define DK_PREFETCH(p) __builtin_prefetch(p)
+#else
+#define DK_PREFETCH(p)
+#endif
 
 namespace dynkernels {
 namespace cpu_conv {
@@ -73,10 +78,6 @@ struct VecArray {
   static void store_tail(T* p, const Reg& r, Tail n) {
     for (int l = 0; l < n; ++l) p[l] = r.v[l];
   }
-  static void scatter(T* p, int64_t stride, const Reg& r) { scatter_tail(p, stride, r, L); }
-  static void scatter_tail(T* p, int64_t stride, const Reg& r, Tail n) {
-    for (int l = 0; l < n; ++l) p[l * stride] = r.v[l];
-  }
   static Reg fma(const Reg& a, const Reg& b, const Reg& c) {
     Reg r;
     DK_UNROLL for (int l = 0; l < L; ++l) r.v[l] = a.v[l] * b.v[l] + c.v[l];
@@ -85,11 +86,6 @@ struct VecArray {
   static Reg add(const Reg& a, const Reg& b) {
     Reg r;
     DK_UNROLL for (int l = 0; l < L; ++l) r.v[l] = a.v[l] + b.v[l];
-    return r;
-  }
-  static Reg gather(const T* p, const int32_t* idx) {
-    Reg r;
-    DK_UNROLL for (int l = 0; l < L; ++l) r.v[l] = p[idx[l]];
     return r;
   }
   static void transpose(Reg r[L]) {
@@ -110,6 +106,13 @@ using VecD = VecArray<double>;
 // layers of conv_gemm.h's use: 6 x 4 runs at 97% of the FMA peak, 4 x 6 at 94%, 8 x 3 at 92%,
 // 4 x 4 at 80%).
 DK_TARGET_BEGIN("avx512f,fma")
+// GCC 12 warns of an uninitialised variable inside its own AVX-512 unpack intrinsics (the
+// placeholder vector of _mm512_undefined_ps, a known false positive) where a transpose's registers
+// are indexed at run time; the warning is about the header, not this code.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 namespace avx512 {
 
 struct VecF {
@@ -124,19 +127,8 @@ struct VecF {
   static Reg load_tail(const float* p, Tail m) { return _mm512_maskz_loadu_ps(m, p); }
   static void store(float* p, Reg r) { _mm512_storeu_ps(p, r); }
   static void store_tail(float* p, Reg r, Tail m) { _mm512_mask_storeu_ps(p, m, r); }
-  static __m512i lanes(int64_t stride) {
-    return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                              _mm512_set1_epi32(static_cast<int>(stride)));
-  }
-  static void scatter(float* p, int64_t stride, Reg r) { _mm512_i32scatter_ps(p, lanes(stride), r, 4); }
-  static void scatter_tail(float* p, int64_t stride, Reg r, Tail m) {
-    _mm512_mask_i32scatter_ps(p, m, lanes(stride), r, 4);
-  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
-  static Reg gather(const float* p, const int32_t* idx) {
-    return _mm512_i32gather_ps(_mm512_loadu_si512(idx), p, 4);
-  }
   // 16 x 16: pairs of rows interleaved (ps), then pairs of pairs (pd), then the 128-bit
   // quarters regrouped (two rounds of shuffle_f32x4): r[4l + m] ends up as column 4l + m.
   static void transpose(Reg r[16]) {
@@ -177,13 +169,6 @@ struct VecD {
   static Reg load_tail(const double* p, Tail m) { return _mm512_maskz_loadu_pd(m, p); }
   static void store(double* p, Reg r) { _mm512_storeu_pd(p, r); }
   static void store_tail(double* p, Reg r, Tail m) { _mm512_mask_storeu_pd(p, m, r); }
-  static __m256i lanes(int64_t stride) {
-    return _mm256_mullo_epi32(_mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), _mm256_set1_epi32(static_cast<int>(stride)));
-  }
-  static void scatter(double* p, int64_t stride, Reg r) { _mm512_i32scatter_pd(p, lanes(stride), r, 8); }
-  static void scatter_tail(double* p, int64_t stride, Reg r, Tail m) {
-    _mm512_mask_i32scatter_pd(p, m, lanes(stride), r, 8);
-  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_pd(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_pd(a, b); }
 };
@@ -191,6 +176,9 @@ struct VecD {
 #include "conv_gemm_tile.inc"
 
 }  // namespace avx512
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic pop
+#endif
 DK_TARGET_END
 
 // AVX2 + FMA: 16 registers of 8 floats / 4 doubles; a 4 x 3 tile keeps 12 accumulators, 3
@@ -211,20 +199,8 @@ struct VecF {
   static Reg load_tail(const float* p, Tail m) { return _mm256_maskload_ps(p, m); }
   static void store(float* p, Reg r) { _mm256_storeu_ps(p, r); }
   static void store_tail(float* p, Reg r, Tail m) { _mm256_maskstore_ps(p, m, r); }
-  static void scatter(float* p, int64_t stride, Reg r) { scatter_n(p, stride, r, L); }
-  static void scatter_tail(float* p, int64_t stride, Reg r, Tail m) {
-    scatter_n(p, stride, r, __builtin_popcount(_mm256_movemask_ps(_mm256_castsi256_ps(m))));
-  }
-  static void scatter_n(float* p, int64_t stride, Reg r, int n) {  // AVX2 has no scatter
-    alignas(32) float lane[L];
-    _mm256_store_ps(lane, r);
-    for (int l = 0; l < n; ++l) p[l * stride] = lane[l];
-  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
-  static Reg gather(const float* p, const int32_t* idx) {
-    return _mm256_i32gather_ps(p, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx)), 4);
-  }
   // 8 x 8: pairs of rows interleaved, then pairs of pairs, then the 128-bit halves regrouped.
   static void transpose(Reg r[8]) {
     Reg t[8], u[8];
@@ -257,15 +233,6 @@ struct VecD {
   static Reg load_tail(const double* p, Tail m) { return _mm256_maskload_pd(p, m); }
   static void store(double* p, Reg r) { _mm256_storeu_pd(p, r); }
   static void store_tail(double* p, Reg r, Tail m) { _mm256_maskstore_pd(p, m, r); }
-  static void scatter(double* p, int64_t stride, Reg r) { scatter_n(p, stride, r, L); }
-  static void scatter_tail(double* p, int64_t stride, Reg r, Tail m) {
-    scatter_n(p, stride, r, __builtin_popcount(_mm256_movemask_pd(_mm256_castsi256_pd(m))));
-  }
-  static void scatter_n(double* p, int64_t stride, Reg r, int n) {  // AVX2 has no scatter
-    alignas(32) double lane[L];
-    _mm256_store_pd(lane, r);
-    for (int l = 0; l < n; ++l) p[l * stride] = lane[l];
-  }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm256_fmadd_pd(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm256_add_pd(a, b); }
 };
@@ -313,17 +280,31 @@ void run_gemm(const GemmProblem<T>& problem) {
 template void run_gemm<float>(const GemmProblem<float>&);
 template void run_gemm<double>(const GemmProblem<double>&);
 
-void gather_planes(const float* src, int64_t pixel_stride, const int32_t* chan, int64_t kin, int64_t pixels,
-                   float* planes, int64_t ld) {
+void gather_planes(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
+                   int64_t pixels, float* planes, int64_t ld) {
   switch (isa()) {
 #if DK_X86_KERNELS
     case Isa::avx512:
-      return avx512::gather_planes(src, pixel_stride, chan, kin, pixels, planes, ld);
+      return avx512::gather_planes(src, pixel_stride, channels, chan, kin, pixels, planes, ld);
     case Isa::avx2:
-      return avx2::gather_planes(src, pixel_stride, chan, kin, pixels, planes, ld);
+      return avx2::gather_planes(src, pixel_stride, channels, chan, kin, pixels, planes, ld);
 #endif
     default:
-      return portable::gather_planes(src, pixel_stride, chan, kin, pixels, planes, ld);
+      return portable::gather_planes(src, pixel_stride, channels, chan, kin, pixels, planes, ld);
+  }
+}
+
+void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int64_t pixels, float* pixels_out,
+                    int64_t pixel_stride) {
+  switch (isa()) {
+#if DK_X86_KERNELS
+    case Isa::avx512:
+      return avx512::scatter_planes(rows, off, channels, pixels, pixels_out, pixel_stride);
+    case Isa::avx2:
+      return avx2::scatter_planes(rows, off, channels, pixels, pixels_out, pixel_stride);
+#endif
+    default:
+      return portable::scatter_planes(rows, off, channels, pixels, pixels_out, pixel_stride);
   }
 }
 

@@ -8,10 +8,8 @@
 // a_off[i] = ci[i] * taps picks the active input channel i and t its tap); b: the sample's
 // input laid out so that every (channel, tap) pair is one contiguous run of P pixels (an
 // im2col, a row-shift buffer or, for a 1x1 conv, x itself); c + c_row[j]: output row j
-// (P contiguous values: y itself or a buffer). Weights are broadcast from where they lie,
-// nothing is gathered per sample; pixels run along the vector lanes. Output pixel p of row j
-// is c[c_row[j] + p * c_pixel_stride]: stride 1 for NCHW planes or a buffer, Cout for a
-// channels_last y (then each vector is scattered, 16 stores per 16 * taps * kin FMAs).
+// (P contiguous values: an NCHW y itself, or a buffer). Weights are broadcast from where they
+// lie, nothing is gathered per sample; pixels run along the vector lanes.
 //
 // Why a micro-kernel of its own (measured on an AMD EPYC, Zen 4, 1 thread): at::mm goes to MKL,
 // which does not use AVX-512 on that CPU (65 GFLOP/s against 105 - 110 for oneDNN's dense conv),
@@ -47,7 +45,6 @@ struct GemmProblem {
   const T* shift;  // [rows]
   T* c;
   const int64_t* c_row;  // [rows]
-  int64_t c_pixel_stride;  // 1, or < 2^31 / 16 (a 32-bit lane index)
 };
 
 // Computes a GemmProblem with the fastest micro-kernel this CPU has.
@@ -55,10 +52,16 @@ template <typename T>
 void run_gemm(const GemmProblem<T>& problem);
 
 // planes[i * ld + p] = src[p * pixel_stride + chan[i]] for i < kin, p < pixels: the channels
-// chan (increasing) of channels_last pixels as planes, i.e. a transpose (in registers, a
-// vector-width square at a time).
-void gather_planes(const float* src, int64_t pixel_stride, const int32_t* chan, int64_t kin, int64_t pixels,
-                   float* planes, int64_t ld);
+// chan (increasing, < channels) of channels_last pixels as planes, i.e. a transpose (in
+// registers, a vector-width square at a time).
+void gather_planes(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
+                   int64_t pixels, float* planes, int64_t ld);
+
+// pixels_out[p * pixel_stride + c] = rows[off[c] + p] for c < channels, p < pixels: planes back
+// to channels_last pixels (the transpose of gather_planes), each channel's row at its own
+// offset (channels may share one, e.g. a row of zeros).
+void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int64_t pixels, float* pixels_out,
+                    int64_t pixel_stride);
 
 // Name of the micro-kernel run_gemm uses ("avx512", "avx2" or "portable").
 const char* gemm_isa();
