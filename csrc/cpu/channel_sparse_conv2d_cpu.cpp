@@ -219,6 +219,15 @@ struct SampleConv {
     const bool pointwise = taps == 1 && g.sh == 1 && g.sw == 1 && g.ph == 0 && g.pw == 0;
     const bool shift_rows = g.sh == 1 && g.sw == 1;
     const int64_t ld = padded_stride<T>(shift_rows ? (g.H + 2 * g.ph) * g.Wo : P);
+    // B's offsets into b_buf, laid out by row_shift (or gather_row_shift) or im2col.
+    auto buffer_offsets = [&] {
+      pr.b = b_buf.data();
+      for (int64_t i = 0; i < kin; ++i) b_off_i[i] = i * (shift_rows ? g.kw : taps) * ld;
+      b_off_t.resize(taps);
+      for (int64_t ky = 0; ky < g.kh; ++ky)
+        for (int64_t kx = 0; kx < g.kw; ++kx)
+          b_off_t[ky * g.kw + kx] = shift_rows ? kx * ld + ky * g.dh * g.Wo : (ky * g.kw + kx) * ld;
+    };
     auto lay_out = [&](const auto& planes) {
       using S = std::remove_cv_t<std::remove_pointer_t<decltype(planes.src)>>;
       if constexpr (std::is_same_v<S, T>) {
@@ -234,15 +243,19 @@ struct SampleConv {
         row_shift(planes, kin, g, ld, b_buf.data());
       else
         im2col(planes, kin, g, ld, b_buf.data());
-      pr.b = b_buf.data();
-      for (int64_t i = 0; i < kin; ++i) b_off_i[i] = i * (shift_rows ? g.kw : taps) * ld;
-      b_off_t.resize(taps);
-      for (int64_t ky = 0; ky < g.kh; ++ky)
-        for (int64_t kx = 0; kx < g.kw; ++kx)
-          b_off_t[ky * g.kw + kx] = shift_rows ? kx * ld + ky * g.dh * g.Wo : (ky * g.kw + kx) * ld;
+      buffer_offsets();
     };
     if (sxw == 1) {
       lay_out(Planes<scalar_t>{xs, ci.data(), sxc, sxh, 1});
+    } else if (std::is_same_v<scalar_t, float> && sxc == 1 && sxh == g.W * sxw && shift_rows && !pointwise &&
+               g.Wo == g.W) {
+      // channels_last float32, stride 1, "same" width: the row-shift buffer straight from the
+      // pixels (no planes in between: one write of the buffer instead of planes written,
+      // then read kw times).
+      b_buf.resize(kin * g.kw * ld);
+      cpu_conv::gather_row_shift(reinterpret_cast<const float*>(xs), sxw, Cin, ci.data(), kin, g.H, g.W, g.kw, g.ph,
+                                 g.pw, g.dw, reinterpret_cast<float*>(b_buf.data()), ld);
+      buffer_offsets();
     } else {
       const int64_t HW = padded_stride<T>(g.H * g.W);
       planes_buf.resize(kin * HW);

@@ -10,6 +10,7 @@
 
 #include <ATen/Version.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <utility>
@@ -291,6 +292,20 @@ void gather_planes(const float* src, int64_t pixel_stride, int64_t channels, con
 #endif
     default:
       return portable::gather_planes(src, pixel_stride, channels, chan, kin, pixels, planes, ld);
+  }
+}
+
+void gather_row_shift(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
+                      int64_t H, int64_t W, int64_t kw, int64_t ph, int64_t pw, int64_t dw, float* rows, int64_t plane) {
+  switch (isa()) {
+#if DK_X86_KERNELS
+    case Isa::avx512:
+      return avx512::gather_row_shift(src, pixel_stride, channels, chan, kin, H, W, kw, ph, pw, dw, rows, plane);
+    case Isa::avx2:
+      return avx2::gather_row_shift(src, pixel_stride, channels, chan, kin, H, W, kw, ph, pw, dw, rows, plane);
+#endif
+    default:
+      return portable::gather_row_shift(src, pixel_stride, channels, chan, kin, H, W, kw, ph, pw, dw, rows, plane);
   }
 }
 

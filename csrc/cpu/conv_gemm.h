@@ -57,6 +57,13 @@ void run_gemm(const GemmProblem<T>& problem);
 void gather_planes(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
                    int64_t pixels, float* planes, int64_t ld);
 
+// The row-shift buffer of a stride-1 conv with "same"-width rows (W + 2 * pw = dw * (kw - 1) + W)
+// straight from channels_last pixels, without planes in between:
+// rows[(i * kw + kx) * plane + r * W + w] = src[((r - ph) * W + w + kx * dw - pw) * pixel_stride + chan[i]],
+// 0 where that pixel is outside the H x W input (r < H + 2 * ph; plane >= (H + 2 * ph) * W).
+void gather_row_shift(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
+                      int64_t H, int64_t W, int64_t kw, int64_t ph, int64_t pw, int64_t dw, float* rows, int64_t plane);
+
 // pixels_out[p * pixel_stride + c] = rows[off[c] + p] for c < channels, p < pixels: planes back
 // to channels_last pixels (the transpose of gather_planes), each channel's row at its own
 // offset (channels may share one, e.g. a row of zeros).
