@@ -98,12 +98,12 @@ def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
 
 
 def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift):
-    """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask), then
-    y = out_gate * y + shift where out_gate > 0 and exact zeros elsewhere, in one pass over y
-    (none when every gate is 1 and there is no shift; plus a write of the inactive channels
-    only). The output has conv2d's layout (channels_last for channels_last x, as the kernels
+    """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask, where an
+    input is inactive), then y = out_gate * y + shift where out_gate > 0 and exact zeros
+    elsewhere, in one pass over y (none when every gate is 1 and there is no shift; plus a
+    write of the inactive channels only). The output has conv2d's layout (channels_last for channels_last x, as the kernels
     give). Differentiable like the reference. CPU tensors (the gates are read on the host)."""
-    if in_gate is not None:
+    if in_gate is not None and not (_host_view(in_gate) > 0).all():  # (every input active: no pass over x)
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
     g = out_gate.to(y.dtype)
