@@ -602,7 +602,7 @@ _SCATTER_ROWS = _lib.scatter_rows.default
 # Python module (torch.ops.load_library): then the dispatcher entries are called instead.
 # The public ops' first try (dynkernels._C.cpu_first: plain CPU tensors where no gradient is
 # needed, else NotImplemented), or None in such a library. Each op makes it inline rather than
-# through a helper: measured on a 1 MiB gather, one Python call more per op cost 2 - 5% of it
+# through a helper: measured on a 1 MiB gather, one Python call more per op cost 2 - 8% of it
 # (the copy evicts the interpreter's data from the caches, so every step of Python is slow).
 _CPU_FIRST = None if _C is None else _C.cpu_first
 _DIRECT = {} if _C is None else {
