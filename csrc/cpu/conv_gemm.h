@@ -1,12 +1,11 @@
 // The arithmetic of the CPU channel-sparse convolution: for one sample, every active output
 // channel j and every output pixel p,
 //
-//   c[j][p] = (sum_{i < kin, t < taps} a_j[a_off[i] + t * a_tap] * b[b_off_i[i] + b_off_t[t] + p] + bias[j])
+//   c[j][p] = (sum_{i < kin, t < taps} a_j[a_off[i] + t] * b[b_off_i[i] + b_off_t[t] + p] + bias[j])
 //             * scale[j] + shift[j]
 //
-// a_j = a + a_row[j]: the weight row of output channel co[j] (Cin * kh * kw values, read in
-// place: a_off[i] picks the active input channel i and t * a_tap its tap; a_off[i] = ci[i] * taps
-// and a_tap = 1 for contiguous weights, ci[i] and Cin for channels_last ones); b: the sample's
+// a_j = a + a_row[j]: the weight row of output channel co[j] ([Cin * kh * kw], read in place:
+// a_off[i] = ci[i] * taps picks the active input channel i and t its tap); b: the sample's
 // input laid out so that every (channel, tap) pair is one contiguous run of P pixels (an
 // im2col, a row-shift buffer or, for a 1x1 conv, x itself); c + c_row[j]: output row j
 // (P contiguous values: an NCHW y itself, or a buffer). Weights are broadcast from where they
@@ -38,7 +37,6 @@ struct GemmProblem {
   const T* a;
   const int64_t* a_row;  // [rows]
   const int64_t* a_off;  // [kin]
-  int64_t a_tap;         // between two taps of one input channel in a weight row
   const T* b;
   const int64_t* b_off_i;  // [kin]
   const int64_t* b_off_t;  // [taps]
