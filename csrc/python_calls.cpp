@@ -7,7 +7,7 @@
 // shows in the profiler. Two modules of the same functions:
 //   below_autograd: for callers that know no gradient is needed (dynkernels/ops/sample_gating.py
 //     under no_grad and inference mode); tensors on any device.
-//   cpu_first: the public ops' first try, which returns NotImplemented (the caller then takes
+//   cpu_first (the row ops only): the public ops' first try, which returns NotImplemented (the caller then takes
 //     its usual path) unless every tensor is a plain CPU tensor (the CPU kernels check every
 //     argument themselves), no gradient is needed (grad mode off, or no argument requires
 //     grad) and capacity is an int or None.
@@ -132,14 +132,13 @@ PyObject* scatter_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// compact(gate, threshold): threshold a float.
-template <Mode mode>
+// compact(gate, threshold): threshold a float (below_autograd only: the public compact checks
+// its gate in Python).
 PyObject* compact(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  Unpacked<mode> a{"compact"};
+  Unpacked<Mode::below_autograd> a{"compact"};
   check_nargs(a.op, nargs, 2);
   const Tensor* gate = a.tensor(args, 0);
-  if (!a.go() || (mode == Mode::cpu_first && !PyFloat_CheckExact(args[1]))) return not_implemented();
   const double threshold = PyFloat_AsDouble(args[1]);
   if (threshold == -1.0 && PyErr_Occurred()) return nullptr;
   using Sig = std::tuple<Tensor, Tensor>(const Tensor&, double);
@@ -158,24 +157,30 @@ PyCFunction fastcall(Fn fn) {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn));
 }
 
-template <Mode mode>
-PyMethodDef methods[] = {
-    {"gather_rows", fastcall(gather_rows<mode>), METH_FASTCALL, "gather_rows(x, idx, count, capacity)"},
-    {"scatter_add_rows", fastcall(scatter_add_rows<mode>), METH_FASTCALL,
+PyMethodDef below_autograd_methods[] = {
+    {"gather_rows", fastcall(gather_rows<Mode::below_autograd>), METH_FASTCALL, "gather_rows(x, idx, count, capacity)"},
+    {"scatter_add_rows", fastcall(scatter_add_rows<Mode::below_autograd>), METH_FASTCALL,
      "scatter_add_rows(base, y, idx, count, scale)"},
-    {"scatter_rows", fastcall(scatter_rows<mode>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
-    {"compact", fastcall(compact<mode>), METH_FASTCALL, "compact(gate, threshold)"},
+    {"scatter_rows", fastcall(scatter_rows<Mode::below_autograd>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
+    {"compact", fastcall(compact), METH_FASTCALL, "compact(gate, threshold)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyMethodDef cpu_first_methods[] = {
+    {"gather_rows", fastcall(gather_rows<Mode::cpu_first>), METH_FASTCALL, "gather_rows(x, idx, count, capacity)"},
+    {"scatter_add_rows", fastcall(scatter_add_rows<Mode::cpu_first>), METH_FASTCALL,
+     "scatter_add_rows(base, y, idx, count, scale)"},
+    {"scatter_rows", fastcall(scatter_rows<Mode::cpu_first>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef below_autograd_module = {
     PyModuleDef_HEAD_INIT, "below_autograd",
     "The sample-gating operators called below autograd, on any device, for calls that need no gradient.", -1,
-    methods<Mode::below_autograd>};
+    below_autograd_methods};
 
 PyModuleDef cpu_first_module = {
     PyModuleDef_HEAD_INIT, "cpu_first",
-    "The sample-gating operators on plain CPU tensors where no gradient is needed, else NotImplemented.", -1,
-    methods<Mode::cpu_first>};
+    "The row operators on plain CPU tensors where no gradient is needed, else NotImplemented.", -1,
+    cpu_first_methods};
 
 }  // namespace
 

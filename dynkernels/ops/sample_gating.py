@@ -17,12 +17,12 @@ backend "auto" or "cpu" they call the C++ kernel at once: it checks every argume
 index values too: idx in range, scatter_rows' permutation, scatter_rows_' distinct rows, with
 the errors of the Python checks), and where it refuses one (a RuntimeError) the Python checks
 run to raise the error that names it; on a small tensor the Python checks would cost more than
-moving the rows. Where no gradient is needed that call is made from C++ (dynkernels._C.cpu_first,
-csrc/python_calls.cpp: the arguments unpacked and the op dispatched below autograd, a
-microsecond where torch.ops takes three or more). Callers that already checked once for many calls (dynkernels.nn.SkipBlock,
-SkipPlan, RoutePlan and EarlyExit: a gate checked once, idx and count from compact / route)
-call the `Kernels` of a resolved backend (`kernels`, `resolved_kernels`), which go straight
-to the kernel.
+moving the rows. Where no gradient is needed that call is made from C++
+(dynkernels._C.cpu_first, csrc/python_calls.cpp: the arguments unpacked and the op dispatched
+below autograd, a microsecond where torch.ops takes three or more). Callers that already
+checked once for many calls (dynkernels.nn.SkipBlock, SkipPlan, RoutePlan and EarlyExit: a
+gate checked once, idx and count from compact / route) call the `Kernels` of a resolved
+backend (`kernels`, `resolved_kernels`), which go straight to the kernel.
 """
 import functools
 import numbers
@@ -600,14 +600,14 @@ _SCATTER_ROWS = _lib.scatter_rows.default
 # the arguments unpacked and the op dispatched in C++, a microsecond where torch.ops takes
 # three or more), by OpOverload. Empty where the kernels were loaded as a library without the
 # Python module (torch.ops.load_library): then the dispatcher entries are called instead.
-# The public ops' first try (dynkernels._C.cpu_first: plain CPU tensors where no gradient is
-# needed, else NotImplemented), or None in such a library. Each op makes it inline rather than
-# through a helper: measured on a 1 MiB gather, one Python call more per op cost 2 - 8% of it
-# (the copy evicts the interpreter's data from the caches, so every step of Python is slow).
-_CPU_FIRST = None if _C is None else _C.cpu_first
 _DIRECT = {} if _C is None else {
     _lib.compact.default: _C.below_autograd.compact,
     _GATHER_ROWS: _C.below_autograd.gather_rows,
     _SCATTER_ADD_ROWS: _C.below_autograd.scatter_add_rows,
     _SCATTER_ROWS: _C.below_autograd.scatter_rows,
 }
+# The row ops' first try (dynkernels._C.cpu_first: plain CPU tensors where no gradient is
+# needed, else NotImplemented), or None in such a library. Each op makes it inline rather than
+# through a helper: measured on a 1 MiB gather, one Python call more per op cost 2 - 8% of it
+# (the copy evicts the interpreter's data from the caches, so every step of Python is slow).
+_CPU_FIRST = None if _C is None else _C.cpu_first
