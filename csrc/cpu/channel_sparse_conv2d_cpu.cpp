@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <new>
 #include <type_traits>
 #include <vector>
 
@@ -160,6 +161,27 @@ void row_shift(const Planes<S>& x, int64_t kin, const ConvGeometry& g, int64_t p
   }
 }
 
+// The allocator of the per-thread buffers: 64-byte aligned, like torch's own tensors. A
+// std::vector of floats starts 16 bytes into a cache line, so that every vector load of a
+// row split across two lines; on an Intel Xeon (AVX-512) that alone cost the micro-kernel
+// 10 - 20% of its rate.
+template <typename T>
+struct LineAligned {
+  using value_type = T;
+  static constexpr std::align_val_t line{64};
+  LineAligned() = default;
+  template <typename U>
+  LineAligned(const LineAligned<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), line)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, line); }
+  template <typename U>
+  bool operator==(const LineAligned<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const LineAligned<U>&) const { return false; }
+};
+template <typename T>
+using AlignedBuffer = std::vector<T, LineAligned<T>>;
+
 // Writes exact zeros into the output channels of one NCHW sample that are not in `active`.
 template <typename scalar_t>
 void write_zero_channels(scalar_t* ys, const std::vector<int32_t>& active, int64_t Cout, int64_t P, int64_t syc) {
@@ -188,8 +210,9 @@ struct SampleConv {
   int64_t Cin, Cout;
   ConvGeometry g;
   // Per-thread buffers.
-  std::vector<T> planes_buf, b_buf, out_buf, bias_j, scale_j, shift_j;
-  std::vector<int64_t> a_row, a_off, b_off_i, b_off_t, c_row, slot_off;
+  AlignedBuffer<T> planes_buf, b_buf, out_buf;
+  std::vector<T> bias_j, scale_j, shift_j;
+  std::vector<int64_t> a_row, a_off, b_off, b_off_i, b_off_t, c_row, slot_off;
   std::vector<int32_t> compact_chan;
 
   // Lays out sample n (active input channels ci, output channels co) and returns its problem.
@@ -199,15 +222,11 @@ struct SampleConv {
     cpu_conv::GemmProblem<T> pr{};
     pr.rows = kout;
     pr.pixels = P;
-    pr.kin = kin;
-    pr.taps = taps;
+    pr.depth = kin * taps;
     pr.a = wp;
     a_row.resize(kout);
     for (int64_t j = 0; j < kout; ++j) a_row[j] = static_cast<int64_t>(co[j]) * Cin * taps;
-    a_off.resize(kin);
-    for (int64_t i = 0; i < kin; ++i) a_off[i] = static_cast<int64_t>(ci[i]) * taps;
     pr.a_row = a_row.data();
-    pr.a_off = a_off.data();
 
     // The input channels as planes: x itself when its rows are contiguous (NCHW); otherwise
     // (channels_last) the active channels copied once, pixel by pixel, into compact [kin, H, W]
@@ -276,8 +295,17 @@ struct SampleConv {
       for (int64_t i = 0; i < kin; ++i) compact_chan[i] = static_cast<int32_t>(i);
       lay_out(Planes<T>{planes_buf.data(), compact_chan.data(), HW, g.W, 1});
     }
-    pr.b_off_i = b_off_i.data();
-    pr.b_off_t = b_off_t.data();
+    // The (channel, tap) pairs one by one: channel i's weights at ci[i] * taps + t, its run of
+    // pixels at b_off_i[i] + b_off_t[t].
+    a_off.resize(kin * taps);
+    b_off.resize(kin * taps);
+    for (int64_t i = 0; i < kin; ++i)
+      for (int64_t t = 0; t < taps; ++t) {
+        a_off[i * taps + t] = static_cast<int64_t>(ci[i]) * taps + t;
+        b_off[i * taps + t] = b_off_i[i] + b_off_t[t];
+      }
+    pr.a_off = a_off.data();
+    pr.b_off = b_off.data();
 
     bias_j.resize(kout);
     scale_j.resize(kout);

@@ -1,15 +1,17 @@
 // The arithmetic of the CPU channel-sparse convolution: for one sample, every active output
 // channel j and every output pixel p,
 //
-//   c[j][p] = (sum_{i < kin, t < taps} a_j[a_off[i] + t] * b[b_off_i[i] + b_off_t[t] + p] + bias[j])
-//             * scale[j] + shift[j]
+//   c[j][p] = (sum_{k < depth} a_j[a_off[k]] * b[b_off[k] + p] + bias[j]) * scale[j] + shift[j]
 //
-// a_j = a + a_row[j]: the weight row of output channel co[j] ([Cin * kh * kw], read in place:
-// a_off[i] = ci[i] * taps picks the active input channel i and t its tap); b: the sample's
-// input laid out so that every (channel, tap) pair is one contiguous run of P pixels (an
-// im2col, a row-shift buffer or, for a 1x1 conv, x itself); c + c_row[j]: output row j
-// (P contiguous values: an NCHW y itself, or a buffer). Weights are broadcast from where they
-// lie, nothing is gathered per sample; pixels run along the vector lanes.
+// k runs over the (active input channel, tap) pairs. a_j = a + a_row[j]: the weight row of
+// output channel co[j] ([Cin * kh * kw], read in place: a_off[k] = ci * taps + t picks input
+// channel ci and tap t); b: the sample's input laid out so that every (channel, tap) pair is
+// one contiguous run of P pixels starting at b_off[k] (an im2col, a row-shift buffer or, for a
+// 1x1 conv, x itself); c + c_row[j]: output row j (P contiguous values: an NCHW y itself, or a
+// buffer). Weights are broadcast from where they lie, nothing is gathered per sample; pixels
+// run along the vector lanes. The pairs are listed one by one (two tables of depth entries, in
+// L1) rather than as channels times taps, so that the reduction is one flat loop: nested, the
+// loop overhead of each channel cost 5% of the rate of a 3x3 layer and 20% of a 1x1 one.
 //
 // Why a micro-kernel of its own (measured on an AMD EPYC, Zen 4, 1 thread): at::mm goes to MKL,
 // which does not use AVX-512 on that CPU (65 GFLOP/s against 105 - 110 for oneDNN's dense conv),
@@ -32,14 +34,12 @@ template <typename T>
 struct GemmProblem {
   int64_t rows;    // active output channels (kout)
   int64_t pixels;  // P = Ho * Wo
-  int64_t kin;     // active input channels
-  int64_t taps;    // kh * kw
+  int64_t depth;   // (active input channel, tap) pairs: kin * kh * kw
   const T* a;
   const int64_t* a_row;  // [rows]
-  const int64_t* a_off;  // [kin]
+  const int64_t* a_off;  // [depth]
   const T* b;
-  const int64_t* b_off_i;  // [kin]
-  const int64_t* b_off_t;  // [taps]
+  const int64_t* b_off;  // [depth]
   const T* bias;   // [rows]
   const T* scale;  // [rows]
   const T* shift;  // [rows]
