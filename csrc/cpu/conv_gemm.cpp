@@ -12,8 +12,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <utility>
+#include <vector>
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
@@ -52,6 +54,7 @@ template <typename T_>
 struct VecArray {
   using T = T_;
   static constexpr int L = 8, MR = 4, NV = 2;
+  static constexpr bool has_window = false;
   struct Reg {
     T v[L];
   };
@@ -121,6 +124,7 @@ struct VecF {
   using Reg = __m512;
   using Tail = __mmask16;
   static constexpr int L = 16, MR = 6, NV = 4;
+  static constexpr bool has_window = true;
   static Tail tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static Reg zero() { return _mm512_setzero_ps(); }
   static Reg set1(float x) { return _mm512_set1_ps(x); }
@@ -130,6 +134,14 @@ struct VecF {
   static void store_tail(float* p, Reg r, Tail m) { _mm512_mask_storeu_ps(p, m, r); }
   static Reg fma(Reg a, Reg b, Reg c) { return _mm512_fmadd_ps(a, b, c); }
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
+  // Lanes s.. s + 15 of the 32 lanes prev, cur for 0 <= s <= 16, lanes 16 + s.. for -16 <= s < 0:
+  // the 16 values s apart from the aligned window that starts L lanes before cur (s >= 0) or at
+  // cur (s < 0), one two-source permute.
+  static Reg window(Reg prev, Reg cur, int s) {
+    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    return _mm512_permutex2var_ps(prev, _mm512_add_epi32(lanes, _mm512_set1_epi32(s < 0 ? s + 16 : s)), cur);
+  }
+  static Reg keep(Tail m, Reg r) { return _mm512_maskz_mov_ps(m, r); }
   // 16 x 16: pairs of rows interleaved (ps), then pairs of pairs (pd), then the 128-bit
   // quarters regrouped (two rounds of shuffle_f32x4): r[4l + m] ends up as column 4l + m.
   static void transpose(Reg r[16]) {
@@ -193,6 +205,7 @@ struct VecF {
   using Reg = __m256;
   using Tail = __m256i;
   static constexpr int L = 8, MR = 4, NV = 3;
+  static constexpr bool has_window = false;
   static Tail tail(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static Reg zero() { return _mm256_setzero_ps(); }
   static Reg set1(float x) { return _mm256_set1_ps(x); }

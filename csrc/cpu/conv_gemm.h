@@ -35,6 +35,7 @@ struct GemmProblem {
   int64_t rows;    // active output channels (kout)
   int64_t pixels;  // P = Ho * Wo
   int64_t depth;   // (active input channel, tap) pairs: kin * kh * kw
+  int64_t panel;   // pixels per panel: the pixels whose part of b fits in L2 (any value >= pixels: one)
   const T* a;
   const int64_t* a_row;  // [rows]
   const int64_t* a_off;  // [depth]
