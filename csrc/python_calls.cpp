@@ -1,16 +1,17 @@
-// Direct calls of the sample-gating operators from Python, below autograd. A call through
-// torch.ops parses its arguments against the schema in Python and, for an op whose autograd
-// is registered in Python (torch.library.register_autograd), runs that Python wrapper even
-// when no gradient is needed: about 3 us before the kernel starts, as much as a 1 MiB copy
-// takes. Here the arguments are unpacked in C++ and the op is called through the C++
-// dispatcher with the autograd keys excluded, so it still dispatches by device and still
-// shows in the profiler. Two modules of the same functions:
-//   below_autograd: for callers that know no gradient is needed (dynkernels/ops/sample_gating.py
-//     under no_grad and inference mode); tensors on any device.
-//   cpu_first (the row ops only): the public ops' first try, which returns NotImplemented (the caller then takes
-//     its usual path) unless every tensor is a plain CPU tensor (the CPU kernels check every
-//     argument themselves), no gradient is needed (grad mode off, or no argument requires
-//     grad) and capacity is an int or None.
+// Direct calls of the sample-gating operators and the channel-sparse conv from Python, below
+// autograd. A call through torch.ops parses its arguments against the schema in Python and, for
+// an op whose autograd is registered in Python (torch.library.register_autograd), runs that
+// Python wrapper even when no gradient is needed: about 3 us before the kernel starts, as much
+// as a 1 MiB copy takes. Here the arguments are unpacked in C++ and the op is called through
+// the C++ dispatcher with the autograd keys excluded, so it still dispatches by device and
+// still shows in the profiler. Two modules:
+//   below_autograd (the sample-gating ops): for callers that know no gradient is needed
+//     (dynkernels/ops/sample_gating.py under no_grad and inference mode); tensors on any device.
+//   cpu_first (the row ops and channel_sparse_conv2d): the public ops' first try, which returns
+//     NotImplemented (the caller then takes its usual path) unless every tensor is a plain CPU
+//     tensor (the CPU kernels check every argument themselves), no gradient is needed (grad
+//     mode off, or no argument requires grad) and the other arguments have the plain types
+//     (capacity an int or None; stride, padding, dilation lists of ints; config an int).
 // Not part of the CMake library (plain Python module code; without it, dynkernels makes the
 // same calls through torch.ops).
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -21,6 +22,7 @@
 #include <torch/csrc/utils/pybind.h>
 
 #include <optional>
+#include <vector>
 
 #include "python_calls.h"
 
@@ -132,6 +134,51 @@ PyObject* scatter_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// A list or tuple of Python ints as int64s into out; false (cpu_first declines) for anything else.
+bool int_list(PyObject* obj, std::vector<int64_t>& out) {
+  if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  out.resize(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!PyLong_CheckExact(items[i])) return false;
+    out[i] = PyLong_AsLongLong(items[i]);
+    if (out[i] == -1 && PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+  }
+  return true;
+}
+
+// channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift,
+// config) (cpu_first only): bias, in_gate, shift a tensor or None; stride, padding, dilation
+// lists of ints. On small layers the Python autograd wrapper that torch.ops runs cost more than
+// the convolution's own overhead (8 us of 19 for a 1 x 4 x 4 x 4 input).
+PyObject* channel_sparse_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<Mode::cpu_first> a{"channel_sparse_conv2d"};
+  check_nargs(a.op, nargs, 10);
+  const Tensor *x = a.tensor(args, 0), *weight = a.tensor(args, 1), *out_gate = a.tensor(args, 3);
+  const std::optional<Tensor> bias = a.optional_tensor(args, 2), in_gate = a.optional_tensor(args, 4),
+                              shift = a.optional_tensor(args, 8);
+  if ((args[2] != Py_None && !bias) || (args[4] != Py_None && !in_gate) || (args[8] != Py_None && !shift))
+    return not_implemented();
+  if (!a.go() || !PyLong_CheckExact(args[9])) return not_implemented();
+  std::vector<int64_t> stride, padding, dilation;
+  if (!int_list(args[5], stride) || !int_list(args[6], padding) || !int_list(args[7], dilation))
+    return not_implemented();
+  const int64_t config = PyLong_AsLongLong(args[9]);
+  if (config == -1 && PyErr_Occurred()) return nullptr;
+  using Sig = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                     const std::optional<Tensor>&, at::IntArrayRef, at::IntArrayRef, at::IntArrayRef,
+                     const std::optional<Tensor>&, int64_t);
+  static const auto handle = op_handle<Sig>("dynkernels::channel_sparse_conv2d");
+  return THPVariable_Wrap(below_autograd(
+      [&] { return handle.call(*x, *weight, bias, *out_gate, in_gate, stride, padding, dilation, shift, config); }));
+  END_HANDLE_TH_ERRORS
+}
+
 // compact(gate, threshold): threshold a float (below_autograd only: the public compact checks
 // its gate in Python).
 PyObject* compact(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -170,6 +217,8 @@ PyMethodDef cpu_first_methods[] = {
     {"scatter_add_rows", fastcall(scatter_add_rows<Mode::cpu_first>), METH_FASTCALL,
      "scatter_add_rows(base, y, idx, count, scale)"},
     {"scatter_rows", fastcall(scatter_rows<Mode::cpu_first>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
+    {"channel_sparse_conv2d", fastcall(channel_sparse_conv2d), METH_FASTCALL,
+     "channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift, config)"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef below_autograd_module = {
@@ -179,7 +228,8 @@ PyModuleDef below_autograd_module = {
 
 PyModuleDef cpu_first_module = {
     PyModuleDef_HEAD_INIT, "cpu_first",
-    "The row operators on plain CPU tensors where no gradient is needed, else NotImplemented.", -1,
+    "The row operators and channel_sparse_conv2d on plain CPU tensors where no gradient is needed, else NotImplemented.",
+    -1,
     cpu_first_methods};
 
 }  // namespace

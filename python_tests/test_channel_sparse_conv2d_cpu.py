@@ -209,3 +209,44 @@ def test_dense_execution_gradients(gates):
         results.append([v.grad for v in leaves + [t]])
     for got, want in zip(*results):
         assert_close(got, want, rtol=1e-4)
+
+
+def test_cpu_first_conv_call():
+    """dynkernels._C.cpu_first.channel_sparse_conv2d: the op's result, through the dispatcher
+    (the profiler sees it); NotImplemented for what the public op must send through torch.ops
+    (a gradient needed, a tensor subclass or off the CPU, arguments of other types), which then
+    still gives gradients."""
+    conv = dynkernels._extension._C.cpu_first.channel_sparse_conv2d
+    torch.manual_seed(0)
+    x, w, b = torch.randn(2, 5, 6, 6), torch.randn(4, 5, 3, 3), torch.randn(4)
+    og, ig = rand_gate((2, 4), 0.5), rand_gate((2, 5), 0.6)
+    want = reference.channel_sparse_conv2d(x, w, b, og, ig, 1, 1, 1)
+    assert_close(conv(x, w, b, og, ig, [1, 1], [1, 1], [1, 1], None, -1), want)
+    with torch.profiler.profile() as prof:
+        conv(x, w, None, og, None, (1, 1), (0, 0), (1, 1), None, -1)
+    assert "dynkernels::channel_sparse_conv2d" in {e.name for e in prof.events()}
+
+    class Sub(torch.Tensor):
+        pass
+
+    leaf = x.clone().requires_grad_()
+    declined = [(leaf, w, b, og, ig, [1, 1], [1, 1], [1, 1], None, -1),
+                (x.as_subclass(Sub), w, b, og, ig, [1, 1], [1, 1], [1, 1], None, -1),
+                (x.to("meta"), w, b, og, ig, [1, 1], [1, 1], [1, 1], None, -1),
+                (x, w, 0.5, og, ig, [1, 1], [1, 1], [1, 1], None, -1),
+                (x, w, b, og, ig, [1, 1.0], [1, 1], [1, 1], None, -1),
+                (x, w, b, og, ig, 1, [1, 1], [1, 1], None, -1),
+                (x, w, b, og, ig, [1, 1], [1, 1], [1, 1], None, True)]
+    for args in declined:
+        assert conv(*args) is NotImplemented
+    with pytest.raises(TypeError, match="takes 10 arguments"):
+        conv(x, w, b, og)
+    with pytest.raises(RuntimeError, match="out_gate must be"):
+        conv(x, w, b, og[:1], ig, [1, 1], [1, 1], [1, 1], None, -1)
+    with torch.no_grad():
+        assert_close(conv(leaf, w, b, og, ig, [1, 1], [1, 1], [1, 1], None, -1), want)
+    y = dynkernels.channel_sparse_conv2d(leaf, w, b, og, ig, 1, 1, backend="cpu")
+    y.sum().backward()
+    ref_leaf = x.clone().requires_grad_()
+    reference.channel_sparse_conv2d(ref_leaf, w, b, og, ig, 1, 1, 1).sum().backward()
+    assert_close(leaf.grad, ref_leaf.grad)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .. import reference, tuned_configs
 from ..tuned_configs import cuda_conv_configs
-from .._extension import cuda_kernels_compiled, triton_available
+from .._extension import _C, cuda_kernels_compiled, triton_available
 from ..flops import register_channel_sparse_formula
 from .._layout import conv2d_output_shape, row_layout
 from . import _checks
@@ -35,6 +35,11 @@ from .channel_sparse_conv2d_gpu_rule import gpu_execution
 from ._conv_cpu_auto import dense_then_gate, use_dense_on_cpu
 
 _lib = torch.ops.dynkernels
+# The compiled op's first try on plain CPU tensors where no gradient is needed
+# (dynkernels._C.cpu_first, csrc/python_calls.cpp: NotImplemented otherwise), or None where the
+# kernels were loaded as a library without the Python module: torch.ops runs the op's Python
+# autograd wrapper even then, about 8 us a call.
+_CPU_FIRST_CONV = None if _C is None else _C.cpu_first.channel_sparse_conv2d
 IntPair = Union[int, Sequence[int]]
 
 
@@ -375,4 +380,8 @@ def channel_sparse_conv2d(
         return _triton().channel_sparse_conv2d_triton(*args, tiles)
     if b == "cuda" and config == -1 and tiles is not None:
         config = tiles  # the tuned table's id for this layer (-1 where it has none)
+    if b == "cpu" and _CPU_FIRST_CONV is not None and not torch.compiler.is_compiling():
+        y = _CPU_FIRST_CONV(*args, -1)
+        if y is not NotImplemented:
+            return y
     return _lib.channel_sparse_conv2d(*args, config if b == "cuda" else -1)
