@@ -139,6 +139,25 @@ def test_rule_thresholds():
     assert auto.cpu_prefers_dense(0.7, False, False, 49) and not auto.cpu_prefers_dense(0.7, False, False, 196)
 
 
+def test_rule_kernel_wins_dense(monkeypatch):
+    """The layers where auto keeps the kernel at every density: NCHW, stride 1, a small
+    reduction, 16x16 outputs or more and a batch of 8 or more, on the CPUs where that was
+    measured (an Intel Xeon), never elsewhere; and use_dense_on_cpu follows it."""
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 9B14"
+    assert auto.cpu_kernel_wins_dense(xeon, False, False, 32, 128 * 9, 256)
+    assert auto.cpu_kernel_wins_dense(xeon, False, False, 8, 64, 32 * 32)
+    assert not auto.cpu_kernel_wins_dense(epyc, False, False, 32, 128 * 9, 256)
+    for cl, strided, n, depth, px in [(True, False, 32, 1152, 256), (False, True, 32, 1152, 256),
+                                      (False, False, 4, 1152, 256), (False, False, 32, 256 * 9, 256),
+                                      (False, False, 32, 1152, 14 * 14)]:
+        assert not auto.cpu_kernel_wins_dense(xeon, cl, strided, n, depth, px)
+    x, w, ones = torch.randn(8, 16, 16, 16), torch.randn(16, 16, 3, 3), torch.ones(8, 16)
+    for model, dense in ((xeon, False), (epyc, True)):
+        monkeypatch.setattr(auto, "cpu_info", lambda: {"model": model, "isa": [], "logical_cpus": 2})
+        assert auto.use_dense_on_cpu(x, w, ones, None, (1, 1), (16, 16), None) is dense
+        assert auto.use_dense_on_cpu(x.contiguous(memory_format=torch.channels_last), w, ones, None, (1, 1), (16, 16), None)
+
+
 def test_flop_density_read_from_gates():
     og = rand_gate((5, 7), 0.6)
     ig = rand_gate((5, 3), 0.5)

@@ -52,7 +52,10 @@ holds, per layout and stride, a crossover at or below every measured layer's on 
 vector fill of the pixels then lowers it further for small outputs), so that "auto" is not
 slower than dense execution on any of them; the price is dense execution at density 1 on
 layers where the kernel is faster there (NCHW 3x3 layers of up to 128 channels at 16x16 and
-up: 1.07 - 1.31x on the Xeon). python_tests/test_channel_sparse_conv2d_cpu.py tests the rule.
+up: 1.07 - 1.31x on the Xeon), except on the layers where cpu_kernel_wins_dense says the kernel
+is faster at any density on the CPU at hand (NCHW, stride 1, small reductions, 16x16 outputs
+and up, batch 8 and up, on the Xeon). python_tests/test_channel_sparse_conv2d_cpu.py tests the
+rule.
 """
 import math
 
@@ -60,6 +63,8 @@ import numpy as np
 
 import torch
 import torch.nn.functional as F
+
+from .._cpu import cpu_info
 
 # Dense execution from this FLOP density up (times the vector fill), by (channels_last, stride > 1).
 CPU_DENSE_FROM = {
@@ -69,6 +74,12 @@ CPU_DENSE_FROM = {
     (True, True): 0.55,
 }
 CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.cpp)
+# Layers on which the C++ kernel is faster than dense execution even with every gate active, on
+# the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
+# most KERNEL_WINS_DEPTH (input channel, tap) pairs, at least KERNEL_WINS_PIXELS output pixels
+# and KERNEL_WINS_BATCH samples.
+KERNEL_WINS_VENDORS = ("Intel",)
+KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
 
 
 def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int) -> float:
@@ -81,6 +92,18 @@ def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int) -> floa
 def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int) -> bool:
     """The rule: dense execution for this FLOP density, layout, stride and output size."""
     return density >= cpu_dense_threshold(channels_last, strided, pixels)
+
+
+def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool, batch: int, depth: int,
+                          pixels: int) -> bool:
+    """Whether the C++ kernel beats dense execution on this layer at any density, so that
+    "auto" runs it even with every gate active. Measured on the Intel Xeon of the table above:
+    every NCHW stride-1 layer with at most 1152 (input channel, tap) pairs per output channel,
+    16x16 outputs or more and a batch of 8 or more ran 1.04 - 1.39x of dense execution at
+    density 1 (two runs) (and every other layer below 1); on the AMD EPYC one such layer ran 0.96x, so
+    there (and on any CPU not measured) the crossover table alone decides."""
+    return (any(v in vendor_model for v in KERNEL_WINS_VENDORS) and not channels_last and not strided
+            and depth <= KERNEL_WINS_DEPTH and pixels >= KERNEL_WINS_PIXELS and batch >= KERNEL_WINS_BATCH)
 
 
 def _host_view(gate: torch.Tensor):
@@ -103,7 +126,7 @@ def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
     return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
 
 
-def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
+def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -> bool:
     """backend="auto" on CPU tensors: whether to run dense execution (dense_then_gate). float32
     only (where the crossovers were measured; the kernel computes float16 and bfloat16 in
     float32 and is kept for them and for float64), and not while torch.compile traces (the
@@ -112,9 +135,12 @@ def use_dense_on_cpu(x, out_gate, in_gate, stride, output_hw, density) -> bool:
         return False
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     strided, pixels = tuple(stride) != (1, 1), output_hw[0] * output_hw[1]
+    depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if cpu_kernel_wins_dense(cpu_info()["model"], channels_last, strided, x.shape[0], depth, pixels):
+        return False
     if density is None:
         density = cpu_flop_density(out_gate, in_gate, below=cpu_dense_threshold(channels_last, strided, pixels))
-    return cpu_prefers_dense(density, channels_last, strided, pixels)
+    return bool(cpu_prefers_dense(density, channels_last, strided, pixels))
 
 
 def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift):

@@ -351,7 +351,8 @@ def channel_sparse_conv2d(
     sync on CPU tensors) is at or above the crossover measured on the CPU for the input's
     layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
     e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs), and the C++
-    channel-sparse kernel below it.
+    channel-sparse kernel below it, or at any density on the layers where it was measured
+    faster than dense execution even then (cpu_kernel_wins_dense).
 
     Under torch.autocast (CPU or CUDA) x, weight, bias and shift run in the autocast dtype, as
     conv2d does there (autocast_operands); the output has that dtype.
@@ -373,7 +374,7 @@ def channel_sparse_conv2d(
         return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     if b == "cpu" and backend == "auto":
         out_hw = conv2d_output_shape(x, weight, stride, padding, dilation)[2:]
-        if use_dense_on_cpu(x, out_gate, in_gate, stride, out_hw, density):
+        if use_dense_on_cpu(x, weight, out_gate, in_gate, stride, out_hw, density):
             return dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
