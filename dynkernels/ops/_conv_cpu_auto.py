@@ -100,8 +100,8 @@ def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool,
     "auto" runs it even with every gate active. Measured on the Intel Xeon of the table above:
     every NCHW stride-1 layer with at most 1152 (input channel, tap) pairs per output channel,
     16x16 outputs or more and a batch of 8 or more ran 1.04 - 1.39x of dense execution at
-    density 1 (two runs) (and every other layer below 1); on the AMD EPYC one such layer ran 0.96x, so
-    there (and on any CPU not measured) the crossover table alone decides."""
+    density 1 over two runs, and every other layer below 1x; on the AMD EPYC one such layer ran
+    0.96x, so there (and on any CPU not measured) the crossover table alone decides."""
     return (any(v in vendor_model for v in KERNEL_WINS_VENDORS) and not channels_last and not strided
             and depth <= KERNEL_WINS_DEPTH and pixels >= KERNEL_WINS_PIXELS and batch >= KERNEL_WINS_BATCH)
 
