@@ -162,8 +162,6 @@ PyObject* channel_sparse_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nar
   const Tensor *x = a.tensor(args, 0), *weight = a.tensor(args, 1), *out_gate = a.tensor(args, 3);
   const std::optional<Tensor> bias = a.optional_tensor(args, 2), in_gate = a.optional_tensor(args, 4),
                               shift = a.optional_tensor(args, 8);
-  if ((args[2] != Py_None && !bias) || (args[4] != Py_None && !in_gate) || (args[8] != Py_None && !shift))
-    return not_implemented();
   if (!a.go() || !PyLong_CheckExact(args[9])) return not_implemented();
   std::vector<int64_t> stride, padding, dilation;
   if (!int_list(args[5], stride) || !int_list(args[6], padding) || !int_list(args[7], dilation))
