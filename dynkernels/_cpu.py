@@ -29,9 +29,19 @@ def isa_from_flags(flags: Iterable[str]) -> List[str]:
     return [name for name, flag in ISA_FLAGS if flag in present]
 
 
+def amd_core(family: int, flags: Iterable[str]) -> str:
+    """The core generation of an AMD CPU family (x86 family numbers; Zen 3 and Zen 4 share 25,
+    and only Zen 4 has AVX-512); empty where unknown. Two EPYCs of one model name can differ
+    twice in FMA rate (Zen 4 runs 512-bit vectors in two halves, Zen 5 in one)."""
+    if family == 25:
+        return "Zen 4" if "avx512f" in set(flags) else "Zen 3"
+    return {23: "Zen / Zen 2", 26: "Zen 5"}.get(family, "")
+
+
 def _proc_cpuinfo() -> Tuple[str, List[str]]:
-    """(model name, flags) of the first CPU in /proc/cpuinfo; empty where there is none."""
-    model, flags = "", []
+    """(model name, flags) of the first CPU in /proc/cpuinfo, the model name followed by its
+    x86 family and model numbers (and, for AMD, its core generation); empty where there is none."""
+    model, flags, numbers = "", [], {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -41,10 +51,15 @@ def _proc_cpuinfo() -> Tuple[str, List[str]]:
                     model = value.strip()
                 elif key in ("flags", "Features") and not flags:
                     flags = value.split()
-                if model and flags:
+                elif key in ("cpu family", "model") and key not in numbers and value.strip().isdigit():
+                    numbers[key] = int(value)
+                if model and flags and len(numbers) == 2:
                     break
     except OSError:
         pass
+    if model and len(numbers) == 2:
+        core = amd_core(numbers["cpu family"], flags) if model.startswith("AMD") else ""
+        model += f" ({core + ', ' if core else ''}family {numbers['cpu family']} model {numbers['model']})"
     return model, flags
 
 

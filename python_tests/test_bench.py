@@ -60,6 +60,23 @@ def test_cpu_info_reads_this_machine_and_build_info_and_headers_report_it():
     assert env["cpu"] == info["model"] and env["cpu_isa"] == " / ".join(info["isa"]) and env["command"] == "cmd"
 
 
+def test_amd_core_generation():
+    """Zen 3 and Zen 4 share family 25: only Zen 4 has AVX-512; unknown families name none."""
+    assert _cpu.amd_core(25, ["avx2", "avx512f"]) == "Zen 4" and _cpu.amd_core(25, ["avx2"]) == "Zen 3"
+    assert _cpu.amd_core(26, []) == "Zen 5" and _cpu.amd_core(23, []) == "Zen / Zen 2" and _cpu.amd_core(99, []) == ""
+
+
+def test_model_name_carries_family_and_model(monkeypatch, tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       "model name\t: AMD EPYC\nflags\t\t: fpu avx2 avx512f\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path, *a, **k))
+    assert _cpu._proc_cpuinfo() == ("AMD EPYC (Zen 5, family 26 model 2)", ["fpu", "avx2", "avx512f"])
+    cpuinfo.write_text("cpu family\t: 6\nmodel\t\t: 143\nmodel name\t: Intel(R) Xeon(R) Processor\nflags\t\t: avx2\n")
+    assert _cpu._proc_cpuinfo() == ("Intel(R) Xeon(R) Processor (family 6 model 143)", ["avx2"])
+
+
 def test_cpu_info_falls_back_to_torchs_capability_without_proc_cpuinfo(monkeypatch):
     monkeypatch.setattr(_cpu, "_proc_cpuinfo", lambda: ("", []))
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
