@@ -18,7 +18,11 @@ from _utils import assert_close, rand_gate
 # (N, Cin, Cout, H, W, kernel, stride, padding, dilation): 13 and 61 output channels (row blocks
 # of 6 and 5 with remainders), 20x20 = 400 and 9x11 pixels (tiles of 64, partial vectors),
 # "same" padding (the row-shift buffer's flat copy), no padding and dilation (its row by row
-# copy), 1x1 (x read in place), stride 2 (im2col), 1 output channel, 1 sample.
+# copy), 1x1 (x read in place), stride 2 (im2col), 1 output channel, 1 sample; rows of exactly
+# one vector (16x16) and a shift past one vector (dilation and padding 17: the copies that are not
+# vector windows); 3x3 layers of 512 output pixels and more, which run with the output channels in
+# the vector lanes on channels_last input (padded: through a copy of the input; unpadded, with
+# dilation: from x itself).
 SHAPES = [
     (2, 19, 61, 20, 20, 3, 1, 1, 1),
     (3, 33, 13, 9, 11, 3, 1, 0, 1),
@@ -26,6 +30,10 @@ SHAPES = [
     (2, 40, 37, 10, 9, 1, 1, 0, 1),
     (2, 24, 29, 17, 15, 3, 2, 1, 1),
     (1, 18, 1, 8, 21, 5, 1, 2, 1),
+    (2, 16, 20, 16, 16, 3, 1, 1, 1),
+    (1, 5, 7, 6, 40, 3, 1, 17, 17),
+    (2, 19, 21, 24, 23, 3, 1, 1, 1),
+    (2, 9, 35, 30, 26, 3, 1, 0, 2),
 ]
 
 
@@ -52,8 +60,8 @@ def _expected(x, weight, bias, og, ig, s, p, d, shift):
     return y.to(x.dtype)
 
 
-def _check_kernel(shape, dtype, in_gate, layout):
-    x, w, b, og, ig, s, p, d, shift = _inputs(shape, dtype, in_gate, layout)
+def _check_kernel(shape, dtype, in_gate, layout, density=0.6):
+    x, w, b, og, ig, s, p, d, shift = _inputs(shape, dtype, in_gate, layout, density)
     y = dynkernels.channel_sparse_conv2d(x, w, b, og, ig, s, p, d, shift=shift, backend="cpu")
     assert_close(y, _expected(x, w, b, og, ig, s, p, d, shift), dtype)
     inactive = (og <= 0)[:, :, None, None].expand_as(y)
@@ -75,13 +83,22 @@ def test_kernel_dtypes(dtype, layout):
         _check_kernel(shape, dtype, True, layout)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("in_gate", [False, True], ids=["out", "in+out"])
+def test_kernel_every_channel_active(in_gate, layout):
+    """Every gate active: the weights used as they are and the results written into y directly."""
+    for shape in (SHAPES[0], SHAPES[4], SHAPES[-2], SHAPES[-1]):
+        _check_kernel(shape, torch.float32, in_gate, layout, density=1.0)
+
+
 def test_one_sample_split_among_threads():
     """With fewer samples than threads each sample's output channels are split among them."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for layout in ("nchw", "channels_last"):
-            _check_kernel((1,) + SHAPES[0][1:], torch.float32, True, layout)
+            for shape in (SHAPES[0], SHAPES[4], SHAPES[-2]):
+                _check_kernel((1,) + shape[1:], torch.float32, True, layout)
     finally:
         torch.set_num_threads(threads)
 
@@ -142,11 +159,15 @@ def test_rule_thresholds():
 def test_rule_kernel_wins_dense(monkeypatch):
     """The layers where auto keeps the kernel at every density: NCHW, stride 1, a small
     reduction, 16x16 outputs or more and a batch of 8 or more, on the CPUs where that was
-    measured (an Intel Xeon), never elsewhere; and use_dense_on_cpu follows it."""
-    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 9B14"
-    assert auto.cpu_kernel_wins_dense(xeon, False, False, 32, 128 * 9, 256)
-    assert auto.cpu_kernel_wins_dense(xeon, False, False, 8, 64, 32 * 32)
+    measured (an Intel Xeon, an AMD EPYC with Zen 5 cores), never elsewhere; and
+    use_dense_on_cpu follows it."""
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 9B14 (Zen 4, family 25 model 17)"
+    zen5 = "AMD EPYC (Zen 5, family 26 model 2)"
+    for cpu in (xeon, zen5):
+        assert auto.cpu_kernel_wins_dense(cpu, False, False, 32, 128 * 9, 256)
+        assert auto.cpu_kernel_wins_dense(cpu, False, False, 8, 64, 32 * 32)
     assert not auto.cpu_kernel_wins_dense(epyc, False, False, 32, 128 * 9, 256)
+    assert not auto.cpu_kernel_wins_dense("AMD EPYC 9B14", False, False, 32, 128 * 9, 256)
     for cl, strided, n, depth, px in [(True, False, 32, 1152, 256), (False, True, 32, 1152, 256),
                                       (False, False, 4, 1152, 256), (False, False, 32, 256 * 9, 256),
                                       (False, False, 32, 1152, 14 * 14)]:

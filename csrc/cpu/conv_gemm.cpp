@@ -111,7 +111,7 @@ using VecD = VecArray<double>;
 // 4 x 4 at 80%; on an Intel Xeon (AVX-512, AMX), one 128 -> 128, 3x3, 16x16 sample, with
 // unaligned buffers and a loop per input channel: 6 x 4 at 73%, 8 x 3 at 69%, 12 x 2, 10 x 2
 // and 5 x 5 at 66%, 4 x 6 at 62%; aligned buffers and one flat loop brought 6 x 4 to 99%).
-DK_TARGET_BEGIN("avx512f,fma")
+DK_TARGET_BEGIN("avx512f,fma,popcnt")
 // GCC 12 warns of an uninitialised variable inside its own AVX-512 unpack intrinsics (the
 // placeholder vector of _mm512_undefined_ps, a known false positive) where a transpose's registers
 // are indexed at run time; the warning is about the header, not this code.
@@ -189,6 +189,27 @@ struct VecD {
 };
 
 #include "conv_gemm_tile.inc"
+
+// conv_gemm.h's compress_row and expand_row, 16 columns per register compress or expand
+// (the register forms: the forms that write or read memory themselves are far slower on Zen 4).
+void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+  for (int64_t c0 = 0, b = 0; c0 < ncols; c0 += 16, ++b) {
+    const __mmask16 m = mask[b];
+    const __m512 v = c0 + 16 <= ncols ? _mm512_loadu_ps(src + c0) : _mm512_maskz_loadu_ps(m, src + c0);
+    _mm512_storeu_ps(dst, _mm512_maskz_compress_ps(m, v));  // whole: the next block overwrites the rest
+    dst += _mm_popcnt_u32(m);
+  }
+}
+
+void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+  for (int64_t c0 = 0, b = 0; c0 < ncols; c0 += 16, ++b) {
+    const __mmask16 m = mask[b];
+    const __m512 v = _mm512_maskz_expand_ps(m, _mm512_loadu_ps(src));
+    c0 + 16 <= ncols ? _mm512_storeu_ps(dst + c0, v)
+                     : _mm512_mask_storeu_ps(dst + c0, static_cast<__mmask16>((1u << (ncols - c0)) - 1u), v);
+    src += _mm_popcnt_u32(m);
+  }
+}
 
 }  // namespace avx512
 #if defined(__GNUC__) && !defined(__clang__)
@@ -324,6 +345,18 @@ void gather_row_shift(const float* src, int64_t pixel_stride, int64_t channels, 
   }
 }
 
+bool row_shift_planes(const float* src, const int32_t* chan, int64_t sc, int64_t kin, int64_t H, int64_t W, int64_t kw,
+                      int64_t ph, int64_t pw, int64_t dw, float* rows, int64_t plane) {
+  switch (isa()) {
+#if DK_X86_KERNELS
+    case Isa::avx512:
+      return avx512::row_shift_planes<avx512::VecF>(src, chan, sc, kin, H, W, kw, ph, pw, dw, rows, plane);
+#endif
+    default:
+      return false;
+  }
+}
+
 void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int64_t pixels, float* pixels_out,
                     int64_t pixel_stride) {
   switch (isa()) {
@@ -336,6 +369,21 @@ void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int
     default:
       return portable::scatter_planes(rows, off, channels, pixels, pixels_out, pixel_stride);
   }
+}
+
+void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+#if DK_X86_KERNELS
+  if (isa() == Isa::avx512) return avx512::compress_row(src, mask, ncols, dst);
+#endif
+  for (int64_t c = 0; c < ncols; ++c)
+    if (mask[c / 16] >> (c % 16) & 1) *dst++ = src[c];
+}
+
+void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+#if DK_X86_KERNELS
+  if (isa() == Isa::avx512) return avx512::expand_row(src, mask, ncols, dst);
+#endif
+  for (int64_t c = 0; c < ncols; ++c) dst[c] = mask[c / 16] >> (c % 16) & 1 ? *src++ : 0.0f;
 }
 
 const char* gemm_isa() {

@@ -43,11 +43,15 @@ struct GemmProblem {
   const int64_t* a_off;  // [depth]
   const T* b;
   const int64_t* b_off;  // [depth]
-  const T* bias;   // [rows]
-  const T* scale;  // [rows]
-  const T* shift;  // [rows]
+  const T* bias;   // [rows], or [pixels] where per_column
+  const T* scale;  // [rows], or [pixels] where per_column
+  const T* shift;  // [rows], or [pixels] where per_column
   T* c;
   const int64_t* c_row;  // [rows]
+  // The same product with the roles swapped (channels_last input): rows are output pixels
+  // (a_j: the sample's input pixels), the vector lanes run over the active output channels
+  // (b: their weights, gathered per sample), and bias, scale and shift belong to the columns.
+  bool per_column = false;
 };
 
 // Computes a GemmProblem with the fastest micro-kernel this CPU has.
@@ -67,11 +71,26 @@ void gather_planes(const float* src, int64_t pixel_stride, int64_t channels, con
 void gather_row_shift(const float* src, int64_t pixel_stride, int64_t channels, const int32_t* chan, int64_t kin,
                       int64_t H, int64_t W, int64_t kw, int64_t ph, int64_t pw, int64_t dw, float* rows, int64_t plane);
 
+// The same row-shift buffer from dense planes (NCHW): channel i's plane at src + chan[i] * sc,
+// its H rows of W values contiguous. Returns false (and writes nothing) where this CPU's
+// micro-kernel has no such copy (then the caller lays the buffer out itself).
+bool row_shift_planes(const float* src, const int32_t* chan, int64_t sc, int64_t kin, int64_t H, int64_t W, int64_t kw,
+                      int64_t ph, int64_t pw, int64_t dw, float* rows, int64_t plane);
+
 // pixels_out[p * pixel_stride + c] = rows[off[c] + p] for c < channels, p < pixels: planes back
 // to channels_last pixels (the transpose of gather_planes), each channel's row at its own
 // offset (channels may share one, e.g. a row of zeros).
 void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int64_t pixels, float* pixels_out,
                     int64_t pixel_stride);
+
+// The values of one row's active columns, in order, packed into dst: bit l of mask[b] says
+// whether column 16 b + l (of ncols) is active. dst gets as many values as there are active
+// columns, and up to 15 more past them may be overwritten.
+void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst);
+
+// The inverse, with zeros: dst[c] = the next value of src for each active column c, else +0,
+// for every c < ncols. src may be read up to 15 values past its last active one.
+void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst);
 
 // Name of the micro-kernel run_gemm uses ("avx512", "avx2" or "portable").
 const char* gemm_isa();
