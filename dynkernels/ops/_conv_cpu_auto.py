@@ -44,6 +44,25 @@ execution here includes the gate multiply of random gates in [0.1, 1.1):
 | 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.24, 1.39 | 1.04, 0.80 |
 | 32, 64 -> 128, 3x3, stride 2, 16x16 | 0.79 | 0.68 |
 
+Measured on an AMD EPYC (Zen 5, AVX-512 with 512-bit FMA units; 2 cores) with the same torch,
+after NCHW input got its own vector copy into the row-shift buffer and channels_last input
+(strided, or 3x3 with 512 output pixels and more) its output channels in the vector lanes:
+fp32, one thread, wall time (medians of 7 interleaved rounds, the range over two runs); dense
+execution includes the gate multiply of random gates in [0.1, 1.1):
+
+| layer (batch, channels, kernel, stride, output size) | NCHW | channels_last |
+| --- | --- | --- |
+| 32, 128 -> 128, 3x3, 16x16 | 1.42 - 1.46 | 0.94 - 1.04 |
+| 32, 64 -> 64, 3x3, 32x32 | 1.47 - 1.69 | 1.05 - 1.06 |
+| 32, 256 -> 256, 3x3, 8x8 | 1.04 - 1.21 | 0.85 - 0.91 |
+| 8, 128 -> 128, 3x3, 16x16 | 1.09 - 1.13 | 0.95 - 0.97 |
+| 4, 256 -> 256, 3x3, 14x14 | 1.01 - 1.03 | 0.90 |
+| 4, 64 -> 64, 3x3, 56x56 | 1.05 - 1.08 | 1.05 - 1.06 |
+| 16, 512 -> 512, 3x3, 7x7 | 0.84 - 0.87 | 0.66 - 0.70 |
+| 8, 32 -> 32, 3x3, 16x16 | 1.19 - 1.33 | 0.96 - 1.02 |
+| 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 2.03 - 2.27, 1.27 - 1.36 | 1.65 - 1.73, 0.97 - 1.05 |
+| 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.00 - 1.13 | 1.16 - 1.19 |
+
 The kernel's time falls with the density a little more slowly than the FLOPs (what it does
 per sample besides the arithmetic stays), so the crossover density lies a little below these
 ratios (AMD EPYC): at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 256
@@ -54,7 +73,7 @@ slower than dense execution on any of them; the price is dense execution at dens
 layers where the kernel is faster there (NCHW 3x3 layers of up to 128 channels at 16x16 and
 up: 1.07 - 1.31x on the Xeon), except on the layers where cpu_kernel_wins_dense says the kernel
 is faster at any density on the CPU at hand (NCHW, stride 1, small reductions, 16x16 outputs
-and up, batch 8 and up, on the Xeon). python_tests/test_channel_sparse_conv2d_cpu.py tests the
+and up, batch 8 and up, on the Xeon and on Zen 5). python_tests/test_channel_sparse_conv2d_cpu.py tests the
 rule.
 """
 import math
@@ -78,7 +97,7 @@ CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.
 # the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
 # most KERNEL_WINS_DEPTH (input channel, tap) pairs, at least KERNEL_WINS_PIXELS output pixels
 # and KERNEL_WINS_BATCH samples.
-KERNEL_WINS_VENDORS = ("Intel",)
+KERNEL_WINS_CPUS = ("Intel", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
 KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
 
 
@@ -97,12 +116,13 @@ def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels
 def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool, batch: int, depth: int,
                           pixels: int) -> bool:
     """Whether the C++ kernel beats dense execution on this layer at any density, so that
-    "auto" runs it even with every gate active. Measured on the Intel Xeon of the table above:
-    every NCHW stride-1 layer with at most 1152 (input channel, tap) pairs per output channel,
-    16x16 outputs or more and a batch of 8 or more ran 1.04 - 1.39x of dense execution at
-    density 1 over two runs, and every other layer below 1x; on the AMD EPYC one such layer ran
-    0.96x, so there (and on any CPU not measured) the crossover table alone decides."""
-    return (any(v in vendor_model for v in KERNEL_WINS_VENDORS) and not channels_last and not strided
+    "auto" runs it even with every gate active. Measured on the Intel Xeon and the AMD EPYC
+    (Zen 5) of the tables above: every NCHW stride-1 layer with at most 1152 (input channel,
+    tap) pairs per output channel, 16x16 outputs or more and a batch of 8 or more ran 1.04 -
+    1.39x (Xeon) and 1.09 - 2.27x (Zen 5) of dense execution at density 1 over two runs; on the
+    AMD EPYC with Zen 4 cores one such layer ran 0.96x, so there (and on any CPU not measured)
+    the crossover table alone decides."""
+    return (any(v in vendor_model for v in KERNEL_WINS_CPUS) and not channels_last and not strided
             and depth <= KERNEL_WINS_DEPTH and pixels >= KERNEL_WINS_PIXELS and batch >= KERNEL_WINS_BATCH)
 
 
