@@ -8,7 +8,8 @@
 // picked at run time) multiplies them with the weights of the active (output, input) pairs,
 // read in place, and applies bias, gate scale and shift on the way out. Inactive output
 // channels are written as exact zeros. FLOPs: kout * kin * kh * kw * Ho * Wo per sample.
-// float16 and bfloat16 are computed in float32 and rounded once.
+// float16 and bfloat16 are computed in float32 and rounded once. float32 channels_last layers
+// that are strided or large run the same micro-kernel with the roles swapped (PixelRowsConv).
 // Samples run in parallel (claimed one by one by the threads of at::parallel_for); with fewer
 // samples than threads, each sample's output channels are split among the threads instead.
 #include <ATen/Dispatch.h>
@@ -397,6 +398,48 @@ struct SampleConv {
   }
 };
 
+// Runs every sample of a conv (SampleConv or PixelRowsConv: start, prepare, finish). Samples
+// are the unit of parallel work: each thread takes the next unclaimed sample, so uneven gate
+// densities and a core shared with another process do not leave a thread idle behind a static
+// split. With fewer samples than threads, one sample after the other, its GEMM rows (output
+// channels, or output pixels) split among the threads.
+template <typename Conv>
+void run_samples(const Conv& proto, int64_t N, const std::vector<std::vector<int32_t>>& in_lists,
+                 const std::vector<std::vector<int32_t>>& out_lists) {
+  if (N >= at::get_num_threads() || at::in_parallel_region()) {
+    std::atomic<int64_t> next_sample{0};
+    at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
+      Conv conv = proto;
+      for (int64_t n = next_sample++; n < N; n = next_sample++) {
+        conv.start(n, out_lists[n]);
+        if (!out_lists[n].empty()) cpu_conv::run_gemm(conv.prepare(n, in_lists[n], out_lists[n]));
+        conv.finish(n, out_lists[n]);
+      }
+    });
+    return;
+  }
+  Conv conv = proto;
+  for (int64_t n = 0; n < N; ++n) {
+    conv.start(n, out_lists[n]);
+    if (!out_lists[n].empty()) {
+      const auto pr = conv.prepare(n, in_lists[n], out_lists[n]);
+      at::parallel_for(0, pr.rows, 16, [&](int64_t j0, int64_t j1) {
+        auto part = pr;
+        part.rows = j1 - j0;
+        part.a_row += j0;
+        part.c_row += j0;
+        if (!pr.per_column) {
+          part.bias += j0;
+          part.scale += j0;
+          part.shift += j0;
+        }
+        cpu_conv::run_gemm(part);
+      });
+    }
+    conv.finish(n, out_lists[n]);
+  }
+}
+
 // channels_last float32 input and output: the product with the roles swapped (conv_gemm.h,
 // per_column), so that nothing is transposed. The rows are output pixels: their input pixels
 // are broadcast from x itself (no padding) or from a zero-padded copy of the sample's active
@@ -514,6 +557,8 @@ struct PixelRowsConv {
     return pr;
   }
 
+  void start(int64_t, const std::vector<int32_t>&) {}  // finish() writes every channel
+
   void finish(int64_t n, const std::vector<int32_t>& co) {
     const int64_t kout = static_cast<int64_t>(co.size()), P = g.Ho * g.Wo;
     if (kout == Cout) return;
@@ -562,33 +607,7 @@ void conv_pixel_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, 
   proto.Cin = x.size(1);
   proto.Cout = weight.size(0);
   proto.g = g;
-  const int threads = at::get_num_threads();
-  if (N >= threads || at::in_parallel_region()) {
-    std::atomic<int64_t> next_sample{0};  // as in conv_cpu_impl
-    at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
-      PixelRowsConv conv = proto;
-      for (int64_t n = next_sample++; n < N; n = next_sample++) {
-        if (!out_lists[n].empty()) cpu_conv::run_gemm(conv.prepare(n, in_lists[n], out_lists[n]));
-        conv.finish(n, out_lists[n]);
-      }
-    });
-    return;
-  }
-  // Fewer samples than threads: one sample after the other, its output pixels split.
-  PixelRowsConv conv = proto;
-  for (int64_t n = 0; n < N; ++n) {
-    if (!out_lists[n].empty()) {
-      const auto pr = conv.prepare(n, in_lists[n], out_lists[n]);
-      at::parallel_for(0, pr.rows, 16, [&](int64_t p0, int64_t p1) {
-        auto part = pr;
-        part.rows = p1 - p0;
-        part.a_row += p0;
-        part.c_row += p0;
-        cpu_conv::run_gemm(part);
-      });
-    }
-    conv.finish(n, out_lists[n]);
-  }
+  run_samples(proto, N, in_lists, out_lists);
 }
 
 template <typename scalar_t>
@@ -620,44 +639,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   proto.Cin = x.size(1);
   proto.Cout = weight.size(0);
   proto.g = g;
-
-  const int threads = at::get_num_threads();
-  if (N >= threads || at::in_parallel_region()) {
-    // Samples are the unit of parallel work. Each thread takes the next unclaimed sample, so
-    // uneven gate densities and a core shared with another process do not leave a thread
-    // idle behind a static split.
-    std::atomic<int64_t> next_sample{0};
-    at::parallel_for(0, N, 1, [&](int64_t, int64_t) {
-      SampleConv<scalar_t> conv = proto;
-      for (int64_t n = next_sample++; n < N; n = next_sample++) {
-        conv.start(n, out_lists[n]);
-        if (!out_lists[n].empty()) cpu_conv::run_gemm(conv.prepare(n, in_lists[n], out_lists[n]));
-        conv.finish(n, out_lists[n]);
-      }
-    });
-    return;
-  }
-  // Fewer samples than threads: one sample after the other, its output channels split.
-  SampleConv<scalar_t> conv = proto;
-  for (int64_t n = 0; n < N; ++n) {
-    conv.start(n, out_lists[n]);
-    if (out_lists[n].empty()) {
-      conv.finish(n, out_lists[n]);
-      continue;
-    }
-    const auto pr = conv.prepare(n, in_lists[n], out_lists[n]);
-    at::parallel_for(0, pr.rows, 16, [&](int64_t j0, int64_t j1) {
-      auto part = pr;
-      part.rows = j1 - j0;
-      part.a_row += j0;
-      part.c_row += j0;
-      part.bias += j0;
-      part.scale += j0;
-      part.shift += j0;
-      cpu_conv::run_gemm(part);
-    });
-    conv.finish(n, out_lists[n]);
-  }
+  run_samples(proto, N, in_lists, out_lists);
 }
 
 Tensor channel_sparse_conv2d_cpu(const Tensor& x, const Tensor& weight, const std::optional<Tensor>& bias,
