@@ -577,13 +577,14 @@ struct PixelRowsConv {
 // 64 -> 128, 3x3, 16x16 outputs, 2.4x at 256 -> 128, 1x1), and 3x3 ones of 512 output pixels
 // and more (28x28: 1.2x, 56x56: 1.1 - 1.35x), where packing each sample's weights costs
 // little beside its pixels. On smaller outputs (16x16: on par; 8x8 and 7x7 with 256 - 512
-// channels: 0.7x) and on stride-1 1x1 layers (0.7 - 0.95x) the other one runs.
+// channels: 0.7x) and on stride-1 1x1 layers (0.7 - 0.95x) the other one runs. AVX-512 only:
+// with the AVX2 micro-kernel (and scalar packing) the same layers ran 0.9 - 1.1x.
 bool pixel_rows_apply(const Tensor& x, const Tensor& y, const ConvGeometry& g) {
   const bool layouts = x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 1 &&
                        x.stride(2) == x.size(3) * x.stride(3) && y.stride(1) == 1 && y.size(1) > 1 &&
                        y.stride(3) == y.size(1);
   const bool strided = g.sh > 1 || g.sw > 1;
-  return layouts && (strided || (g.kh * g.kw > 1 && g.Ho * g.Wo >= 512));
+  return layouts && cpu_conv::has_compress_expand() && (strided || (g.kh * g.kw > 1 && g.Ho * g.Wo >= 512));
 }
 
 void conv_pixel_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& shift,

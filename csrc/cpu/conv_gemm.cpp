@@ -371,19 +371,18 @@ void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int
   }
 }
 
+bool has_compress_expand() { return isa() == Isa::avx512; }
+
 void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
 #if DK_X86_KERNELS
-  if (isa() == Isa::avx512) return avx512::compress_row(src, mask, ncols, dst);
+  avx512::compress_row(src, mask, ncols, dst);
 #endif
-  for (int64_t c = 0; c < ncols; ++c)
-    if (mask[c / 16] >> (c % 16) & 1) *dst++ = src[c];
 }
 
 void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
 #if DK_X86_KERNELS
-  if (isa() == Isa::avx512) return avx512::expand_row(src, mask, ncols, dst);
+  avx512::expand_row(src, mask, ncols, dst);
 #endif
-  for (int64_t c = 0; c < ncols; ++c) dst[c] = mask[c / 16] >> (c % 16) & 1 ? *src++ : 0.0f;
 }
 
 const char* gemm_isa() {
