@@ -496,7 +496,10 @@ struct PixelRowsConv {
         for (int64_t w = 0; w < g.W; ++w) {
           const float* src = xs + (h * g.W + w) * sxw;
           float* dst = row + (g.pw + w) * kin;
-          all_in ? static_cast<void>(std::copy(src, src + Cin, dst)) : cpu_conv::compress_row(src, in_mask.data(), Cin, dst);
+          if (all_in)
+            std::copy(src, src + Cin, dst);
+          else
+            cpu_conv::compress_row(src, in_mask.data(), Cin, dst);
         }
         std::fill(row + (g.pw + g.W) * kin, row + Wp * kin, 0.0f);  // after the pixels: compress_row overwrites
       }
