@@ -465,6 +465,12 @@ struct PixelRowsConv {
 
   int64_t ldb(int64_t kout) const { return (kout + 15) / 16 * 16; }
 
+  // The channels of `active` (of C) as the bit masks compress_row and expand_row take.
+  static void set_mask(const std::vector<int32_t>& active, int64_t C, std::vector<uint16_t>& bits) {
+    bits.assign((C + 15) / 16, 0);
+    for (const int32_t c : active) bits[c / 16] |= static_cast<uint16_t>(1u << (c % 16));
+  }
+
   cpu_conv::GemmProblem<float> prepare(int64_t n, const std::vector<int32_t>& ci, const std::vector<int32_t>& co) {
     const int64_t kin = static_cast<int64_t>(ci.size()), kout = static_cast<int64_t>(co.size());
     const int64_t taps = g.kh * g.kw, P = g.Ho * g.Wo;
@@ -485,10 +491,7 @@ struct PixelRowsConv {
     } else {
       x_buf.resize(Hp * Wp * kin + 16);  // + what compress_row may overwrite past the end
       float* xb = x_buf.data();
-      if (!all_in) {
-        in_mask.assign((Cin + 15) / 16, 0);
-        for (int64_t i = 0; i < kin; ++i) in_mask[ci[i] / 16] |= static_cast<uint16_t>(1u << (ci[i] % 16));
-      }
+      if (!all_in) set_mask(ci, Cin, in_mask);
       std::fill(xb, xb + g.ph * Wp * kin, 0.0f);
       for (int64_t h = 0; h < g.H; ++h) {
         float* row = xb + (g.ph + h) * Wp * kin;
@@ -518,8 +521,7 @@ struct PixelRowsConv {
     pr.a_off = a_off.data();
     // b: the weights of the active (tap, input, output) triples, rows of ldb(kout).
     b_off.resize(kin * taps);
-    mask.assign((Cout + 15) / 16, 0);
-    for (int64_t j = 0; j < kout; ++j) mask[co[j] / 16] |= static_cast<uint16_t>(1u << (co[j] % 16));
+    set_mask(co, Cout, mask);
     if (all_in && all_out) {
       pr.b = wt;
       for (int64_t k = 0; k < kin * taps; ++k) b_off[k] = k * Cout;

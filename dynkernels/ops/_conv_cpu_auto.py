@@ -67,7 +67,7 @@ The kernel's time falls with the density a little more slowly than the FLOPs (wh
 per sample besides the arithmetic stays), so the crossover density lies a little below these
 ratios (AMD EPYC): at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 256
 NCHW 0.88 (ratio 0.85), at the strided channels_last layer 0.55 (ratio 0.76). CPU_DENSE_FROM
-holds, per layout and stride, a crossover at or below every measured layer's on both CPUs (the
+holds, per layout and stride, a crossover at or below every measured layer's on every CPU above (the
 vector fill of the pixels then lowers it further for small outputs), so that "auto" is not
 slower than dense execution on any of them; the price is dense execution at density 1 on
 layers where the kernel is faster there (NCHW 3x3 layers of up to 128 channels at 16x16 and
