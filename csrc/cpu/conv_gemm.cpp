@@ -139,9 +139,18 @@ struct VecF {
   // Lanes s.. s + 15 of the 32 lanes prev, cur for 0 <= s <= 16, lanes 16 + s.. for -16 <= s < 0:
   // the 16 values s apart from the aligned window that starts L lanes before cur (s >= 0) or at
   // cur (s < 0), one two-source permute.
-  static Reg window(Reg prev, Reg cur, int s) {
-    const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    return _mm512_permutex2var_ps(prev, _mm512_add_epi32(lanes, _mm512_set1_epi32(s < 0 ? s + 16 : s)), cur);
+  // window_index(s) once per shift, window(prev, cur, index) per vector.
+  // (Plain ints: a std::vector of __m512i would not keep their 64-byte alignment.)
+  struct Index {
+    int32_t lanes[16];
+  };
+  static Index window_index(int s) {
+    Index index;
+    for (int l = 0; l < 16; ++l) index.lanes[l] = l + (s < 0 ? s + 16 : s);
+    return index;
+  }
+  static Reg window(Reg prev, Reg cur, const Index& index) {
+    return _mm512_permutex2var_ps(prev, _mm512_loadu_si512(index.lanes), cur);
   }
   static Reg keep(Tail m, Reg r) { return _mm512_maskz_mov_ps(m, r); }
   // 16 x 16: pairs of rows interleaved (ps), then pairs of pairs (pd), then the 128-bit
