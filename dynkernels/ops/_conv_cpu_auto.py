@@ -172,30 +172,37 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     if in_gate is not None and not (_host_view(in_gate) > 0).all():  # (every input active: no pass over x)
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
-    g = out_gate.to(y.dtype)
-    t = None if shift is None else shift.to(y.dtype)[None, :, None, None]
+    n, c = out_gate.shape
+    g = (out_gate if out_gate.dtype == y.dtype else out_gate.to(y.dtype)).reshape(n, c, 1, 1)  # (reshape: a third of [:, :, None, None]'s host time)
+    t = None if shift is None else shift.to(y.dtype).reshape(1, c, 1, 1)
     gates = _host_view(out_gate)
-    active = gates > 0
-    n_idx, c_idx = (~active).nonzero()  # the inactive (sample, channel) pairs: zero, negative or NaN gates
+    lowest = gates.min() if gates.size else 1
+    every_active = bool(lowest > 0)  # (False where a gate is NaN: min gives NaN)
+    all_one = every_active and lowest == 1 and (not gates.size or bool(gates.max() == 1))
     if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
         # out of place, so that autograd keeps what each backward needs
-        if t is None and not len(n_idx) and not g.requires_grad and (gates == 1).all():
+        if t is None and every_active and not g.requires_grad and all_one:
             return y
-        scaled = y * g[:, :, None, None] if t is None else torch.addcmul(t, y, g[:, :, None, None])
-        if not len(n_idx):
+        scaled = y * g if t is None else torch.addcmul(t, y, g)
+        if every_active:
             return scaled
-        return torch.where((out_gate > 0)[:, :, None, None], scaled, torch.zeros((), dtype=y.dtype))
-    if len(n_idx):
-        g = g.masked_fill(torch.from_numpy(~active), 0)  # inactive gates 0 (also the negative and NaN ones)
+        return torch.where((out_gate > 0).reshape(n, c, 1, 1), scaled, torch.zeros((), dtype=y.dtype))
+    if every_active:
+        if t is not None:
+            torch.addcmul(t, y, g, out=y)
+        elif not all_one:
+            y.mul_(g)
+        return y
+    active = gates > 0
+    g = g.masked_fill(torch.from_numpy(~active).reshape(n, c, 1, 1), 0)  # inactive gates 0 (also the negative and NaN ones)
     if t is not None:
-        torch.addcmul(t, y, g[:, :, None, None], out=y)
-    elif len(n_idx) or not (gates == 1).all():
-        y.mul_(g[:, :, None, None])
-    if len(n_idx):
-        # exact zeros (y * 0 would give -0 for negative y and NaN for an infinite one)
-        n_idx, c_idx = torch.from_numpy(n_idx), torch.from_numpy(c_idx)
-        if y.is_contiguous():
-            y.view(y.shape[0] * y.shape[1], -1)[n_idx * y.shape[1] + c_idx] = 0
-        else:
-            y.permute(0, 2, 3, 1)[n_idx, :, :, c_idx] = 0
+        torch.addcmul(t, y, g, out=y)
+    else:
+        y.mul_(g)
+    # exact zeros (y * 0 would give -0 for negative y and NaN for an infinite one)
+    n_idx, c_idx = (torch.from_numpy(i) for i in (~active).nonzero())  # the inactive (sample, channel) pairs
+    if y.is_contiguous():
+        y.view(y.shape[0] * y.shape[1], -1)[n_idx * y.shape[1] + c_idx] = 0
+    else:
+        y.permute(0, 2, 3, 1)[n_idx, :, :, c_idx] = 0
     return y
