@@ -121,7 +121,10 @@ def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool,
     tap) pairs per output channel, 16x16 outputs or more and a batch of 8 or more ran 1.04 -
     1.39x (Xeon) and 1.09 - 2.27x (Zen 5) of dense execution at density 1 over two runs; on the
     AMD EPYC with Zen 4 cores one such layer ran 0.96x, so there (and on any CPU not measured)
-    the crossover table alone decides."""
+    the crossover table alone decides. The same Xeon model running at half its FMA rate (its
+    cores apparently shared with another guest) ran the 8, 64 -> 64 1x1 layer at 0.79 - 0.81x
+    (dense execution with the gate multiply: 0.79 - 0.84x) and the 32, 128 -> 128 1x1 one at
+    2.8x; nothing in /proc/cpuinfo tells the two states apart, so the rule stays."""
     return (any(v in vendor_model for v in KERNEL_WINS_CPUS) and not channels_last and not strided
             and depth <= KERNEL_WINS_DEPTH and pixels >= KERNEL_WINS_PIXELS and batch >= KERNEL_WINS_BATCH)
 
