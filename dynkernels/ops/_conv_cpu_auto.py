@@ -176,7 +176,8 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = F.conv2d(x, weight, bias, stride, padding, dilation)
     n, c = out_gate.shape
-    g = (out_gate if out_gate.dtype == y.dtype else out_gate.to(y.dtype)).reshape(n, c, 1, 1)  # (reshape: a third of [:, :, None, None]'s host time)
+    # (reshape: a third of [:, :, None, None]'s host time)
+    g = (out_gate if out_gate.dtype == y.dtype else out_gate.to(y.dtype)).reshape(n, c, 1, 1)
     t = None if shift is None else shift.to(y.dtype).reshape(1, c, 1, 1)
     gates = _host_view(out_gate)
     lowest = gates.min() if gates.size else 1
@@ -184,24 +185,21 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     all_one = every_active and lowest == 1 and (not gates.size or bool(gates.max() == 1))
     if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
         # out of place, so that autograd keeps what each backward needs
-        if t is None and every_active and not g.requires_grad and all_one:
+        if t is None and all_one and not g.requires_grad:
             return y
         scaled = y * g if t is None else torch.addcmul(t, y, g)
         if every_active:
             return scaled
         return torch.where((out_gate > 0).reshape(n, c, 1, 1), scaled, torch.zeros((), dtype=y.dtype))
-    if every_active:
-        if t is not None:
-            torch.addcmul(t, y, g, out=y)
-        elif not all_one:
-            y.mul_(g)
-        return y
-    active = gates > 0
-    g = g.masked_fill(torch.from_numpy(~active).reshape(n, c, 1, 1), 0)  # inactive gates 0 (also the negative and NaN ones)
+    if not every_active:
+        active = gates > 0
+        g = g.masked_fill(torch.from_numpy(~active).reshape(n, c, 1, 1), 0)  # inactive gates 0 (also the negative and NaN ones)
     if t is not None:
         torch.addcmul(t, y, g, out=y)
-    else:
+    elif not all_one:
         y.mul_(g)
+    if every_active:
+        return y
     # exact zeros (y * 0 would give -0 for negative y and NaN for an infinite one)
     n_idx, c_idx = (torch.from_numpy(i) for i in (~active).nonzero())  # the inactive (sample, channel) pairs
     if y.is_contiguous():
