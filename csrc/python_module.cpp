@@ -1,11 +1,13 @@
 // The Python module dynkernels._C. Importing it runs the TORCH_LIBRARY registrations in
 // the other translation units; its functions say which CUDA version (if any) the CUDA kernels
 // were compiled with, so that import can check it against torch, which tile configurations the
-// CUDA channel_sparse_conv2d kernel offers, and which micro-kernel the CPU channel-sparse conv
-// runs on this CPU; its submodules below_autograd and cpu_first call the sample-gating
-// operators without autograd (csrc/python_calls.cpp).
+// CUDA channel_sparse_conv2d kernel offers, which micro-kernel the CPU channel-sparse conv runs
+// on this CPU, and a byte compare of two buffers; its submodules below_autograd and cpu_first
+// call the sample-gating operators without autograd (csrc/python_calls.cpp).
 // Not part of the CMake library, which is loaded with torch.ops.load_library instead.
 #include <Python.h>
+
+#include <cstring>
 
 #include "python_calls.h"
 
@@ -52,6 +54,22 @@ static PyObject* cuda_conv_configs(PyObject*, PyObject*) {
 
 static PyObject* cpu_conv_isa(PyObject*, PyObject*) { return PyUnicode_FromString(dynkernels::cpu_conv::gemm_isa()); }
 
+// same_bytes(a, b): whether two C-contiguous buffers (e.g. numpy views of CPU tensors) hold the
+// same bytes; a memcmp, without the temporary that numpy's or torch's elementwise compare
+// writes (dynkernels/ops/_cpu_packed_conv.py checks a cached weight with it on every call).
+static PyObject* same_bytes(PyObject*, PyObject* args) {
+  Py_buffer a, b;
+  if (!PyArg_ParseTuple(args, "y*y*", &a, &b)) return nullptr;
+  int equal = a.len == b.len;
+  if (equal) {
+    Py_BEGIN_ALLOW_THREADS equal = std::memcmp(a.buf, b.buf, static_cast<size_t>(a.len)) == 0;
+    Py_END_ALLOW_THREADS
+  }
+  PyBuffer_Release(&a);
+  PyBuffer_Release(&b);
+  return PyBool_FromLong(equal);
+}
+
 static PyMethodDef methods[] = {
     {"cuda_version", cuda_version, METH_NOARGS,
      "CUDART_VERSION the CUDA kernels were compiled with (e.g. 13000), or -1 for a CPU-only build."},
@@ -64,6 +82,8 @@ static PyMethodDef methods[] = {
     {"cpu_conv_isa", cpu_conv_isa, METH_NOARGS,
      "Micro-kernel of the CPU channel_sparse_conv2d on this CPU: 'avx512', 'avx2' or 'portable' (follows "
      "torch's CPU capability, which ATEN_CPU_CAPABILITY lowers)."},
+    {"same_bytes", same_bytes, METH_VARARGS,
+     "same_bytes(a, b): whether two C-contiguous buffers have the same length and bytes (a memcmp)."},
     {nullptr, nullptr, 0, nullptr}};
 
 static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "dynkernels compiled kernels", -1, methods};
