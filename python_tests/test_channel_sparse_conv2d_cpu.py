@@ -1,6 +1,7 @@
 """The C++ CPU kernel of channel_sparse_conv2d at the sizes where its micro-kernel's tiling
 shows (several row blocks and pixel tiles, partial vectors, each input layout path), on every
 instruction set it has, and the rule by which backend="auto" picks dense execution on the CPU."""
+import math
 import os
 import subprocess
 import sys
@@ -189,6 +190,26 @@ def test_flop_density_read_from_gates():
         assert auto.cpu_flop_density(og.to(dtype), ig.to(dtype)) == pytest.approx(want)
     # below the threshold on the output gate alone, in_gate is not read
     assert auto.cpu_flop_density(og, ig, below=1.0) == pytest.approx(float((og > 0).float().mean()))
+
+
+def test_gate_summary():
+    """(entries > 0, min, max) of a gate: the C++ pass for contiguous float32 gates, numpy for
+    the others, the same answers (NaN in min and max where a gate is NaN; -0 not active)."""
+    torch.manual_seed(0)
+    g = torch.randn(6, 9)
+    g[1, 2], g[3, 3] = -0.0, 0.0
+    cases = [g, g.abs() + 0.5, torch.ones(2, 3), g.t(), g.half(), g > 0, torch.full((1, 1), -2.0)]
+    for gate in cases:
+        active, lo, hi = auto._gate_summary(gate)
+        assert active == int((gate > 0).sum())
+        assert float(lo) == float(gate.min()) and float(hi) == float(gate.max())
+    nan = g.clone()
+    nan[4, 4] = float("nan")
+    active, lo, hi = auto._gate_summary(nan)
+    assert active == int((nan > 0).sum()) and math.isnan(lo) and math.isnan(hi)
+    if auto._GATE_SUMMARY is not None:  # the C++ pass takes exactly the contiguous float32 gates
+        assert auto._GATE_SUMMARY(g) is not NotImplemented and auto._GATE_SUMMARY(g.t()) is NotImplemented
+        assert auto._GATE_SUMMARY(g.half()) is NotImplemented and auto._GATE_SUMMARY(g[:0]) is NotImplemented
 
 
 def test_auto_decision(monkeypatch):

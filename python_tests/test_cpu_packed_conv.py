@@ -88,3 +88,29 @@ def test_entry_dropped_with_its_weight():
     del w
     gc.collect()
     assert not packed._CACHE
+
+
+def test_threads_share_the_cache():
+    """Calls from several threads on one weight, with two image sizes that keep replacing each
+    other's entry: every result is conv2d's."""
+    import threading
+
+    torch.manual_seed(0)
+    w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
+    xs = [torch.randn(2, 4, s, s).contiguous(memory_format=CL) for s in (5, 7)]
+    wants = [F.conv2d(x, w, b, 1, 1) for x in xs]
+    failures = []
+
+    def work(k):
+        for i in range(20):
+            j = (i + k) % 2
+            y = packed.conv2d_channels_last(xs[j], w, b, (1, 1), (1, 1), (1, 1))
+            if not torch.allclose(y, wants[j], rtol=1e-5, atol=1e-5):
+                failures.append((k, i))
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures

@@ -87,6 +87,7 @@ import numpy as np
 import torch
 
 from .._cpu import cpu_info
+from .._extension import _C
 from ._cpu_packed_conv import conv2d_channels_last
 
 # Dense execution from this FLOP density up (times the vector fill), by (channels_last, stride > 1).
@@ -103,6 +104,7 @@ CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.
 # and KERNEL_WINS_BATCH samples.
 KERNEL_WINS_CPUS = ("Intel", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
 KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
+_GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 
 
 def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int) -> float:
@@ -140,16 +142,28 @@ def _host_view(gate: torch.Tensor):
     return (g if g.dtype in (torch.float32, torch.float64, torch.float16, torch.bool) else g.float()).numpy()
 
 
+def _gate_summary(gate: torch.Tensor):
+    """(number of entries > 0, min, max) of a CPU gate with at least one entry (min and max
+    NaN where one is NaN): one C++ pass over a contiguous float32 gate
+    (dynkernels._C.cpu_first.gate_summary), numpy otherwise."""
+    if _GATE_SUMMARY is not None:
+        summary = _GATE_SUMMARY(gate)
+        if summary is not NotImplemented:
+            return summary
+    g = _host_view(gate)
+    return int(np.count_nonzero(g > 0)), g.min(), g.max()
+
+
 def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
     """The fraction of the dense conv's FLOPs the gates leave active: the mean over samples of
     (active outputs x active inputs) / (Cout x Cin). CPU tensors (a host read, no sync).
     If the output density alone is below `below`, it is returned without reading in_gate
     (the FLOP density can only be lower)."""
-    out_active = _host_view(out_gate) > 0
-    out_density = np.count_nonzero(out_active) / max(1, out_active.size)
+    size = out_gate.numel()
+    out_density = _gate_summary(out_gate)[0] / size if size else 0.0
     if in_gate is None or (below is not None and out_density < below):
         return out_density
-    in_active = _host_view(in_gate) > 0
+    out_active, in_active = _host_view(out_gate) > 0, _host_view(in_gate) > 0
     return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
 
 
@@ -183,10 +197,9 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     # (reshape: a third of [:, :, None, None]'s host time)
     g = (out_gate if out_gate.dtype == y.dtype else out_gate.to(y.dtype)).reshape(n, c, 1, 1)
     t = None if shift is None else shift.to(y.dtype).reshape(1, c, 1, 1)
-    gates = _host_view(out_gate)
-    lowest = gates.min() if gates.size else 1
+    _, lowest, highest = _gate_summary(out_gate) if out_gate.numel() else (0, 1, 1)
     every_active = bool(lowest > 0)  # (False where a gate is NaN: min gives NaN)
-    all_one = every_active and lowest == 1 and (not gates.size or bool(gates.max() == 1))
+    all_one = every_active and lowest == 1 and highest == 1
     if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):
         # out of place, so that autograd keeps what each backward needs
         if t is None and all_one and not g.requires_grad:
@@ -196,7 +209,7 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
             return scaled
         return torch.where((out_gate > 0).reshape(n, c, 1, 1), scaled, torch.zeros((), dtype=y.dtype))
     if not every_active:
-        active = gates > 0
+        active = _host_view(out_gate) > 0
         g = g.masked_fill(torch.from_numpy(~active).reshape(n, c, 1, 1), 0)  # inactive gates 0 (also the negative and NaN ones)
     if t is not None:
         torch.addcmul(t, y, g, out=y)
