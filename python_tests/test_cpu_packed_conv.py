@@ -25,10 +25,13 @@ def _empty_cache():
 
 @pytest.mark.parametrize("stride, padding, dilation", [((1, 1), (1, 1), (1, 1)), ((2, 1), (0, 2), (1, 2))])
 @pytest.mark.parametrize("bias", [True, False])
-def test_matches_conv2d_and_reuses_the_reordered_weight(stride, padding, dilation, bias):
+@pytest.mark.parametrize("weight_layout", ["contiguous", "channels_last"])
+def test_matches_conv2d_and_reuses_the_reordered_weight(stride, padding, dilation, bias, weight_layout):
     torch.manual_seed(0)
     x = torch.randn(3, 8, 9, 7).contiguous(memory_format=CL)
     w, b = torch.randn(6, 8, 3, 3), torch.randn(6) if bias else None
+    if weight_layout == "channels_last":
+        w = w.contiguous(memory_format=CL)
     want = F.conv2d(x, w, b, stride, padding, dilation)
     for _ in range(2):
         y = packed.conv2d_channels_last(x, w, b, stride, padding, dilation)
@@ -51,7 +54,7 @@ def test_weight_writes_are_seen():
     no_grad, and a new tensor assigned to .data: the next call uses the weight as it is now."""
     torch.manual_seed(0)
     x = torch.randn(2, 4, 6, 6).contiguous(memory_format=CL)
-    conv = torch.nn.Conv2d(4, 5, 3, padding=1)
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1).to(memory_format=CL)  # (a channels_last weight)
     run = lambda: packed.conv2d_channels_last(x, conv.weight, conv.bias, (1, 1), (1, 1), (1, 1))
     with torch.no_grad():
         run()
@@ -71,7 +74,7 @@ def test_conv2d_where_the_reordered_weight_does_not_apply():
     x = torch.randn(2, 4, 6, 6)
     w = torch.randn(5, 4, 3, 3)
     assert_close(packed.conv2d_channels_last(x, w, None, (1, 1), (1, 1), (1, 1)), F.conv2d(x, w, None, 1, 1))
-    wt = torch.randn(4, 5, 3, 3).transpose(0, 1)
+    wt = torch.randn(4, 5, 3, 3).transpose(0, 1)  # neither contiguous nor channels_last
     xc = x.contiguous(memory_format=CL)
     assert_close(packed.conv2d_channels_last(xc, wt, None, (1, 1), (1, 1), (1, 1)), F.conv2d(xc, wt, None, 1, 1))
     wg = w.clone().requires_grad_(True)

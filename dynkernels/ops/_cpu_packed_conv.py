@@ -44,20 +44,26 @@ def _same_bytes(a: np.ndarray, b: np.ndarray) -> bool:
     return bool(_C.same_bytes(a, b) if _C is not None else np.array_equal(a, b))
 
 
+def _in_memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A contiguous view of a contiguous or channels_last 4-d tensor: its elements in memory order."""
+    return t if t.is_contiguous() else t.permute(0, 2, 3, 1)
+
+
 def _reordered(weight, x_shape, stride, padding, dilation):
     # (not the batch size: the blocked layout oneDNN picks follows the channels and the image
     # size, and a weight in another layout than the one a call expects is still reordered right)
-    key = (weight.data_ptr(), tuple(weight.shape), tuple(x_shape[1:]), *stride, *padding, *dilation)
+    key = (weight.data_ptr(), tuple(weight.shape), weight.stride(), tuple(x_shape[1:]), *stride, *padding, *dilation)
     entry = _CACHE.get(id(weight))
     # (the numpy view of the weight is kept with the entry: the data_ptr in the key says that it
     # still views the weight's memory, and holding it keeps that memory from being reused)
     if entry is not None and entry[0]() is weight and entry[1] == key and _same_bytes(entry[2], entry[3]):
         return entry[4]
-    plain = weight.detach().clone()
-    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(plain.to_mkldnn(), padding, stride, dilation, 1, list(x_shape))
+    plain = weight.detach().clone()  # (in the weight's own layout, so that the two compare byte for byte)
+    packed = torch._C._nn.mkldnn_reorder_conv2d_weight(plain.contiguous().to_mkldnn(), padding, stride, dilation, 1,
+                                                        list(x_shape))
     ident = id(weight)
     ref = weakref.ref(weight, lambda _, ident=ident: _drop(ident))
-    views = (weight.detach().numpy().view(np.int32), plain.numpy().view(np.int32))
+    views = tuple(_in_memory_order(t).numpy().view(np.int32) for t in (weight.detach(), plain))
     with _LOCK:
         _CACHE[ident] = (ref, key, *views, packed)
     return packed
@@ -72,13 +78,14 @@ def _drop(ident: int) -> None:
 
 def conv2d_channels_last(x, weight, bias, stride, padding, dilation):
     """F.conv2d(x, weight, bias, stride, padding, dilation) (groups 1) for a float32 CPU x;
-    with the reordered weight reused where x is channels_last, weight contiguous and no autograd
+    with the reordered weight reused where x is channels_last, the weight contiguous or
+    channels_last (as `model.to(memory_format=torch.channels_last)` leaves it) and no autograd
     graph is recorded."""
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                         or (bias is not None and bias.requires_grad))
     if (not _AVAILABLE[0] or grad or x.dtype != torch.float32 or weight.dtype != torch.float32
-            or not weight.is_contiguous() or x.is_contiguous()
-            or not x.is_contiguous(memory_format=torch.channels_last)):
+            or not (weight.is_contiguous() or weight.is_contiguous(memory_format=torch.channels_last))
+            or x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last)):
         return F.conv2d(x, weight, bias, stride, padding, dilation)
     stride, padding, dilation = list(stride), list(padding), list(dilation)
     try:
