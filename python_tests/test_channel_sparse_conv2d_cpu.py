@@ -84,6 +84,23 @@ def test_kernel_dtypes(dtype, layout):
         _check_kernel(shape, dtype, True, layout)
 
 
+@pytest.mark.parametrize("weight_layout", ["channels_last", "kw-major", "channel-major"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_kernel_reads_any_weight_layout(weight_layout, layout):
+    """The kernel reads the weight in place through its strides (a channels_last one, as
+    model.to(memory_format=torch.channels_last) leaves it, and views of other layouts)."""
+    for shape in (SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[-1]):
+        x, w, b, og, ig, s, p, d, shift = _inputs(shape, torch.float32, True, layout)
+        if weight_layout == "channels_last":
+            strided = w.contiguous(memory_format=torch.channels_last)
+        elif weight_layout == "kw-major":
+            strided = w.transpose(2, 3).contiguous().transpose(2, 3)
+        else:
+            strided = w.transpose(0, 1).contiguous().transpose(0, 1)
+        y = dynkernels.channel_sparse_conv2d(x, strided, b, og, ig, s, p, d, shift=shift, backend="cpu")
+        assert_close(y, _expected(x, w, b, og, ig, s, p, d, shift))
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("in_gate", [False, True], ids=["out", "in+out"])
 def test_kernel_every_channel_active(in_gate, layout):

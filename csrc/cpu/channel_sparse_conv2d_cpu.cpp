@@ -213,7 +213,11 @@ struct SampleConv {
   // The op's arguments (shared by all samples).
   const scalar_t* xp;
   int64_t sxn, sxc, sxh, sxw;
-  const T* wp;  // weight [Cout][Cin * kh * kw] in T
+  // weight [Cout][Cin][kh][kw] in T, in any layout: the micro-kernel reads it in place through
+  // a_row and a_off, so a channels_last weight (model.to(memory_format=torch.channels_last))
+  // is not copied on every call
+  const T* wp;
+  int64_t swo, swi, swh, sww;
   const T *gp, *bp, *tp;  // gate [N][Cout]; bias, shift [Cout] or null
   scalar_t* yp;
   int64_t syn, syc;
@@ -236,7 +240,7 @@ struct SampleConv {
     pr.depth = kin * taps;
     pr.a = wp;
     a_row.resize(kout);
-    for (int64_t j = 0; j < kout; ++j) a_row[j] = static_cast<int64_t>(co[j]) * Cin * taps;
+    for (int64_t j = 0; j < kout; ++j) a_row[j] = static_cast<int64_t>(co[j]) * swo;
     pr.a_row = a_row.data();
 
     // The input channels as planes: x itself when its rows are contiguous (NCHW); otherwise
@@ -306,13 +310,13 @@ struct SampleConv {
       for (int64_t i = 0; i < kin; ++i) compact_chan[i] = static_cast<int32_t>(i);
       lay_out(Planes<T>{planes_buf.data(), compact_chan.data(), HW, g.W, 1});
     }
-    // The (channel, tap) pairs one by one: channel i's weights at ci[i] * taps + t, its run of
-    // pixels at b_off_i[i] + b_off_t[t].
+    // The (channel, tap) pairs one by one: channel i's weight for tap t = (ky, kx) at
+    // ci[i] * swi + ky * swh + kx * sww in its row, its run of pixels at b_off_i[i] + b_off_t[t].
     a_off.resize(kin * taps);
     b_off.resize(kin * taps);
     for (int64_t i = 0; i < kin; ++i)
       for (int64_t t = 0; t < taps; ++t) {
-        a_off[i * taps + t] = static_cast<int64_t>(ci[i]) * taps + t;
+        a_off[i * taps + t] = static_cast<int64_t>(ci[i]) * swi + (t / g.kw) * swh + (t % g.kw) * sww;
         b_off[i * taps + t] = b_off_i[i] + b_off_t[t];
       }
     pr.a_off = a_off.data();
@@ -623,7 +627,7 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   using T = at::opmath_type<scalar_t>;
   constexpr auto kT = c10::CppTypeToScalarType<T>::value;
   const int64_t N = x.size(0);
-  const Tensor w = weight.to(kT).contiguous();
+  const Tensor w = weight.to(kT);  // (its own layout: SampleConv reads it through its strides)
   const Tensor gate = out_gate.to(kT).contiguous();
   const Tensor b = bias.defined() ? bias.to(kT).contiguous() : Tensor();
   const Tensor t = shift.defined() ? shift.to(kT).contiguous() : Tensor();
@@ -634,6 +638,10 @@ void conv_cpu_impl(const Tensor& x, const Tensor& weight, const Tensor& bias, co
   proto.sxh = x.stride(2);
   proto.sxw = x.stride(3);
   proto.wp = w.const_data_ptr<T>();
+  proto.swo = w.stride(0);
+  proto.swi = w.stride(1);
+  proto.swh = w.stride(2);
+  proto.sww = w.stride(3);
   proto.gp = gate.const_data_ptr<T>();
   proto.bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
   proto.tp = t.defined() ? t.const_data_ptr<T>() : nullptr;

@@ -3,9 +3,9 @@
 //
 //   c[j][p] = (sum_{k < depth} a_j[a_off[k]] * b[b_off[k] + p] + bias[j]) * scale[j] + shift[j]
 //
-// k runs over the (active input channel, tap) pairs. a_j = a + a_row[j]: the weight row of
-// output channel co[j] ([Cin * kh * kw], read in place: a_off[k] = ci * taps + t picks input
-// channel ci and tap t); b: the sample's input laid out so that every (channel, tap) pair is
+// k runs over the (active input channel, tap) pairs. a_j = a + a_row[j]: the weight of output
+// channel co[j] (read in place, in the weight's own layout: a_off[k] is the offset of input
+// channel ci's tap t in it, ci * taps + t for a contiguous weight); b: the sample's input laid out so that every (channel, tap) pair is
 // one contiguous run of P pixels starting at b_off[k] (an im2col, a row-shift buffer or, for a
 // 1x1 conv, x itself); c + c_row[j]: output row j (P contiguous values: an NCHW y itself, or a
 // buffer). Weights are broadcast from where they lie, nothing is gathered per sample; pixels
