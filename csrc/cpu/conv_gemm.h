@@ -5,11 +5,11 @@
 //
 // k runs over the (active input channel, tap) pairs. a_j = a + a_row[j]: the weight of output
 // channel co[j] (read in place, in the weight's own layout: a_off[k] is the offset of input
-// channel ci's tap t in it, ci * taps + t for a contiguous weight); b: the sample's input laid out so that every (channel, tap) pair is
-// one contiguous run of P pixels starting at b_off[k] (an im2col, a row-shift buffer or, for a
-// 1x1 conv, x itself); c + c_row[j]: output row j (P contiguous values: an NCHW y itself, or a
-// buffer). Weights are broadcast from where they lie, nothing is gathered per sample; pixels
-// run along the vector lanes. The pairs are listed one by one (two tables of depth entries, in
+// channel ci's tap t in it, ci * taps + t for a contiguous weight); b: the sample's input laid
+// out so that every (channel, tap) pair is one contiguous run of P pixels starting at b_off[k]
+// (an im2col, a row-shift buffer or, for a 1x1 conv, x itself); c + c_row[j]: output row j (P
+// contiguous values: an NCHW y itself, or a buffer). Weights are broadcast from where they lie,
+// nothing is gathered per sample; pixels run along the vector lanes. The pairs are listed one by one (two tables of depth entries, in
 // L1) rather than as channels times taps, so that the reduction is one flat loop: nested, the
 // loop overhead of each channel cost 5% of the rate of a 3x3 layer and 20% of a 1x1 one.
 //
