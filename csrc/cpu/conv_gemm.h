@@ -9,9 +9,10 @@
 // out so that every (channel, tap) pair is one contiguous run of P pixels starting at b_off[k]
 // (an im2col, a row-shift buffer or, for a 1x1 conv, x itself); c + c_row[j]: output row j (P
 // contiguous values: an NCHW y itself, or a buffer). Weights are broadcast from where they lie,
-// nothing is gathered per sample; pixels run along the vector lanes. The pairs are listed one by one (two tables of depth entries, in
-// L1) rather than as channels times taps, so that the reduction is one flat loop: nested, the
-// loop overhead of each channel cost 5% of the rate of a 3x3 layer and 20% of a 1x1 one.
+// nothing is gathered per sample; pixels run along the vector lanes. The pairs are listed one
+// by one (two tables of depth entries, in L1) rather than as channels times taps, so that the
+// reduction is one flat loop: nested, the loop overhead of each channel cost 5% of the rate of
+// a 3x3 layer and 20% of a 1x1 one.
 //
 // Why a micro-kernel of its own (measured on an AMD EPYC, Zen 4, 1 thread): at::mm goes to MKL,
 // which does not use AVX-512 on that CPU (65 GFLOP/s against 105 - 110 for oneDNN's dense conv),
