@@ -3,6 +3,7 @@
 // Rows are the dim-0 slices; for 4-D tensors in channels_last each row is still one
 // contiguous block, so both layouts are copied block by block and keep their layout.
 #include <ATen/Dispatch.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -119,7 +120,9 @@ Tensor gather_rows_cpu(const Tensor& x, const Tensor& idx, const Tensor& count, 
   const Tensor xc = x.contiguous(fmt);
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes[0] = capacity;
-  Tensor y = at::empty(sizes, x.options().memory_format(fmt));
+  // (at::detail::empty_cpu: no dispatch for the allocation, about 1 us of a 4.5 us call on tiny
+  // tensors; every element is written below)
+  Tensor y = at::detail::empty_cpu(sizes, x.options().memory_format(fmt));
   const Tensor ic = idx.contiguous();
   const int32_t* ip = ic.const_data_ptr<int32_t>();
   check_index_range("gather_rows", ip, clamped_count(count, idx.size(0)), N, "x");
@@ -149,7 +152,7 @@ Tensor scatter_add_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& i
   const auto fmt = row_layout(base);
   const Tensor bc = base.contiguous(fmt);
   const Tensor yc = y.contiguous(fmt);
-  Tensor out = at::empty(base.sizes(), base.options().memory_format(fmt));
+  Tensor out = at::detail::empty_cpu(base.sizes(), base.options().memory_format(fmt));
   const Tensor ic = idx.contiguous();
   const int32_t* ip = ic.const_data_ptr<int32_t>();
   check_index_range("scatter_add_rows", ip, clamped_count(count, idx.size(0)), N, "base");
@@ -190,7 +193,7 @@ Tensor scatter_rows_cpu(const Tensor& base, const Tensor& y, const Tensor& idx, 
   const auto fmt = row_layout(base);
   const Tensor bc = base.contiguous(fmt);
   const Tensor yc = y.contiguous(fmt);
-  Tensor out = at::empty(base.sizes(), base.options().memory_format(fmt));
+  Tensor out = at::detail::empty_cpu(base.sizes(), base.options().memory_format(fmt));
   const Tensor ic = idx.contiguous();
   const int32_t* ip = ic.const_data_ptr<int32_t>();
   check_permutation("scatter_rows", ip, N);
