@@ -2,6 +2,7 @@
 between calls (dynkernels/ops/_cpu_packed_conv.py): conv2d's result, a cache entry only where
 it is used, and never a stale weight."""
 import gc
+import threading
 
 import pytest
 import torch
@@ -45,7 +46,8 @@ def test_matches_conv2d_and_reuses_the_reordered_weight(stride, padding, dilatio
     assert_close(packed.conv2d_channels_last(x[:1], w, b, stride, padding, dilation), want[:1])
     assert packed._CACHE[id(w)] is entry
     x2 = torch.randn(2, 8, 5, 6).contiguous(memory_format=CL)
-    assert_close(packed.conv2d_channels_last(x2, w, b, stride, padding, dilation), F.conv2d(x2, w, b, stride, padding, dilation))
+    assert_close(packed.conv2d_channels_last(x2, w, b, stride, padding, dilation),
+                 F.conv2d(x2, w, b, stride, padding, dilation))
     assert packed._CACHE[id(w)] is not entry
 
 
@@ -96,8 +98,6 @@ def test_entry_dropped_with_its_weight():
 def test_threads_share_the_cache():
     """Calls from several threads on one weight, with two image sizes that keep replacing each
     other's entry: every result is conv2d's."""
-    import threading
-
     torch.manual_seed(0)
     w, b = torch.randn(6, 4, 3, 3), torch.randn(6)
     xs = [torch.randn(2, 4, s, s).contiguous(memory_format=CL) for s in (5, 7)]

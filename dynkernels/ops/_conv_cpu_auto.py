@@ -190,7 +190,8 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     elsewhere, in one pass over y (none when every gate is 1 and there is no shift; plus a
     write of the inactive channels only). The output has conv2d's layout (channels_last for channels_last x, as the kernels
     give). Differentiable like the reference. CPU tensors (the gates are read on the host)."""
-    if in_gate is not None and not (_host_view(in_gate) > 0).all():  # (every input active: no pass over x)
+    # (every input active: no pass over x)
+    if in_gate is not None and in_gate.numel() and _gate_summary(in_gate)[0] < in_gate.numel():
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
     y = conv2d_channels_last(x, weight, bias, stride, padding, dilation)  # (the reordered weight kept)
     n, c = out_gate.shape
