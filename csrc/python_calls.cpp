@@ -20,6 +20,7 @@
 #include <c10/core/GradMode.h>
 #include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
@@ -136,6 +137,24 @@ PyObject* scatter_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// scatter_rows_(base, y, idx, count) (below_autograd only): writes y's first count rows into
+// base, returns base. Its version counter is bumped as torch's own in-place ops do, so that a
+// graph that saved base earlier sees the write.
+PyObject* scatter_rows_inplace(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  Unpacked<Mode::below_autograd> a{"scatter_rows_"};
+  check_nargs(a.op, nargs, 4);
+  const Tensor *base = a.tensor(args, 0), *y = a.tensor(args, 1), *idx = a.tensor(args, 2), *count = a.tensor(args, 3);
+  using Sig = void(Tensor&, const Tensor&, const Tensor&, const Tensor&);
+  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows_");
+  Tensor out = *base;
+  below_autograd([&] { handle.call(out, *y, *idx, *count); });
+  if (!out.is_inference()) torch::autograd::impl::bump_version(out);
+  Py_INCREF(args[0]);
+  return args[0];
+  END_HANDLE_TH_ERRORS
+}
+
 // A list or tuple of Python ints as int64s into out; false (cpu_first declines) for anything else.
 bool int_list(PyObject* obj, std::vector<int64_t>& out) {
   if (!PyList_CheckExact(obj) && !PyTuple_CheckExact(obj)) return false;
@@ -238,6 +257,7 @@ PyMethodDef below_autograd_methods[] = {
     {"scatter_add_rows", fastcall(scatter_add_rows<Mode::below_autograd>), METH_FASTCALL,
      "scatter_add_rows(base, y, idx, count, scale)"},
     {"scatter_rows", fastcall(scatter_rows<Mode::below_autograd>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
+    {"scatter_rows_", fastcall(scatter_rows_inplace), METH_FASTCALL, "scatter_rows_(base, y, idx, count): returns base"},
     {"compact", fastcall(compact), METH_FASTCALL, "compact(gate, threshold)"},
     {nullptr, nullptr, 0, nullptr}};
 

@@ -267,7 +267,8 @@ class BlockDropResNet(nn.Module):
             for t, s, j, branch in self._stages():
                 residual = self.ds[s](x) if j == 0 else x
                 inputs = (x,) if j > 0 else (x, residual)
-                x = run_kept("BlockDropResNet", self._kept_blocks[t], inputs, residual, plan[t], k, graphs)
+                # (in place: residual is this network's own intermediate)
+                x = run_kept("BlockDropResNet", self._kept_blocks[t], inputs, residual, plan[t], k, graphs, inplace=True)
         return torch.flatten(self.avgpool(x), 1)
 
     def forward(self, x: torch.Tensor, policy: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -224,7 +224,8 @@ class SkipNet(nn.Module):
         self.input_size = 32 if stem == "cifar" else 224
         # SkipBlocks hold no parameters of their own; kept out of the module tree so that the
         # state dict keeps the original names. Block 0 always runs: no SkipBlock.
-        self._plain = [None] + [SkipBlock(b, execution=execution, backend=backend) for b in self._blocks[1:]]
+        # (inplace: each block's input is this network's own intermediate, not needed after the merge)
+        self._plain = [None] + [SkipBlock(b, execution=execution, backend=backend, inplace=True) for b in self._blocks[1:]]
         self._mixed = [None] + [
             SkipBlock(_BlockMinusShortcut(b), shortcut=b.downsample, scaled=True, execution=execution, backend=backend)
             for b in self._blocks[1:]

@@ -174,6 +174,7 @@ def rows():
         R("SkipBlock", "bucket sizes not increasing", lambda: dnn.SkipBlock(nn.Identity(), bucket=[4, 2]), ValueError, 'SkipBlock: bucket must be a strictly increasing list of positive ints'),
         R("SkipBlock", "both capacity and bucket", lambda: dnn.SkipBlock(nn.Identity(), capacity=2, bucket=4), ValueError, 'SkipBlock: give capacity (one fixed size, no host sync) or bucket'),
         R("SkipBlock", "cuda_graphs not a bool or GraphPool", lambda: dnn.SkipBlock(nn.Identity(), cuda_graphs="yes"), TypeError, 'SkipBlock: cuda_graphs must be a bool or a GraphPool'),
+        R("SkipBlock", "inplace not a bool", lambda: dnn.SkipBlock(nn.Identity(), inplace=1), TypeError, 'SkipBlock: inplace must be a bool, got 1'),
         R("SkipBlock", "gate of rank 2", lambda: _skip_forward(img, torch.ones(2, 1)), ValueError, 'SkipBlock: gate must be [N] = [2] (one entry per sample)'),
         R("SkipBlock", "gate of another length", lambda: _skip_forward(img, torch.ones(3)), ValueError, 'SkipBlock: gate has 3 entries but x has 2 samples; they must match'),
         R("SkipBlock", "gate of an integer dtype", lambda: _skip_forward(img, torch.ones(2, dtype=torch.int64)), TypeError, 'SkipBlock: gate must be a floating or bool tensor'),

@@ -177,15 +177,16 @@ def test_rule_thresholds():
 def test_rule_kernel_wins_dense(monkeypatch):
     """The layers where auto keeps the kernel at every density: NCHW, stride 1, a small
     reduction, 16x16 outputs or more and a batch of 8 or more, on the CPUs where that was
-    measured (an Intel Xeon, an AMD EPYC with Zen 5 cores), never elsewhere; and
+    measured (an Intel Xeon, AMD EPYCs with Zen 4 and Zen 5 cores), never elsewhere; and
     use_dense_on_cpu follows it."""
-    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 9B14 (Zen 4, family 25 model 17)"
-    zen5 = "AMD EPYC (Zen 5, family 26 model 2)"
-    for cpu in (xeon, zen5):
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 (Zen 3, family 25 model 1)"
+    zen4, zen5 = "AMD EPYC 9B14 (Zen 4, family 25 model 17)", "AMD EPYC (Zen 5, family 26 model 2)"
+    for cpu in (xeon, zen4, zen5):
         assert auto.cpu_kernel_wins_dense(cpu, False, False, 32, 128 * 9, 256)
         assert auto.cpu_kernel_wins_dense(cpu, False, False, 8, 64, 32 * 32)
     assert not auto.cpu_kernel_wins_dense(epyc, False, False, 32, 128 * 9, 256)
     assert not auto.cpu_kernel_wins_dense("AMD EPYC 9B14", False, False, 32, 128 * 9, 256)
+    assert not auto.cpu_kernel_wins_dense("Neoverse-V2", False, False, 32, 128 * 9, 256)
     for cl, strided, n, depth, px in [(True, False, 32, 1152, 256), (False, True, 32, 1152, 256),
                                       (False, False, 4, 1152, 256), (False, False, 32, 256 * 9, 256),
                                       (False, False, 32, 1152, 14 * 14)]:

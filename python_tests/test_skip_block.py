@@ -105,6 +105,48 @@ def test_plain_sparse_equals_masked(device, backend, kind, n, downsample):
 
 
 @pytest.mark.parametrize("device,backend", BACKENDS)
+@pytest.mark.parametrize("kind", ["random", "all_skip", "all_keep"])
+@pytest.mark.parametrize("downsample", [False, True], ids=["same-shape", "downsample"])
+def test_inplace_merge_writes_into_the_shortcut_output(device, backend, kind, downsample):
+    """inplace=True without autograd: the same output as the out-of-place merge, written into
+    x itself under the identity shortcut (the dropped rows untouched); with a downsample
+    shortcut x is left alone. With autograd recording, the merge is out of place."""
+    torch.manual_seed(4)
+    cin, cout, stride = (6, 10, 2) if downsample else (8, 8, 1)
+    block = randomize_bn(TorchvisionBasicBlock(cin, cout, stride)).eval().to(device)
+    x = torch.randn(9, cin, 5, 7, device=device)
+    gate = gates(9, kind).to(device)
+    want = SkipBlock(block, backend=backend)(x, gate)
+    skip = SkipBlock(block, backend=backend, inplace=True)
+    assert "inplace=True" in repr(skip)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            xi = x.clone()
+            out = skip(xi, gate)
+        assert_close(out, want, rtol=RTOL)
+        written = out.data_ptr() == xi.data_ptr()
+        if downsample:
+            assert torch.equal(xi, x)
+        elif kind == "random":  # (all kept: the block's own output; none kept: x itself)
+            assert written and torch.equal(xi[gate.cpu() == 0], x[gate.cpu() == 0])
+    xg = x.clone().requires_grad_()
+    out = skip(xg, gate)
+    assert torch.equal(xg.detach(), x) and (kind != "random" or out.data_ptr() != xg.data_ptr())
+    assert_close(out, want, rtol=RTOL)
+    if out.requires_grad:
+        out.sum().backward()
+        assert xg.grad is not None
+    # scaled blocks merge out of place
+    scaled = SkipBlock(branch(cin), scaled=True, backend=backend, inplace=True).to(device)
+    with torch.no_grad():
+        xs = x.clone()
+        scaled(xs, gate)
+    assert torch.equal(xs, x)
+    with pytest.raises(TypeError, match="SkipBlock: inplace must be a bool, got 1"):
+        skip.inplace = 1
+
+
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("n", [1, 11])
 def test_scaled_sparse_equals_masked(device, backend, n):
     torch.manual_seed(1)

@@ -123,6 +123,12 @@ class SkipBlock(nn.Module):
     there anyway), and in training mode a BatchNorm inside the block takes its batch
     statistics over the kept samples only (masked: over all samples).
 
+    inplace (plain blocks; settable): where no autograd graph is recorded, the kept rows are
+    written into the shortcut's output, which is returned (under the identity shortcut: into
+    x itself), as nn.ReLU(inplace=True) writes into its input: no new tensor and no copy of
+    the dropped rows. For a caller that does not need x afterwards (the models use it
+    between their own blocks); with autograd recording, or scaled, the merge is out of place.
+
     bucket / capacity: the rows the block runs on (module docstring). cuda_graphs: False
     (eager), True (a GraphPool of its own) or a GraphPool shared with other blocks: the block
     replays a CUDA graph per bucket size (inference only: eval mode, no autograd, CUDA
@@ -139,6 +145,7 @@ class SkipBlock(nn.Module):
         capacity: Optional[int] = None,
         bucket="auto",
         cuda_graphs=False,
+        inplace: bool = False,
     ):
         super().__init__()
         if not isinstance(block, nn.Module):
@@ -152,7 +159,21 @@ class SkipBlock(nn.Module):
         self.backend = ops.check_backend("SkipBlock", backend)
         self.capacity, self.bucket = check_rows_args("SkipBlock", capacity, bucket)
         self.cuda_graphs = cuda_graphs
+        self.inplace = inplace
         self._bns = _batchnorms(block)  # refreshed by train() / eval()
+
+    _inplace = False  # (the default for a SkipBlock pickled before the attribute existed)
+
+    @property
+    def inplace(self) -> bool:
+        """Whether the merge writes into the shortcut's output (see the class docstring)."""
+        return self._inplace
+
+    @inplace.setter
+    def inplace(self, value):
+        if not isinstance(value, bool):
+            raise TypeError(f"SkipBlock: inplace must be a bool, got {value!r}")
+        self._inplace = value
 
     @property
     def cuda_graphs(self) -> Optional[GraphPool]:
@@ -165,7 +186,8 @@ class SkipBlock(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"scaled={self.scaled}, execution={self.execution!r}, backend={self.backend!r}, "
-                f"capacity={self.capacity}, bucket={self.bucket!r}, cuda_graphs={self._graph_pool is not None}")
+                f"capacity={self.capacity}, bucket={self.bucket!r}, cuda_graphs={self._graph_pool is not None}, "
+                f"inplace={self._inplace}")
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -255,7 +277,7 @@ class SkipBlock(nn.Module):
         k = _gating.resolved_kernels("SkipBlock", self.backend, device)
         base = x if self._identity_shortcut else self._shortcut(x)
         if not self.scaled:
-            return run_kept("SkipBlock", self._block, (x,), base, plan, k, graphs, None, self._check_result)
+            return run_kept("SkipBlock", self._block, (x,), base, plan, k, graphs, None, self._check_result, self._inplace)
         if not base.dtype.is_floating_point:
             raise TypeError(f"SkipBlock: scaled=True needs a floating shortcut, got {base.dtype}")
         scale = gate.to(base.dtype) if gate.dtype is torch.bool else gate

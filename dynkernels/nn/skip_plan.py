@@ -190,9 +190,14 @@ def run_kept(
     graphs: Optional[GraphPool] = None,
     scale: Optional[torch.Tensor] = None,
     check_result: Callable = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """base with the kept rows merged with fn(*the compact batches of inputs): replaced
     (scale None: scatter_rows) or added to, scaled (scatter_add_rows).
+
+    inplace (scale None only): where no autograd graph is recorded, the kept rows are written
+    into base itself (scatter_rows_), which is returned: no new tensor and no copy of the
+    dropped rows. For callers that own base and do not need it afterwards.
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
     resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
@@ -221,9 +226,9 @@ def run_kept(
     else:
         compact = tuple(k.gather_rows(t, row.idx, row.count, rows) for t in inputs)
     if graphs is None:
-        return _merge(owner, base, fn(*compact), row, k, scale, check_result)
+        return _merge(owner, base, fn(*compact), row, k, scale, check_result, inplace)
     with graphs.lock:  # the replay's output is static: merged before the next replay
-        return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result)
+        return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result, inplace)
 
 
 def autocast_merge_dtypes(base, y):
@@ -238,12 +243,13 @@ def autocast_merge_dtypes(base, y):
     return base, y
 
 
-def _merge(owner, base, y, row, k, scale, check_result):
-    """The merge of the compact result y into base. The compiled kernels check y's row shape,
-    dtype and device against base's themselves (k.checks_merge): then only what they cannot
-    see is tested here (a tensor of the compact batch's rows; not a meta tensor, which would
-    dispatch to the fake kernel), and a kernel's refusal (a RuntimeError) becomes the error
-    of check_result (default check_compact_result), which names the problem."""
+def _merge(owner, base, y, row, k, scale, check_result, inplace=False):
+    """The merge of the compact result y into base (inplace: into base itself, see run_kept).
+    The compiled kernels check y's row shape, dtype and device against base's themselves
+    (k.checks_merge): then only what they cannot see is tested here (a tensor of the compact
+    batch's rows; not a meta tensor, which would dispatch to the fake kernel), and a kernel's
+    refusal (a RuntimeError) becomes the error of check_result (default
+    check_compact_result), which names the problem."""
     base, y = autocast_merge_dtypes(base, y)
     rows, check = row.rows, check_result or check_compact_result
     if not (k.checks_merge and type(y) is torch.Tensor and y.dim() and y.shape[0] == rows and not y.is_meta):
@@ -251,6 +257,8 @@ def _merge(owner, base, y, row, k, scale, check_result):
         if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (rows,) + tuple(base.shape)[1:]:
             check(owner, base, y, rows)
     if scale is None:
+        if inplace and not (torch.is_grad_enabled() and (base.requires_grad or y.requires_grad)):
+            return _gating.kernel_first(k.scatter_rows_, (base, y, row.idx, row.count), check, owner, base, y, rows)
         return _gating.kernel_first(k.scatter_rows, (base, y, row.idx, row.count), check, owner, base, y, rows)
     return _gating.kernel_first(k.scatter_add_rows, (base, y, row.idx, row.count, scale), check, owner, base, y, rows)
 

@@ -67,6 +67,24 @@ execution includes the gate multiply of random gates in [0.1, 1.1):
 | 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 2.03 - 2.27, 1.27 - 1.36 | 1.65 - 1.73, 0.97 - 1.05 |
 | 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.00 - 1.13 | 1.16 - 1.19 |
 
+Measured again on an AMD EPYC (Zen 4, AVX-512; 2 cores; 2026-12-03) with the kernel of the Zen 5
+table: fp32, wall time on an idle machine (medians of 9 interleaved rounds; dense execution
+includes the gate multiply of random gates in [0.1, 1.1)); one thread (NCHW: the range over two
+runs where both covered the layer), and NCHW at two threads:
+
+| layer (batch, channels, kernel, stride, output size) | NCHW | channels_last | NCHW, 2 threads |
+| --- | --- | --- | --- |
+| 32, 128 -> 128, 3x3, 16x16 | 1.13 - 1.17 | 0.87 | 1.18 |
+| 32, 64 -> 64, 3x3, 32x32 | 1.21 - 1.24 | 0.96 | 1.48 |
+| 32, 256 -> 256, 3x3, 8x8 | 0.92 - 0.94 | 0.88 | 0.96 |
+| 8, 128 -> 128, 3x3, 16x16 | 1.05 - 1.07 | 0.96 | 0.99 |
+| 4, 256 -> 256, 3x3, 14x14 | 0.92 | 0.86 | 0.96 |
+| 4, 64 -> 64, 3x3, 56x56 | 1.00 | 1.00 | 1.08 |
+| 16, 512 -> 512, 3x3, 7x7 | 0.69 | 0.72 | 0.72 |
+| 8, 32 -> 32, 3x3, 16x16 | 1.16 | 1.06 | 1.27 |
+| 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.18, 1.40 | 1.04, 1.04 | 1.82, 1.56 |
+| 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.00 | 1.03 | 1.03 |
+
 The kernel's time falls with the density a little more slowly than the FLOPs (what it does
 per sample besides the arithmetic stays), so the crossover density lies a little below these
 ratios (AMD EPYC): at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 256
@@ -77,7 +95,7 @@ slower than dense execution on any of them; the price is dense execution at dens
 layers where the kernel is faster there (NCHW 3x3 layers of up to 128 channels at 16x16 and
 up: 1.07 - 1.31x on the Xeon), except on the layers where cpu_kernel_wins_dense says the kernel
 is faster at any density on the CPU at hand (NCHW, stride 1, small reductions, 16x16 outputs
-and up, batch 8 and up, on the Xeon and on Zen 5). python_tests/test_channel_sparse_conv2d_cpu.py tests the
+and up, batch 8 and up, on the Xeon, on Zen 4 and on Zen 5). python_tests/test_channel_sparse_conv2d_cpu.py tests the
 rule.
 """
 import math
@@ -102,7 +120,7 @@ CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.
 # the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
 # most KERNEL_WINS_DEPTH (input channel, tap) pairs, at least KERNEL_WINS_PIXELS output pixels
 # and KERNEL_WINS_BATCH samples.
-KERNEL_WINS_CPUS = ("Intel", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
+KERNEL_WINS_CPUS = ("Intel", "Zen 4", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
 KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
 _GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 
@@ -122,12 +140,13 @@ def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels
 def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool, batch: int, depth: int,
                           pixels: int) -> bool:
     """Whether the C++ kernel beats dense execution on this layer at any density, so that
-    "auto" runs it even with every gate active. Measured on the Intel Xeon and the AMD EPYC
-    (Zen 5) of the tables above: every NCHW stride-1 layer with at most 1152 (input channel,
-    tap) pairs per output channel, 16x16 outputs or more and a batch of 8 or more ran 1.04 -
-    1.39x (Xeon) and 1.09 - 2.27x (Zen 5) of dense execution at density 1 over two runs; on the
-    AMD EPYC with Zen 4 cores one such layer ran 0.96x, so there (and on any CPU not measured)
-    the crossover table alone decides. The same Xeon model running at half its FMA rate (its
+    "auto" runs it even with every gate active. Measured on the Intel Xeon and the AMD EPYCs
+    (Zen 4, Zen 5) of the tables above: every NCHW stride-1 layer with at most 1152 (input
+    channel, tap) pairs per output channel, 16x16 outputs or more and a batch of 8 or more ran
+    1.04 - 1.39x (Xeon), 1.05 - 1.40x (Zen 4; 0.99 - 1.82x at two threads) and 1.09 - 2.27x
+    (Zen 5) of dense execution at density 1; on Zen 4 with the kernel before the changes of
+    the Zen 5 table one such layer ran 0.96x. On a CPU not measured the crossover table alone
+    decides. The same Xeon model running at half its FMA rate (its
     cores apparently shared with another guest) ran the 8, 64 -> 64 1x1 layer at 0.79 - 0.81x
     (dense execution with the gate multiply: 0.79 - 0.84x) and the 32, 128 -> 128 1x1 one at
     2.8x; nothing in /proc/cpuinfo tells the two states apart, so the rule stays."""

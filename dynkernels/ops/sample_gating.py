@@ -211,6 +211,8 @@ def kernels(backend: str, mode: str = "autograd") -> Kernels:
     names = ("compact", "gather_rows", "scatter_add_rows", "scatter_rows")
     scatter_rows_inplace = functools.partial(_scatter_rows_, backend=backend)
     compiled = backend in ("cpu", "cuda")
+    if mode != "autograd" and compiled:  # (no gradient: the direct in-place call where there is one)
+        scatter_rows_inplace = _DIRECT.get(_SCATTER_ROWS_INPLACE, scatter_rows_inplace)
     if mode == "inference":
         return Kernels(*(_DIRECT.get(_kernel(name, backend)) or _kernel(name, backend)._op for name in names),
                        scatter_rows_inplace, compiled)
@@ -596,6 +598,7 @@ def _check_scatter_rows_inplace_args(base, y, idx, count, backend: str = "auto",
 _GATHER_ROWS = _lib.gather_rows.default
 _SCATTER_ADD_ROWS = _lib.scatter_add_rows.default
 _SCATTER_ROWS = _lib.scatter_rows.default
+_SCATTER_ROWS_INPLACE = _lib.scatter_rows_.default
 # The compiled ops' direct calls below autograd (dynkernels._C.below_autograd, csrc/python_calls.cpp:
 # the arguments unpacked and the op dispatched in C++, a microsecond where torch.ops takes
 # three or more), by OpOverload. Empty where the kernels were loaded as a library without the
@@ -605,6 +608,7 @@ _DIRECT = {} if _C is None else {
     _GATHER_ROWS: _C.below_autograd.gather_rows,
     _SCATTER_ADD_ROWS: _C.below_autograd.scatter_add_rows,
     _SCATTER_ROWS: _C.below_autograd.scatter_rows,
+    _SCATTER_ROWS_INPLACE: _C.below_autograd.scatter_rows_,
 }
 # The row ops' first try (dynkernels._C.cpu_first: plain CPU tensors where no gradient is
 # needed, else NotImplemented), or None in such a library. Each op makes it inline rather than
