@@ -12,9 +12,11 @@
 //     tensor (the CPU kernels check every argument themselves), no gradient is needed (grad
 //     mode off, or no argument requires grad) and the other arguments have the plain types
 //     (capacity an int or None; stride, padding, dilation lists of ints; config an int); and
-//     gate_summary, the one pass over a CPU call's gates that backend="auto" reads.
+//     gate_summary, the one pass over a CPU call's gates that backend="auto" reads, and
+//     gate_scale_, the pass of its dense execution over the conv's output.
 // Not part of the CMake library (plain Python module code; without it, dynkernels makes the
 // same calls through torch.ops).
+#include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/GradMode.h>
@@ -23,6 +25,7 @@
 #include <torch/csrc/autograd/variable.h>
 #include <torch/csrc/utils/pybind.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -247,6 +250,68 @@ PyObject* gate_summary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// gate_scale_(y, gate, shift) (cpu_first only): the pass of dense execution over its conv's
+// output, in place: y[n, c] = gate[n, c] * y[n, c] (+ shift[c]) where gate[n, c] > 0, exactly 0
+// elsewhere (also where the gate is NaN); y a float32 CPU tensor [N, C, H, W], contiguous or
+// channels_last, gate contiguous float32 [N, C], shift None or contiguous float32 [C]. Returns
+// None, or NotImplemented for any other arguments or where autograd records (the caller then
+// runs its torch ops). One pass where torch's ops take a multiply, a fill of the inactive gates
+// and a write of zeros, each with its own host work after a conv that leaves the caches cold.
+PyObject* gate_scale(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs("gate_scale_", nargs, 3);
+  if (!THPVariable_CheckExact(args[0]) || !THPVariable_CheckExact(args[1])) return not_implemented();
+  if (args[2] != Py_None && !THPVariable_CheckExact(args[2])) return not_implemented();
+  const Tensor& y = THPVariable_Unpack(args[0]);
+  const Tensor& gate = THPVariable_Unpack(args[1]);
+  const bool channels_last = !y.is_contiguous() && y.is_contiguous(at::MemoryFormat::ChannelsLast);
+  const auto plain_float = [](const Tensor& t) { return t.is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(); };
+  if (y.dim() != 4 || !y.is_cpu() || y.scalar_type() != at::kFloat || !(y.is_contiguous() || channels_last) ||
+      !plain_float(gate) || gate.dim() != 2 || gate.size(0) != y.size(0) || gate.size(1) != y.size(1))
+    return not_implemented();
+  const Tensor* shift = args[2] == Py_None ? nullptr : &THPVariable_Unpack(args[2]);
+  if (shift && (!plain_float(*shift) || shift->dim() != 1 || shift->size(0) != y.size(1))) return not_implemented();
+  if (c10::GradMode::is_enabled() && (y.requires_grad() || gate.requires_grad() || (shift && shift->requires_grad())))
+    return not_implemented();
+  const int64_t N = y.size(0), C = y.size(1), HW = y.size(2) * y.size(3);
+  float* out = y.mutable_data_ptr<float>();
+  const float* g = gate.const_data_ptr<float>();
+  const float* t = shift ? shift->const_data_ptr<float>() : nullptr;
+  {
+    pybind11::gil_scoped_release no_gil;
+    if (channels_last) {  // rows of C channels, one per pixel
+      at::parallel_for(0, N * HW, std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1)), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          float* row = out + r * C;
+          const float* gr = g + (r / HW) * C;
+          if (t) {
+            for (int64_t c = 0; c < C; ++c) row[c] = gr[c] > 0.0f ? row[c] * gr[c] + t[c] : 0.0f;
+          } else {
+            for (int64_t c = 0; c < C; ++c) row[c] = gr[c] > 0.0f ? row[c] * gr[c] : 0.0f;
+          }
+        }
+      });
+    } else {  // planes of HW pixels, one per (sample, channel)
+      at::parallel_for(0, N * C, std::max<int64_t>(1, 32768 / std::max<int64_t>(HW, 1)), [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          float* plane = out + p * HW;
+          const float gv = g[p], tv = t ? t[p % C] : 0.0f;
+          if (!(gv > 0.0f)) {
+            std::fill(plane, plane + HW, 0.0f);
+          } else if (t) {
+            for (int64_t i = 0; i < HW; ++i) plane[i] = plane[i] * gv + tv;
+          } else {
+            for (int64_t i = 0; i < HW; ++i) plane[i] *= gv;
+          }
+        }
+      });
+    }
+  }
+  if (!y.is_inference()) torch::autograd::impl::bump_version(y);
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
+}
+
 template <typename Fn>
 PyCFunction fastcall(Fn fn) {
   return reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(fn));
@@ -268,6 +333,8 @@ PyMethodDef cpu_first_methods[] = {
     {"scatter_rows", fastcall(scatter_rows<Mode::cpu_first>), METH_FASTCALL, "scatter_rows(base, y, idx, count)"},
     {"channel_sparse_conv2d", fastcall(channel_sparse_conv2d), METH_FASTCALL,
      "channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift, config)"},
+    {"gate_scale_", fastcall(gate_scale), METH_FASTCALL,
+     "gate_scale_(y, gate, shift): dense execution's gate pass over a float32 CPU conv output, in place"},
     {"gate_summary", fastcall(gate_summary), METH_FASTCALL,
      "gate_summary(gate): (entries > 0, min, max) of a contiguous float32 CPU tensor, else NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};

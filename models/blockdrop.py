@@ -119,7 +119,9 @@ class BlockDropResNet(nn.Module):
     training mode), or with no sync at all with a fixed capacity (blocks then run on
     `capacity` rows; see dynkernels.nn.skip_block). Both give the same logits in eval mode
     (in training mode BN batch statistics of a block are taken over its kept samples only in
-    sparse execution). cuda_graphs (False, True or a shared dynkernels.nn.GraphPool; inference
+    sparse execution). Where no autograd graph is recorded, each block's result is merged into
+    the network's own intermediate in place (run_kept's inplace). cuda_graphs (False, True or a
+    shared dynkernels.nn.GraphPool; inference
     on CUDA tensors only): each block on its compact batch is one CUDA-graph replay per bucket
     size, so a planned forward costs one host sync and per block a gather, a copy into the
     graph's input, a replay and a merge (see dynkernels.nn.graphs; `capture_graphs` captures

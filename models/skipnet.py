@@ -31,7 +31,8 @@ original's feed-forward gates return log-softmax or softmax pairs instead).
 Executions. "masked" runs every block on every sample and mixes with the mask (the
 original's computation). "sparse" runs each block on the samples whose mask keeps it, through
 dynkernels.nn.SkipBlock: with a 0/1 mask that needs no gradient (inference, "sample") the
-plain merge (kept: block, skipped: downsample); with a soft mask, or a hard one that carries
+plain merge (kept: block, skipped: downsample; in place into the network's own intermediate
+where no autograd graph is recorded); with a soft mask, or a hard one that carries
 a straight-through gradient, the scaled merge shortcut(x) + m * (block(x) - shortcut(x)),
 which runs the block where m != 0. Both executions give the same outputs. Gradients agree
 except (1) the straight-through gradient of a skipped sample's mask, which needs the block's

@@ -253,24 +253,55 @@ def test_auto_decision(monkeypatch):
     assert runs_dense(ones, xx=x.contiguous(memory_format=torch.channels_last))
 
 
+@pytest.mark.parametrize("gate_pass", ["cpp", "torch"])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4]], ids=_case_id)
-def test_dense_execution_matches_reference(shape, layout):
+def test_dense_execution_matches_reference(shape, layout, gate_pass, monkeypatch):
     """The dense path: same values, exact +0 on inactive channels (also where the conv is
-    infinite), channels_last out for channels_last in."""
+    infinite, and where a gate is negative, -0 or NaN), channels_last out for channels_last in;
+    its gate pass in C++ (where the extension has it) or in torch ops."""
+    if gate_pass == "torch":
+        monkeypatch.setattr(auto, "_GATE_SCALE", None)
+    elif auto._GATE_SCALE is None:
+        pytest.skip("the extension's Python module (dynkernels._C) is not built")
     x, w, b, og, ig, s, p, d, shift = _inputs(shape, layout=layout, density=0.9)
-    for args in ((og, ig, shift), (og, None, None), (torch.ones_like(og), None, None), (torch.rand_like(og) + 0.1, ig, shift)):
+    odd = og.clone()
+    odd[0, :3] = torch.tensor([-0.5, -0.0, float("nan")])
+    for args in ((og, ig, shift), (og, None, None), (odd, None, shift), (torch.ones_like(og), None, None),
+                 (torch.rand_like(og) + 0.1, ig, shift)):
         gate, in_gate, t = args
         y = auto.dense_then_gate(x, w, b, gate, in_gate, (s, s), (p, p), (d, d), t)
         want = _expected(x, w, b, gate, in_gate, s, p, d, torch.zeros_like(b) if t is None else t)
         assert_close(y, want)
-        inactive = (gate <= 0)[:, :, None, None].expand_as(y)
+        inactive = ~(gate > 0)[:, :, None, None].expand_as(y)
         assert (y[inactive] == 0).all() and not torch.signbit(y[inactive]).any()
         assert y.is_contiguous(memory_format=torch.channels_last if layout == "channels_last" else torch.contiguous_format)
     x_inf = x.clone()
     x_inf[0, 0, 0, 0] = float("inf")
     y = auto.dense_then_gate(x_inf, w, b.abs() + 1, og, None, (s, s), (p, p), (d, d), None)
     assert (y[(og <= 0)[:, :, None, None].expand_as(y)] == 0).all()
+
+
+def test_gate_scale_takes_only_what_it_computes():
+    """dynkernels._C.cpu_first.gate_scale_: float32 CPU outputs (contiguous or channels_last)
+    with gates [N, C] and shift [C] of float32; NotImplemented for anything else and where
+    autograd records; the torch ops' values where it runs."""
+    if auto._GATE_SCALE is None:
+        pytest.skip("the extension's Python module (dynkernels._C) is not built")
+    torch.manual_seed(3)
+    y, g, t = torch.randn(3, 5, 4, 6), torch.randn(3, 5), torch.randn(5)
+    g[1, 1] = float("nan")
+    for yy in (y, y.contiguous(memory_format=torch.channels_last)):
+        for shift in (None, t):
+            out = yy.clone()
+            assert auto._GATE_SCALE(out, g, shift) is None
+            want = torch.where((g > 0)[:, :, None, None], yy * g[:, :, None, None] + (0 if shift is None else shift[:, None, None]),
+                               torch.zeros(()))
+            assert_close(out, want, rtol=1e-6)
+            assert not torch.signbit(out[~(g > 0)[:, :, None, None].expand_as(out)]).any()
+    for args in ((y.double(), g, None), (y, g.double(), None), (y, g[:, :4], None), (y, g, t[:4]), (y, g.t().contiguous().t(), None),
+                 (y[:, :, :, ::2], g, None), (y[0], g, None), (y.requires_grad_(), g, None)):
+        assert auto._GATE_SCALE(*args) is NotImplemented
 
 
 @pytest.mark.parametrize("gates", ["some off", "all on"])
