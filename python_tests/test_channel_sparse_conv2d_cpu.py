@@ -236,7 +236,9 @@ def test_auto_decision(monkeypatch):
     calls = []
     real = auto.dense_then_gate
     op_module = sys.modules["dynkernels.ops.channel_sparse_conv2d"]
-    monkeypatch.setattr(op_module, "dense_then_gate", lambda *a: calls.append(1) or real(*a))
+    counted = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
+    monkeypatch.setattr(op_module, "dense_then_gate", counted)  # (the Python path)
+    monkeypatch.setattr(auto, "dense_then_gate", counted)  # (after the C++ read of the inputs)
     x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[0], in_gate=False)
     ones = torch.ones_like(og)
 
@@ -251,6 +253,72 @@ def test_auto_decision(monkeypatch):
     assert not runs_dense(ones, backend="cpu")  # backend="cpu" is the kernel
     assert not runs_dense(ones, xx=x.double())
     assert runs_dense(ones, xx=x.contiguous(memory_format=torch.channels_last))
+
+
+def _auto_inputs():
+    if op_module()._CPU_AUTO_INPUTS is None:
+        pytest.skip("the extension's Python module (dynkernels._C) is not built")
+    return op_module()._CPU_AUTO_INPUTS
+
+
+def op_module():
+    return sys.modules["dynkernels.ops.channel_sparse_conv2d"]
+
+
+def test_auto_inputs_read_what_the_python_path_reads():
+    """conv_auto_inputs (backend="auto"'s read of a plain float32 CPU call): the layout, the
+    argument pairs, the output size, the FLOP density, out_gate's range and whether every
+    input is active, as the Python path computes them; NotImplemented for any call it does
+    not cover (other dtypes, a gradient needed, autocast, other argument kinds, bad
+    arguments: then the Python path's checks name them)."""
+    read = _auto_inputs()
+    x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[4], density=0.6)
+    og[0, 0] = float("nan")
+    for xx in (x, x.contiguous(memory_format=torch.channels_last)):
+        for in_gate in (None, ig, torch.ones_like(ig)):
+            cl, stride, padding, dilation, out_hw, density, lo, hi, every = read(xx, w, b, og, in_gate, s, [p, p], (d, d), shift)
+            assert cl == (xx is not x) and (stride, padding, dilation) == ((s, s), (p, p), (d, d))
+            assert out_hw == tuple(F.conv2d(xx, w, None, s, p, d).shape[2:])
+            assert density == pytest.approx(auto.cpu_flop_density(og, in_gate))
+            assert math.isnan(lo) and math.isnan(hi) and every == (in_gate is None or bool((in_gate > 0).all()))
+    good = (x, w, b, og, ig, s, p, d, shift)
+    declined = [
+        (x.double(), w.double(), b.double(), og, ig, s, p, d, shift.double()), (x, w, b, og.double(), ig, s, p, d, shift),
+        (x, w, b, og > 0, ig, s, p, d, shift), (x, w, b, og.t().contiguous().t(), ig, s, p, d, shift),
+        (x, w, b, og[:, :0], ig, s, p, d, shift), (x, w, b[:3], og, ig, s, p, d, shift), (x, w[:, :3], b, og, ig, s, p, d, shift),
+        (x, w, b, og, ig, True, p, d, shift), (x, w, b, og, ig, (s, s, s), p, d, shift), (x, w, b, og, ig, 0, p, d, shift),
+        (x, w, b, og, ig, s, -1, d, shift), (x, w, b, og, ig, s, p, 40, shift), (x[0], w, b, og, ig, s, p, d, shift),
+        (x, w, b, og, ig.double(), s, p, d, shift), (x.detach().requires_grad_(), w, b, og, ig, s, p, d, shift),
+    ]
+    assert read(*good) is not NotImplemented
+    for args in declined:
+        assert read(*args) is NotImplemented
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert read(*good) is NotImplemented
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]], ids=_case_id)
+def test_auto_after_the_cpp_read_matches_the_python_path(shape, layout, monkeypatch):
+    """backend="auto" through conv_auto_inputs gives bitwise what the Python path gives, on the
+    kernel and on dense execution, with and without input gating and shift."""
+    read = _auto_inputs()
+    x, w, b, og, ig, s, p, d, shift = _inputs(shape, layout=layout, density=0.6)
+    calls, reads = [], []
+    monkeypatch.setattr(op_module(), "_CPU_AUTO_INPUTS", lambda *a: reads.append(read(*a)) or reads[-1])
+    for gate in (og, torch.rand_like(og) + 0.1):
+        for in_gate, t in ((None, None), (ig, shift), (torch.ones_like(ig), shift)):
+            fast = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t)
+            assert reads.pop() is not NotImplemented
+            with monkeypatch.context() as m:
+                m.setattr(op_module(), "_CPU_AUTO_INPUTS", None)
+                m.setattr(op_module(), "check_args", lambda *a: calls.append(1) or check(*a))
+                slow = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t)
+            assert torch.equal(fast, slow) and fast.stride() == slow.stride()
+    assert calls  # (the Python path did run)
+
+
+check = sys.modules["dynkernels.ops.channel_sparse_conv2d"].check_args
 
 
 @pytest.mark.parametrize("gate_pass", ["cpp", "torch"])

@@ -187,6 +187,19 @@ def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
     return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
 
 
+def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tensor, pixels: int, density) -> bool:
+    """The whole rule of backend="auto" on CPU tensors: dense execution unless the kernel wins
+    on this layer at any density (cpu_kernel_wins_dense), else where the FLOP density reaches
+    the crossover (cpu_prefers_dense). density: a number, or a function of the crossover that
+    reads it (called only where the rule needs it)."""
+    depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
+    if cpu_kernel_wins_dense(cpu_info()["model"], channels_last, strided, batch, depth, pixels):
+        return False
+    if callable(density):
+        density = density(cpu_dense_threshold(channels_last, strided, pixels))
+    return bool(cpu_prefers_dense(density, channels_last, strided, pixels))
+
+
 def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -> bool:
     """backend="auto" on CPU tensors: whether to run dense execution (dense_then_gate). float32
     only (where the crossovers were measured; the kernel computes float16 and bfloat16 in
@@ -195,16 +208,24 @@ def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -
     if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    strided, pixels = tuple(stride) != (1, 1), output_hw[0] * output_hw[1]
-    depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if cpu_kernel_wins_dense(cpu_info()["model"], channels_last, strided, x.shape[0], depth, pixels):
-        return False
     if density is None:
-        density = cpu_flop_density(out_gate, in_gate, below=cpu_dense_threshold(channels_last, strided, pixels))
-    return bool(cpu_prefers_dense(density, channels_last, strided, pixels))
+        density = lambda below: cpu_flop_density(out_gate, in_gate, below=below)  # noqa: E731
+    return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density)
 
 
-def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift):
+def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen):
+    """backend="auto" on the plain float32 CPU call that dynkernels._C.cpu_first.conv_auto_inputs
+    read (`seen`: what the rule needs, the output gate's range, whether every input is
+    active): dense execution's result, or None where the kernel runs. One C++ call where the
+    Python checks and reads of the gates cost about 0.25 ms of host time after a conv."""
+    channels_last, stride, padding, dilation, (ho, wo), density, lowest, highest, every_input = seen
+    if not cpu_rule(channels_last, stride != (1, 1), x.shape[0], weight, ho * wo, density):
+        return None
+    return dense_then_gate(x, weight, bias, out_gate, None if every_input else in_gate, stride, padding, dilation, shift,
+                           out_range=(lowest, highest))
+
+
+def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift, out_range=None):
     """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask, where an
     input is inactive), then y = out_gate * y + shift where out_gate > 0 and exact zeros
     elsewhere, in one pass over y (none when every gate is 1 and there is no shift; where some
@@ -212,7 +233,7 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     ops' time on the AMD EPYC (Zen 4) at 32, 128 -> 128, 3x3, 16x16, channels_last, densities
     0.8 and 0.9, 1 and 2 threads). The output has conv2d's layout (channels_last for
     channels_last x, as the kernels give). Differentiable like the reference. CPU tensors (the
-    gates are read on the host)."""
+    gates are read on the host; out_range: out_gate's (min, max), where already read)."""
     # (every input active: no pass over x)
     if in_gate is not None and in_gate.numel() and _gate_summary(in_gate)[0] < in_gate.numel():
         x = x * (in_gate > 0).to(x.dtype)[:, :, None, None]
@@ -221,7 +242,9 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     # (reshape: a third of [:, :, None, None]'s host time)
     g = (out_gate if out_gate.dtype == y.dtype else out_gate.to(y.dtype)).reshape(n, c, 1, 1)
     t = None if shift is None else shift.to(y.dtype).reshape(1, c, 1, 1)
-    _, lowest, highest = _gate_summary(out_gate) if out_gate.numel() else (0, 1, 1)
+    if out_range is None:
+        out_range = _gate_summary(out_gate)[1:] if out_gate.numel() else (1, 1)
+    lowest, highest = out_range
     every_active = bool(lowest > 0)  # (False where a gate is NaN: min gives NaN)
     all_one = every_active and lowest == 1 and highest == 1
     if torch.is_grad_enabled() and (y.requires_grad or g.requires_grad or (t is not None and t.requires_grad)):

@@ -32,7 +32,7 @@ from .._layout import conv2d_output_shape, row_layout
 from . import _checks
 from ._backend import resolve
 from .channel_sparse_conv2d_gpu_rule import gpu_execution
-from ._conv_cpu_auto import dense_then_gate, use_dense_on_cpu
+from ._conv_cpu_auto import auto_on_checked_inputs, dense_then_gate, use_dense_on_cpu
 
 _lib = torch.ops.dynkernels
 # The compiled op's first try on plain CPU tensors where no gradient is needed
@@ -40,6 +40,9 @@ _lib = torch.ops.dynkernels
 # kernels were loaded as a library without the Python module: torch.ops runs the op's Python
 # autograd wrapper even then, about 8 us a call.
 _CPU_FIRST_CONV = None if _C is None else _C.cpu_first.channel_sparse_conv2d
+# backend="auto" on plain float32 CPU tensors: what the rule reads, in one C++ call
+# (dynkernels._C.cpu_first.conv_auto_inputs: NotImplemented for any other call).
+_CPU_AUTO_INPUTS = None if _C is None else _C.cpu_first.conv_auto_inputs
 IntPair = Union[int, Sequence[int]]
 
 
@@ -357,6 +360,13 @@ def channel_sparse_conv2d(
     Under torch.autocast (CPU or CUDA) x, weight, bias and shift run in the autocast dtype, as
     conv2d does there (autocast_operands); the output has that dtype.
     """
+    if backend == "auto" and density is None and config == -1 and _CPU_AUTO_INPUTS is not None and not torch.compiler.is_compiling():
+        seen = _CPU_AUTO_INPUTS(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
+        if seen is not NotImplemented:  # (arguments the checks below accept: the Python path in one C++ call)
+            y = auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen)
+            if y is None:
+                y = _CPU_FIRST_CONV(x, weight, bias, out_gate, in_gate, list(seen[1]), list(seen[2]), list(seen[3]), shift, -1)
+            return y
     if isinstance(x, torch.Tensor):
         x, weight, bias, shift = autocast_operands(x, weight, bias, shift)
     stride, padding, dilation = check_args(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
