@@ -12,8 +12,9 @@
 //     tensor (the CPU kernels check every argument themselves), no gradient is needed (grad
 //     mode off, or no argument requires grad) and the other arguments have the plain types
 //     (capacity an int or None; stride, padding, dilation lists of ints; config an int); and
-//     gate_summary, the one pass over a CPU call's gates that backend="auto" reads, and
-//     gate_scale_, the pass of its dense execution over the conv's output.
+//     gate_summary, the one pass over a CPU call's gates that backend="auto" reads;
+//     conv_auto_inputs, what backend="auto" decides a plain float32 CPU call from, in one
+//     call; and gate_scale_, the pass of its dense execution over the conv's output.
 // Not part of the CMake library (plain Python module code; without it, dynkernels makes the
 // same calls through torch.ops).
 #include <ATen/Parallel.h>

@@ -301,19 +301,20 @@ def test_auto_inputs_read_what_the_python_path_reads():
 @pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[5]], ids=_case_id)
 def test_auto_after_the_cpp_read_matches_the_python_path(shape, layout, monkeypatch):
     """backend="auto" through conv_auto_inputs gives bitwise what the Python path gives, on the
-    kernel and on dense execution, with and without input gating and shift."""
+    kernel and on dense execution, with and without input gating, shift and a density hint."""
     read = _auto_inputs()
     x, w, b, og, ig, s, p, d, shift = _inputs(shape, layout=layout, density=0.6)
     calls, reads = [], []
     monkeypatch.setattr(op_module(), "_CPU_AUTO_INPUTS", lambda *a: reads.append(read(*a)) or reads[-1])
     for gate in (og, torch.rand_like(og) + 0.1):
-        for in_gate, t in ((None, None), (ig, shift), (torch.ones_like(ig), shift)):
-            fast = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t)
+        for in_gate, t, hint in ((None, None, None), (ig, shift, None), (torch.ones_like(ig), shift, None),
+                                 (None, shift, 1.0), (ig, None, 0.2)):
+            fast = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t, density=hint)
             assert reads.pop() is not NotImplemented
             with monkeypatch.context() as m:
                 m.setattr(op_module(), "_CPU_AUTO_INPUTS", None)
                 m.setattr(op_module(), "check_args", lambda *a: calls.append(1) or check(*a))
-                slow = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t)
+                slow = dynkernels.channel_sparse_conv2d(x, w, b, gate, in_gate, s, p, d, shift=t, density=hint)
             assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     assert calls  # (the Python path did run)
 

@@ -213,12 +213,14 @@ def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -
     return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density)
 
 
-def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen):
+def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen, density=None):
     """backend="auto" on the plain float32 CPU call that dynkernels._C.cpu_first.conv_auto_inputs
     read (`seen`: what the rule needs, the output gate's range, whether every input is
-    active): dense execution's result, or None where the kernel runs. One C++ call where the
-    Python checks and reads of the gates cost about 0.25 ms of host time after a conv."""
-    channels_last, stride, padding, dilation, (ho, wo), density, lowest, highest, every_input = seen
+    active): dense execution's result, or None where the kernel runs. The caller's density
+    hint, where given, stands for the gates' FLOP density. One C++ call where the Python
+    checks and reads of the gates cost about 0.25 ms of host time after a conv."""
+    channels_last, stride, padding, dilation, (ho, wo), read_density, lowest, highest, every_input = seen
+    density = read_density if density is None else density
     if not cpu_rule(channels_last, stride != (1, 1), x.shape[0], weight, ho * wo, density):
         return None
     return dense_then_gate(x, weight, bias, out_gate, None if every_input else in_gate, stride, padding, dilation, shift,

@@ -360,10 +360,11 @@ def channel_sparse_conv2d(
     Under torch.autocast (CPU or CUDA) x, weight, bias and shift run in the autocast dtype, as
     conv2d does there (autocast_operands); the output has that dtype.
     """
-    if backend == "auto" and density is None and config == -1 and _CPU_AUTO_INPUTS is not None and not torch.compiler.is_compiling():
+    if (backend == "auto" and config == -1 and (density is None or (type(density) is float and 0.0 <= density <= 1.0))
+            and _CPU_AUTO_INPUTS is not None and not torch.compiler.is_compiling()):
         seen = _CPU_AUTO_INPUTS(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
         if seen is not NotImplemented:  # (arguments the checks below accept: the Python path in one C++ call)
-            y = auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen)
+            y = auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen, density)
             if y is None:
                 y = _CPU_FIRST_CONV(x, weight, bias, out_gate, in_gate, list(seen[1]), list(seen[2]), list(seen[3]), shift, -1)
             return y
