@@ -177,6 +177,18 @@ bool int_list(PyObject* obj, std::vector<int64_t>& out) {
   return true;
 }
 
+// The tensors of a channel_sparse_conv2d call (x, weight, bias, out_gate, in_gate at 0 - 4,
+// shift at 8), unpacked by a cpu_first entry (null / empty where `a` declines them).
+struct ConvTensors {
+  const Tensor *x, *weight, *out_gate;
+  std::optional<Tensor> bias, in_gate, shift;
+};
+
+ConvTensors conv_tensors(Unpacked<Mode::cpu_first>& a, PyObject* const* args) {
+  return {a.tensor(args, 0), a.tensor(args, 1), a.tensor(args, 3), a.optional_tensor(args, 2),
+          a.optional_tensor(args, 4), a.optional_tensor(args, 8)};
+}
+
 // channel_sparse_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift,
 // config) (cpu_first only): bias, in_gate, shift a tensor or None; stride, padding, dilation
 // lists of ints. On small layers the Python autograd wrapper that torch.ops runs cost more than
@@ -185,9 +197,7 @@ PyObject* channel_sparse_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nar
   HANDLE_TH_ERRORS
   Unpacked<Mode::cpu_first> a{"channel_sparse_conv2d"};
   check_nargs(a.op, nargs, 10);
-  const Tensor *x = a.tensor(args, 0), *weight = a.tensor(args, 1), *out_gate = a.tensor(args, 3);
-  const std::optional<Tensor> bias = a.optional_tensor(args, 2), in_gate = a.optional_tensor(args, 4),
-                              shift = a.optional_tensor(args, 8);
+  const auto [x, weight, out_gate, bias, in_gate, shift] = conv_tensors(a, args);
   if (!a.go() || !PyLong_CheckExact(args[9])) return not_implemented();
   std::vector<int64_t> stride, padding, dilation;
   if (!int_list(args[5], stride) || !int_list(args[6], padding) || !int_list(args[7], dilation))
@@ -347,9 +357,7 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Unpacked<Mode::cpu_first> a{"conv_auto_inputs"};
   check_nargs(a.op, nargs, 9);
-  const Tensor *x = a.tensor(args, 0), *weight = a.tensor(args, 1), *out_gate = a.tensor(args, 3);
-  const std::optional<Tensor> bias = a.optional_tensor(args, 2), in_gate = a.optional_tensor(args, 4),
-                              shift = a.optional_tensor(args, 8);
+  const auto [x, weight, out_gate, bias, in_gate, shift] = conv_tensors(a, args);
   if (!a.go() || at::autocast::is_autocast_enabled(at::kCPU)) return not_implemented();
   const auto f32 = [](const Tensor& t) { return t.scalar_type() == at::kFloat; };
   if (!f32(*x) || x->dim() != 4 || !f32(*weight) || weight->dim() != 4 || weight->size(1) != x->size(1))
