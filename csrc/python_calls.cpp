@@ -233,6 +233,27 @@ PyObject* compact(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// The min and max of float32 gate entries as they are read (NaN where one is NaN).
+struct GateRange {
+  float lo, hi;
+  bool nan = false;
+  explicit GateRange(float first) : lo(first), hi(first) {}
+  // g[0:n] folded into the range; returns how many of them are > 0.
+  int64_t add(const float* g, int64_t n) {
+    int64_t positive = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      const float v = g[i];
+      positive += v > 0.0f;
+      lo = v < lo ? v : lo;
+      hi = v > hi ? v : hi;
+      nan = nan || v != v;
+    }
+    return positive;
+  }
+  double lowest() const { return nan ? NAN : lo; }
+  double highest() const { return nan ? NAN : hi; }
+};
+
 // gate_summary(gate) (cpu_first only): (the number of entries > 0, their min, their max) of a
 // contiguous float32 CPU tensor with at least one entry, in one pass (min and max NaN where an
 // entry is NaN); NotImplemented for any other tensor. backend="auto" reads a CPU call's gates
@@ -247,18 +268,9 @@ PyObject* gate_summary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!gate.is_cpu() || gate.scalar_type() != at::kFloat || !gate.is_contiguous() || gate.numel() == 0)
     return not_implemented();
   const float* g = gate.const_data_ptr<float>();
-  long long positive = 0;
-  float lo = g[0], hi = g[0];
-  bool nan = false;
-  for (int64_t i = 0, n = gate.numel(); i < n; ++i) {
-    const float v = g[i];
-    positive += v > 0.0f;
-    lo = v < lo ? v : lo;
-    hi = v > hi ? v : hi;
-    nan = nan || v != v;
-  }
-  const double lowest = nan ? NAN : lo, highest = nan ? NAN : hi;
-  return Py_BuildValue("(Ldd)", positive, lowest, highest);
+  GateRange range(g[0]);
+  const long long positive = range.add(g, gate.numel());
+  return Py_BuildValue("(Ldd)", positive, range.lowest(), range.highest());
   END_HANDLE_TH_ERRORS
 }
 
@@ -382,18 +394,12 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   // The gates: active counts per sample, out_gate's min and max.
   const float* og = out_gate->const_data_ptr<float>();
   const float* ig = in_gate ? in_gate->const_data_ptr<float>() : nullptr;
-  float lo = og[0], hi = og[0];
-  bool nan = false, in_all = true;
+  GateRange range(og[0]);
+  bool in_all = true;
   double active_pairs = 0.0;
   for (int64_t n = 0; n < N; ++n) {
-    int64_t outs = 0, ins = Cin;
-    for (int64_t c = 0; c < Cout; ++c) {
-      const float v = og[n * Cout + c];
-      outs += v > 0.0f;
-      lo = v < lo ? v : lo;
-      hi = v > hi ? v : hi;
-      nan = nan || v != v;
-    }
+    const int64_t outs = range.add(og + n * Cout, Cout);
+    int64_t ins = Cin;
     if (ig) {
       ins = 0;
       for (int64_t c = 0; c < Cin; ++c) ins += ig[n * Cin + c] > 0.0f;
@@ -404,8 +410,8 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const bool channels_last = !x->is_contiguous() && x->is_contiguous(at::MemoryFormat::ChannelsLast);
   const double density = active_pairs / (static_cast<double>(N) * Cout * Cin);
   return Py_BuildValue("(O(LL)(LL)(LL)(LL)dddO)", channels_last ? Py_True : Py_False, stride[0], stride[1], padding[0],
-                       padding[1], dilation[0], dilation[1], out_hw[0], out_hw[1], density, nan ? NAN : lo,
-                       nan ? NAN : hi, in_all ? Py_True : Py_False);
+                       padding[1], dilation[0], dilation[1], out_hw[0], out_hw[1], density, range.lowest(),
+                       range.highest(), in_all ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
 }
 

@@ -230,14 +230,18 @@ def test_gate_summary():
         assert auto._GATE_SUMMARY(g.half()) is NotImplemented and auto._GATE_SUMMARY(g[:0]) is NotImplemented
 
 
+def op_module():
+    """The module of channel_sparse_conv2d (the package exports the function under its name)."""
+    return sys.modules["dynkernels.ops.channel_sparse_conv2d"]
+
+
 def test_auto_decision(monkeypatch):
     """auto takes the dense path exactly where the rule says so: from the gates, or from the
     density hint when one is given; float32 only."""
     calls = []
     real = auto.dense_then_gate
-    op_module = sys.modules["dynkernels.ops.channel_sparse_conv2d"]
     counted = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
-    monkeypatch.setattr(op_module, "dense_then_gate", counted)  # (the Python path)
+    monkeypatch.setattr(op_module(), "dense_then_gate", counted)  # (the Python path)
     monkeypatch.setattr(auto, "dense_then_gate", counted)  # (after the C++ read of the inputs)
     x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[0], in_gate=False)
     ones = torch.ones_like(og)
@@ -259,10 +263,6 @@ def _auto_inputs():
     if op_module()._CPU_AUTO_INPUTS is None:
         pytest.skip("the extension's Python module (dynkernels._C) is not built")
     return op_module()._CPU_AUTO_INPUTS
-
-
-def op_module():
-    return sys.modules["dynkernels.ops.channel_sparse_conv2d"]
 
 
 def test_auto_inputs_read_what_the_python_path_reads():
@@ -304,7 +304,7 @@ def test_auto_after_the_cpp_read_matches_the_python_path(shape, layout, monkeypa
     kernel and on dense execution, with and without input gating, shift and a density hint."""
     read = _auto_inputs()
     x, w, b, og, ig, s, p, d, shift = _inputs(shape, layout=layout, density=0.6)
-    calls, reads = [], []
+    calls, reads, check = [], [], op_module().check_args
     monkeypatch.setattr(op_module(), "_CPU_AUTO_INPUTS", lambda *a: reads.append(read(*a)) or reads[-1])
     for gate in (og, torch.rand_like(og) + 0.1):
         for in_gate, t, hint in ((None, None, None), (ig, shift, None), (torch.ones_like(ig), shift, None),
@@ -318,8 +318,6 @@ def test_auto_after_the_cpp_read_matches_the_python_path(shape, layout, monkeypa
             assert torch.equal(fast, slow) and fast.stride() == slow.stride()
     assert calls  # (the Python path did run)
 
-
-check = sys.modules["dynkernels.ops.channel_sparse_conv2d"].check_args
 
 
 @pytest.mark.parametrize("gate_pass", ["cpp", "torch"])
