@@ -133,7 +133,10 @@ class FeedforwardGate(nn.Module):
             x = F.relu(self.bn2(self.conv2(x)))
         else:
             x = F.relu(self.bn1(self.conv1(x)))
-        return self.linear_layer(F.adaptive_avg_pool2d(x, 1)).flatten(1)
+        # the 1x1 conv on the pooled [N, C, 1, 1] as the matrix product it is: the same weights
+        # and sums, a few microseconds where a conv call costs 40 - 70 (oneDNN's fixed cost)
+        w = self.linear_layer.weight
+        return F.linear(x.mean((2, 3)), w.reshape(w.shape[0], -1), self.linear_layer.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.logits(x), 1)[:, 1]

@@ -13,7 +13,7 @@ from . import accounting, report, results
 from .families import FAMILIES, SUITES, cases
 from .families._common import RunConfig
 from .harness import Runner
-from .timing import TimingSettings
+from .timing import TimingSettings, keep_freed_memory
 
 # Timing per measurement and time budget per family (seconds), by (timing key, device type).
 # The budgets keep the default quick sweep on a small CPU near 3 minutes, `--full` on an H100
@@ -68,6 +68,10 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads where a case sets none (default 1 on the CPU: a shared machine's scheduler "
                         "makes multi-threaded timings jump in 4 ms steps; 0 keeps torch's default)")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep",
+                   help="CPU runs: keep (default): glibc's malloc keeps freed memory, so that no timed call pays page "
+                        "faults for memory an earlier one freed (as a caching allocator would); default: the C "
+                        "library's own settings")
     p.add_argument("--no-plots", action="store_true", help="write the report without plots")
     p.add_argument("--report-only", action="store_true", help="only rewrite report.md (and plots) from OUT/results.json")
     return p.parse_args(argv)
@@ -122,6 +126,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
+    malloc = "the C library's defaults"
+    if device.type == "cpu" and args.malloc == "keep":
+        malloc = keep_freed_memory()
     folder = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")
     out = args.out or os.path.join("bench", "out", "-".join(folder))
     env = results.environment(device, " ".join(["python -m dynkernels.bench"] + argv))
@@ -141,7 +148,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     runner = Runner(device, settings, env, run_id, args.suite, rates)
     meta = {
         "run_id": run_id, "suite": args.suite, "sweep": args.sweep, "families": families, "timing": vars(settings),
-        "input_sets": cfg.input_sets, "rates": rates.measured, "logical_cpus": os.cpu_count(),
+        "input_sets": cfg.input_sets, "rates": rates.measured, "logical_cpus": os.cpu_count(), "malloc": malloc,
         "cudnn_benchmark": torch.backends.cudnn.benchmark,
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32, "matmul_allow_tf32": torch.backends.cuda.matmul.allow_tf32,
     }

@@ -305,6 +305,7 @@ def header(rows, meta) -> List[str]:
            "syncs and the launch latency that the flush does not hide are included; density-independent baselines "
            "are timed once per configuration" if gpu else
            "**CPU timings** (not GPU numbers), each case's variants, baseline included, timed in interleaved rounds"),
+        *([f"- Memory: {meta['malloc']}"] if meta.get("malloc") else []),
         f"- cuDNN benchmark mode {meta.get('cudnn_benchmark')}, cuDNN TF32 {meta.get('cudnn_allow_tf32')}, matmul TF32 "
         f"{meta.get('matmul_allow_tf32')}",
         "",

@@ -85,6 +85,15 @@ runs where both covered the layer), and NCHW at two threads:
 | 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.18, 1.40 | 1.04, 1.04 | 1.82, 1.56 |
 | 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.00 | 1.03 | 1.03 |
 
+These tables were measured with glibc's malloc defaults, under which a conv can pay the page
+faults of memory freed by an earlier call (see dynkernels.bench.timing.keep_freed_memory). On the
+Zen 5 EPYC again (2026-12-04) with freed memory kept, one and two threads, medians of 9
+interleaved rounds, the NCHW layers of cpu_kernel_wins_dense ran 1.06 - 2.05x (1 thread) and 1.03
+- 2.00x (2 threads) as fast with the kernel as with dense execution at density 1: 32, 128 -> 128,
+3x3, 16x16 1.06 / 1.11; 32, 64 -> 64, 3x3, 32x32 1.14 / 1.21; 8, 128 -> 128, 3x3, 16x16 1.07 /
+1.07; 4, 64 -> 64, 3x3, 56x56 1.06 / 1.03; 8, 32 -> 32, 3x3, 16x16 1.13 / 1.31; the 1x1 layers
+2.05, 1.34 / 2.00, 1.32.
+
 The kernel's time falls with the density a little more slowly than the FLOPs (what it does
 per sample besides the arithmetic stays), so the crossover density lies a little below these
 ratios (AMD EPYC): at 32, 128 -> 128 channels_last it was 0.82 (ratio 0.89), at 4, 256 -> 256
