@@ -13,7 +13,7 @@ from . import accounting, report, results
 from .families import FAMILIES, SUITES, cases
 from .families._common import RunConfig
 from .harness import Runner
-from .timing import TimingSettings, keep_freed_memory
+from .timing import MALLOC_DEFAULTS, TimingSettings, keep_freed_memory
 
 # Timing per measurement and time budget per family (seconds), by (timing key, device type).
 # The budgets keep the default quick sweep on a small CPU near 3 minutes, `--full` on an H100
@@ -126,7 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     threads = args.threads if args.threads is not None else (1 if device.type == "cpu" else 0)
     if threads > 0:
         torch.set_num_threads(threads)
-    malloc = "the C library's defaults"
+    malloc = MALLOC_DEFAULTS
     if device.type == "cpu" and args.malloc == "keep":
         malloc = keep_freed_memory()
     folder = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")

@@ -24,6 +24,7 @@ import torch
 
 # mallopt parameters (glibc's malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+MALLOC_DEFAULTS = "the C library's defaults"  # what the report says where the settings stay untouched
 
 
 def keep_freed_memory() -> str:
@@ -44,7 +45,7 @@ def keep_freed_memory() -> str:
         libc = ctypes.CDLL(name)
         version = libc.gnu_get_libc_version
     except (OSError, TypeError, AttributeError):
-        return "the C library's defaults (not glibc)"
+        return f"{MALLOC_DEFAULTS} (not glibc)"
     version.restype = ctypes.c_char_p
     if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1))):
         return f"glibc {version().decode()} defaults (mallopt refused the settings)"
