@@ -10,6 +10,9 @@ import dynkernels
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA_GPU = torch.cuda.is_available()
 
+# Lines that conftest.py prints at the end of the run (what a test found about this machine)
+SUMMARY = {}
+
 # Triton on CPU tensors needs the interpreter, which conftest.py switches on only on a machine
 # without a GPU (on a GPU machine Triton runs on the CUDA tensors instead).
 needs_interpreter = pytest.mark.skipif(

@@ -6,7 +6,8 @@ does it first. Tests that need a GPU carry the `cuda` marker and are skipped her
 
 The hypothesis profile of the property tests ("ci" or "deep", from
 DYNKERNELS_HYPOTHESIS_PROFILE) is loaded here too (_hypothesis.py), and the number of
-property cases each op ran is printed at the end of the run.
+property cases each op ran is printed at the end of the run, with what tests found about
+this machine (_utils.SUMMARY).
 """
 import os
 
@@ -33,6 +34,10 @@ def _seed():
 
 
 def pytest_terminal_summary(terminalreporter):
+    from _utils import SUMMARY
+
+    for topic, line in SUMMARY.items():
+        terminalreporter.write_line(f"{topic}: {line}")
     if _hypothesis.CASES:
         cases = ", ".join(f"{op} {n}" for op, n in sorted(_hypothesis.CASES.items()))
         terminalreporter.write_line(f"property cases: {cases} ({_hypothesis.describe()})")

@@ -146,40 +146,6 @@ def test_host_time_is_the_wall_time_per_call():
     assert timing.host_ms(lambda: time.sleep(0.002), (), CPU, 3) >= 1.9
 
 
-FAULTS_OF_A_SECOND_ALLOCATION = """
-import resource, sys, torch
-from dynkernels.bench import timing
-said = timing.keep_freed_memory() if sys.argv[1] == "keep" else "defaults"
-def faults_of_a_fresh_tensor():
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.ones(64 << 20, dtype=torch.uint8)  # touched, then freed
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-for _ in range(3):  # the heap grows to its high-water mark (small objects land between the blocks)
-    faults_of_a_fresh_tensor()
-print(said, "|", min(faults_of_a_fresh_tensor() for _ in range(3)))
-"""
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc: Linux")
-def test_keep_freed_memory_spares_a_second_allocation_its_page_faults():
-    """In a child process (the setting is process-wide): a 64 MiB tensor allocated again after
-    one was freed faults its pages in again with glibc's defaults (it is mapped and unmapped),
-    and hardly any once malloc keeps freed memory."""
-    def run(mode):
-        out = subprocess.run([sys.executable, "-c", FAULTS_OF_A_SECOND_ALLOCATION, mode], capture_output=True, text=True,
-                             check=True).stdout.strip().rsplit("\n", 1)[-1]
-        said, faults = out.split(" | ")
-        return said, int(faults)
-
-    said, kept = run("keep")
-    if "not glibc" in said:
-        pytest.skip(f"not glibc: {said}")
-    assert "keeps freed memory" in said and "M_MMAP_MAX 0" in said
-    _, default = run("default")
-    # (16384 with 4 KiB pages; fewer where transparent huge pages back the mapping)
-    assert kept < 200 and default > kept, (default, kept)
-
-
 def test_gpu_timer_asks_do_bench_for_at_least_min_runs(monkeypatch):
     """The GPU timer's own logic, with do_bench and the device sync stood in for: do_bench gets a
     window long enough for min_runs runs of a slow call, and its times become the quantiles."""

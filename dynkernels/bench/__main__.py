@@ -13,7 +13,8 @@ from . import accounting, report, results
 from .families import FAMILIES, SUITES, cases
 from .families._common import RunConfig
 from .harness import Runner
-from .timing import MALLOC_DEFAULTS, TimingSettings, keep_freed_memory
+from .malloc import MALLOC_DEFAULTS, keep_freed_memory
+from .timing import TimingSettings
 
 # Timing per measurement and time budget per family (seconds), by (timing key, device type).
 # The budgets keep the default quick sweep on a small CPU near 3 minutes, `--full` on an H100
@@ -128,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         torch.set_num_threads(threads)
     malloc = MALLOC_DEFAULTS
     if device.type == "cpu" and args.malloc == "keep":
-        malloc = keep_freed_memory()
+        malloc = keep_freed_memory()[1]
     folder = [_dt.date.today().isoformat(), device.type] + ["headline"] * (args.suite == "headline") + ["smoke"] * (key == "smoke")
     out = args.out or os.path.join("bench", "out", "-".join(folder))
     env = results.environment(device, " ".join(["python -m dynkernels.bench"] + argv))
@@ -138,6 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
           f"{env['cpu_isa']}), torch {env['torch']}, Triton {env['triton']}, CUDA {env['cuda']}, CUDA kernels compiled: "
           f"{env['cuda_kernels']}", flush=True)
     print(f"dynkernels.bench: backends here: {backend_summary(device)}", flush=True)
+    if device.type == "cpu":
+        print(f"dynkernels.bench: memory: {malloc}", flush=True)
     print(f"dynkernels.bench: families: {', '.join(families)}; writing to {out}", flush=True)
 
     old_meta, old_rows = results.load(out)

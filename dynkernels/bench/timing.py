@@ -8,11 +8,9 @@ run), or with plain CUDA events where Triton is missing; `graph_replay` times th
 one CUDA-graph capture (the GPU work alone) and `host_ms` the CPU side of a call. Every call
 gets one input set, cycling through several, so that no run finds its inputs in a cache
 that the previous run warmed. Rows say which timer made them. CPU runs of the command line
-first make glibc's malloc keep freed memory (keep_freed_memory), so that page faults of
-memory freed by an earlier call are not timed.
+first make glibc's malloc keep freed memory (malloc.py), so that page faults of memory freed
+by an earlier call are not timed.
 """
-import ctypes
-import ctypes.util
 import itertools
 import math
 import time
@@ -20,36 +18,6 @@ from dataclasses import dataclass, replace
 from typing import Callable, List, Sequence, Union
 
 import torch
-
-
-# mallopt parameters (glibc's malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-MALLOC_DEFAULTS = "the C library's defaults"  # what the report says where the settings stay untouched
-
-
-def keep_freed_memory() -> str:
-    """Make glibc's malloc keep the memory a process frees (no block of its own mapping, no
-    trimming of the heap), so that no timed call pays the page faults of memory that an
-    earlier call gave back to the OS, as with the caching allocators (jemalloc, tcmalloc) that
-    CPU deployments use. torch's CPU allocator does not cache: with glibc's defaults a tensor
-    above the mmap threshold, or one placed at the heap's top after a block's tensors were
-    freed and trimmed, comes from fresh pages, and on the virtual machine that CI runs on (an
-    AMD EPYC, Zen 5) each 4 KiB page costs microseconds to fault in. There, in the headline
-    suite of 2026-12-04, glibc's defaults made the masked BlockDrop ResNet-110 forward 1.49x
-    (1 thread) and 1.91x (2 threads) slower, and oneDNN's conv of NCHW input 1.46x slower in
-    one case and not in the next (it depends on what ran before), so that speedups over those
-    baselines exceeded the ideal. For the whole process (the benchmark is one); returns what
-    was set, for the report."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        version = libc.gnu_get_libc_version
-    except (OSError, TypeError, AttributeError):
-        return f"{MALLOC_DEFAULTS} (not glibc)"
-    version.restype = ctypes.c_char_p
-    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1))):
-        return f"glibc {version().decode()} defaults (mallopt refused the settings)"
-    return f"glibc {version().decode()} malloc keeps freed memory (mallopt: M_MMAP_MAX 0, M_TRIM_THRESHOLD 2^31 - 1)"
 
 
 @dataclass(frozen=True)

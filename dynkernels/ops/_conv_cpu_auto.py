@@ -86,7 +86,7 @@ runs where both covered the layer), and NCHW at two threads:
 | 32, 64 -> 128, 3x3, stride 2, 16x16 | 1.00 | 1.03 | 1.03 |
 
 These tables were measured with glibc's malloc defaults, under which a conv can pay the page
-faults of memory freed by an earlier call (see dynkernels.bench.timing.keep_freed_memory). On the
+faults of memory freed by an earlier call (see dynkernels.bench.malloc). On the
 Zen 5 EPYC again (2026-12-04) with freed memory kept, one and two threads, medians of 9
 interleaved rounds, the NCHW layers of cpu_kernel_wins_dense ran 1.06 - 2.05x (1 thread) and 1.03
 - 2.00x (2 threads) as fast with the kernel as with dense execution at density 1: 32, 128 -> 128,
