@@ -485,13 +485,18 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     assert {(c.batch, c.shape, c.density, c.threads) for c in fbs} == {(64, "64x3x32x32", 0.5, t) for t in (1, 2)}
     assert all(c.variants == ["dense", "masked", "sparse-auto"] and c.targets["sparse-auto"].speedup == 1.5 for c in fbs)
     skipnet = [c for c in cpu if c.op == "skipnet_resnet110"]
-    assert {(c.batch, c.density, c.threads) for c in skipnet} == {(64, 0.5, t) for t in (1, 2)}
+    assert {(c.batch, c.density, c.threads, c.layout) for c in skipnet} == {(64, 0.5, t, f) for t in (1, 2)
+                                                                             for f in ("contiguous", "channels_last")}
     assert all(c.targets["sparse-auto"].speedup == 1.6 for c in skipnet)
     host = [c for c in cpu if c.op == "SkipBlock host overhead"]
     assert {(c.mode, c.no_grad) for c in host} == {("no_grad", True), ("inference_mode", False)}
     assert all(c.targets["SkipBlock-cpu+plan"].overhead_us == 10.0 and c.baseline == "block" for c in host)
     routed = [c for c in cpu if c.op in ("spottune_resnet26", "msdnet_cifar")]
-    assert {(c.op, c.batch, c.threads) for c in routed} == {(op, 64, t) for op in ("spottune_resnet26", "msdnet_cifar") for t in (1, 2)}
+    assert {(c.op, c.batch, c.threads, c.layout) for c in routed} == {
+        (op, 64, t, f) for t in (1, 2) for op, f in (("spottune_resnet26", "contiguous"), ("msdnet_cifar", "contiguous"),
+                                                      ("msdnet_cifar", "channels_last"))}
+    r110_cpu = [c for c in cpu if c.op == "resnet110_cifar"]
+    assert {(c.threads, c.layout) for c in r110_cpu} == {(t, f) for t in (1, 2) for f in ("contiguous", "channels_last")}
 
 
 def test_skip_blocks_family_runs_skipblock_with_and_without_a_plan():

@@ -11,8 +11,10 @@ next (it depends on what ran before), so that speedups over those baselines exce
 ideal. Caching allocators (jemalloc, tcmalloc), which CPU deployments use, keep freed memory
 as a matter of course.
 
-`keep_freed_memory` sets glibc's malloc so, then measures whether it took: what the report's
-"Memory" line says is that measurement, not a hope.
+`keep_freed_memory` sets glibc's malloc so, then measures whether it took: the report's
+"Memory" line gives that measurement. It covers what the main thread allocates (torch's ops
+allocate their outputs there); a block of 64 MiB or more that another thread allocates comes
+from that thread's own arena, which maps and unmaps such blocks whatever mallopt says.
 """
 import ctypes
 import ctypes.util
