@@ -77,7 +77,7 @@ def _glibc() -> Optional[ctypes.CDLL]:
         return None
 
 
-def malloc_interposed_by(libc: ctypes.CDLL) -> Optional[str]:
+def _malloc_interposed_by(libc: ctypes.CDLL) -> Optional[str]:
     """The library whose malloc or free the process calls instead of glibc's (an LD_PRELOAD
     allocator, say), or None where the calls reach glibc's own."""
     process = ctypes.CDLL(None)
@@ -99,7 +99,7 @@ def keep_freed_memory() -> Tuple[bool, str]:
     libc = _glibc()
     if libc is None:
         return False, f"{MALLOC_DEFAULTS} (not glibc)"
-    interposer = malloc_interposed_by(libc)
+    interposer = _malloc_interposed_by(libc)
     if interposer:
         setting = f"malloc here is {interposer}'s, not glibc's"
     elif libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(2 ** 31 - 1)):
