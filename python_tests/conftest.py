@@ -2,13 +2,15 @@
 
 On a machine without a GPU the Triton kernels run on CPU tensors under the Triton
 interpreter, which must be switched on before any kernel module is imported: this file
-does it first. Tests that need a GPU carry the `cuda` marker and are skipped here.
+does it first. Tests that need a GPU carry the `cuda` marker and are skipped here; tests of
+the Triton kernels carry the `triton` marker and are skipped where Triton is not installed.
 
 The hypothesis profile of the property tests ("ci" or "deep", from
 DYNKERNELS_HYPOTHESIS_PROFILE) is loaded here too (_hypothesis.py), and the number of
 property cases each op ran is printed at the end of the run, with what tests found about
 this machine (_utils.SUMMARY).
 """
+import importlib.util
 import os
 
 import torch
@@ -23,9 +25,13 @@ import _hypothesis  # noqa: E402  (registers and loads the profile)
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    skip_triton = pytest.mark.skip(reason="Triton is not installed (optional with a CPU-only torch)")
+    has_triton = importlib.util.find_spec("triton") is not None
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
+        if "triton" in item.keywords and not has_triton:
+            item.add_marker(skip_triton)
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -400,7 +401,7 @@ def test_csv_and_json_have_every_field_and_old_files_load(tmp_path):
         assert reader.fieldnames == results.FIELDS
         csv_rows = list(reader)
     assert len(csv_rows) == len(rows) and {r["status"] for r in csv_rows} == {"ok", "skipped"}
-    data = json.load(open(tmp_path / "results.json"))
+    data = json.loads((tmp_path / "results.json").read_text())
     assert data["fields"] == results.FIELDS and data["meta"]["run_id"] == "test-run"
     meta, loaded = results.load(str(tmp_path))
     assert meta["rates"] == {"float32, 1 thread": RATES} and loaded == [results.complete(r) for r in rows]
@@ -421,7 +422,7 @@ def test_committed_results_still_load_and_render(tmp_path):
         pytest.skip("needs the source tree's bench/results")
     meta, rows = results.load(folder)
     assert len(rows) > 100 and {r["family"] for r in rows} >= {"sample_gating", "channel_sparse_conv"}
-    text = open(report.write_report(str(tmp_path), rows, meta, plots=False)).read()
+    text = Path(report.write_report(str(tmp_path), rows, meta, plots=False)).read_text()
     assert "## Channel-sparse convolution" in text and "AMD EPYC" in text
 
 
@@ -436,7 +437,7 @@ def test_report_and_plot_are_written(tmp_path):
     rows = _rows("headline")
     rows[0]["graph_ms"], rows[0]["host_ms"] = 0.5, 0.25  # as measured on a GPU
     path = report.write_report(str(tmp_path), rows, _meta())
-    text = open(path).read()
+    text = Path(path).read_text()
     assert "| density | ideal | floor (its speedup) | dense | ours | missing |" in text
     assert "not in this build" in text and "CPU:" in text and _cpu.cpu_info()["model"] in text
     assert "| float32, 1 thread | 2.00 | 1.00 | 2.00 | 100 |" in text  # the rates behind the floor

@@ -1,6 +1,7 @@
 """The README's usage example runs as written (docs that match the code)."""
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -9,7 +10,7 @@ README = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))
 
 @pytest.mark.skipif(not os.path.exists(README), reason="needs the source tree")
 def test_readme_usage_example_runs():
-    text = open(README).read()
+    text = Path(README).read_text()
     blocks = re.findall(r"```python\n(.*?)```", text, flags=re.S)
     assert blocks, "the README has no python example"
     namespace = {}
@@ -20,7 +21,7 @@ def test_readme_usage_example_runs():
 
 @pytest.mark.skipif(not os.path.exists(README), reason="needs the source tree")
 def test_readme_channel_gated_example_runs():
-    text = open(README).read()
+    text = Path(README).read_text()
     blocks = [b for b in re.findall(r"```python\n(.*?)```", text, flags=re.S) if "fbs_convert" in b]
     assert len(blocks) == 1, "the README has one example of the channel-gated models"
     namespace = {}

@@ -5,6 +5,7 @@ import json
 import os
 import threading
 import warnings
+from pathlib import Path
 
 import pytest
 
@@ -69,7 +70,7 @@ def test_table_json_round_trip(tmp_path):
     assert os.path.basename(path) == "NVIDIA_H100_80GB_HBM3.json"
     back = tc.load_table(path)
     assert back.entries == entries and back.device == table.device and back.meta == table.meta
-    assert json.load(open(path))["schema"] == tc.SCHEMA
+    assert json.loads(Path(path).read_text())["schema"] == tc.SCHEMA
 
 
 def test_table_file_name():
