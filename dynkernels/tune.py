@@ -81,9 +81,10 @@ def tuning_set(dtypes: Sequence[str] = DTYPES, batches: Sequence[int] = BATCHES,
 def triton_candidates(key: ConvKey, density: float, num_sms: int = 132) -> List[TileConfig]:
     """The Triton configurations timed for (key, density), split-K aside: the TRITON_TILES
     whose channel tile is not wider than the expected active channels need (at least 32), whose
-    pixel tile is not taller than a sample's pixels need (at least 64) and whose pipeline fits
-    the shared-memory budget, with BLOCK_K cut to the channel count; plus the heuristic's choice
-    without split-K. No duplicates, in TRITON_TILES order."""
+    pixel tile is not taller than a sample's pixels need (at least 64), whose pipeline fits
+    the shared-memory budget and whose tile fits the registers (TileConfig.fits_registers), with
+    BLOCK_K cut to the channel count; plus the heuristic's choice without split-K. No
+    duplicates, in TRITON_TILES order."""
     active = tuned_configs.expected_active_outputs(key, density)
     max_n = max(32, tuned_configs.pow2_at_least(active))
     max_m = max(64, tuned_configs.pow2_at_least(key.pixels))
@@ -92,7 +93,8 @@ def triton_candidates(key: ConvKey, density: float, num_sms: int = 132) -> List[
     out = []
     for bm, bn, bk, warps, stages in TRITON_TILES:
         cfg = TileConfig(bm, bn, min(bk, max_k), warps, stages)
-        if bn <= max_n and bm <= max_m and cfg.shared_memory(elem, gated) <= tuned_configs.SHARED_MEMORY_BUDGET:
+        if (bn <= max_n and bm <= max_m and cfg.shared_memory(elem, gated) <= tuned_configs.SHARED_MEMORY_BUDGET
+                and cfg.fits_registers(gated)):
             out.append(cfg)
     h = tuned_configs.triton_heuristic(key, density, num_sms)
     out.append(TileConfig(h.block_m, h.block_n, h.block_k, h.num_warps, h.num_stages))

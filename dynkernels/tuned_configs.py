@@ -27,7 +27,8 @@ always use the heuristic. A lookup without a density (no hint) uses DEFAULT_DENS
 Heuristic (triton_heuristic): the tile shrinks with the expected work: BLOCK_N is the active
 output-channel count rounded up to a power of two within [32, 128]; BLOCK_M 128, or 64 where a
 sample has at most 64 output pixels or 128-pixel tiles would leave SMs idle; BLOCK_K 64 for
-fp16/bf16 and 32 for fp32 (the channel count rounded up to a power of two if smaller); 8 warps
+fp16/bf16 and 32 for fp32 (the channel count rounded up to a power of two if smaller), halved
+with an input gate while the tile exceeds IN_GATED_MAX_TILE (registers: fits_registers); 8 warps
 for 128x128 tiles, else 4; the deepest pipeline (2 to 4 stages) that fits SHARED_MEMORY_BUDGET;
 split-K doubled (up to 4) while the active tiles times the split still fit in one wave (SMs x
 the programs per SM that shared memory allows, at most 4) and each split keeps at least 16 K
@@ -57,6 +58,12 @@ GATINGS = ("out", "in+out")
 TABLE_DTYPES = ("float16", "bfloat16")
 DEFAULT_DENSITY = 0.5
 SHARED_MEMORY_BUDGET = 200 * 1024  # bytes per program; sm_90 allows 227 KB
+# The largest tile (BLOCK_M x BLOCK_N x BLOCK_K) of the kernel with an input gate: compiled for
+# sm_90 by Triton 3.6 (the version on the H100/H200 machines), 128 x 128 x 64 with 8 warps took
+# 255 registers and spilled 72 bytes to local memory (fp16 and bf16, 3 and 4 stages), while
+# 128 x 128 x 32 (8 warps) and 128 x 64 x 64 (4 warps) took 255 without spilling; Triton 3.8
+# fits 128 x 128 x 64 in 217 (`python -m dynkernels.triton.compile_report --all-variants`).
+IN_GATED_MAX_TILE = 128 * 64 * 64
 _MIN_DENSITY = 1.0 / 64
 
 
@@ -108,6 +115,12 @@ class TileConfig:
         if unknown:
             raise ValueError(f"unknown fields {unknown} (expected {sorted(known)})")
         return cls(**{a: d[j] for a, j in cls._JSON if j in d})
+
+    def fits_registers(self, in_gated: bool) -> bool:
+        """Whether the tile stays in registers: with an input gate the kernel gathers each
+        weight tile into registers one K step ahead, next to the accumulator, and above
+        IN_GATED_MAX_TILE elements (BLOCK_M x BLOCK_N x BLOCK_K) Triton 3.6 spills."""
+        return not in_gated or self.block_m * self.block_n * self.block_k <= IN_GATED_MAX_TILE
 
     def shared_memory(self, elem_size: int, in_gated: bool) -> int:
         """Bytes of shared memory the pipeline needs (an estimate; Triton's own figure is in
@@ -334,6 +347,8 @@ def triton_heuristic(key: ConvKey, density: Optional[float], num_sms: int = 132)
         block_m = 128
     xc = channel_stride(key.cin)
     block_k = max(16, min(64 if elem == 2 else 32, pow2_at_least(xc)))
+    while block_k > 16 and not TileConfig(block_m, block_n, block_k, 4, 2).fits_registers(in_gated):
+        block_k //= 2
     num_warps = 8 if block_m * block_n >= 128 * 128 else 4
     stages = 2
     for s in (4, 3):

@@ -46,6 +46,7 @@ def test_triton_candidates_are_valid_and_bounded():
             assert c.split_k == 1
             assert c.block_n <= max(32, 1 << math.ceil(math.log2(active)))
             assert c.shared_memory(2, key.gating == "in+out") <= tuned_configs.SHARED_MEMORY_BUDGET
+            assert c.fits_registers(key.gating == "in+out")
 
 
 def test_split_k_candidates_only_for_few_tiles():

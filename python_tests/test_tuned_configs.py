@@ -5,6 +5,7 @@ import json
 import os
 import threading
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -196,9 +197,22 @@ def test_heuristic_fits_shared_memory(dtype, gating):
             key = ConvKey(cin, cout, k, k, (1, 1), hw, hw, 64, dtype, gating)
             cfg = tc.triton_heuristic(key, density)
             assert cfg.shared_memory(elem, gating == "in+out") <= tc.SHARED_MEMORY_BUDGET
+            assert cfg.fits_registers(gating == "in+out")
             if elem == 2:
                 assert cfg.num_stages >= 3
             assert cfg.block_k <= max(16, 1 << (tc.channel_stride(cin) - 1).bit_length())  # no wider than the channels
+
+
+def test_an_input_gate_keeps_the_tile_in_registers():
+    """With an input gate the weight tile is gathered into registers a step ahead: 128 x 128 x 64
+    spilled with Triton 3.6, so the heuristic halves BLOCK_K there (not without the gate)."""
+    assert not TileConfig(128, 128, 64, 8, 4).fits_registers(True)
+    assert TileConfig(128, 128, 64, 8, 4).fits_registers(False)
+    assert TileConfig(128, 128, 32, 8, 4).fits_registers(True) and TileConfig(128, 64, 64, 4, 4).fits_registers(True)
+    wide = ConvKey(512, 512, 3, 3, (1, 1), 28, 28, 128, "bfloat16", "in+out")
+    gated, plain = tc.triton_heuristic(wide, 1.0), tc.triton_heuristic(replace(wide, gating="out"), 1.0)
+    assert (gated.block_m, gated.block_n, gated.block_k) == (128, 128, 32)
+    assert (plain.block_m, plain.block_n, plain.block_k) == (128, 128, 64)
 
 
 def test_heuristic_float64():
