@@ -9,6 +9,7 @@
 #include "../route_common.h"
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace dynkernels {
@@ -18,7 +19,8 @@ using at::Tensor;
 
 std::tuple<Tensor, Tensor> route_cpu(const Tensor& choice, int64_t num_branches) {
   check_route_args(choice, num_branches);
-  auto [c, idx, offsets] = route_outputs(choice, num_branches);
+  Tensor c, idx, offsets;  // (not a structured binding: the kernel lambda captures them, a C++20 feature)
+  std::tie(c, idx, offsets) = route_outputs(choice, num_branches);
   const int64_t R = c.size(0), N = c.size(1);
   int32_t* ip = idx.mutable_data_ptr<int32_t>();
   int32_t* op = offsets.mutable_data_ptr<int32_t>();

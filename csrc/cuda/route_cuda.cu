@@ -25,6 +25,7 @@
 
 #include <climits>
 #include <cstdint>
+#include <tuple>
 
 #include "../route_common.h"
 
@@ -120,7 +121,8 @@ __global__ void __launch_bounds__(kRouteThreads)
 std::tuple<Tensor, Tensor> route_cuda(const Tensor& choice, int64_t num_branches) {
   check_route_args(choice, num_branches);
   const c10::cuda::CUDAGuard guard(choice.device());
-  auto [c, idx, offsets] = route_outputs(choice, num_branches);
+  Tensor c, idx, offsets;  // (not a structured binding: the kernel lambda captures them, a C++20 feature)
+  std::tie(c, idx, offsets) = route_outputs(choice, num_branches);
   const int64_t R = c.size(0), N = c.size(1);
   TORCH_CHECK(R <= INT_MAX, "route: more than 2^31-1 rows of choice are not supported");
   if (R > 0) {
