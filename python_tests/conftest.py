@@ -10,7 +10,6 @@ DYNKERNELS_HYPOTHESIS_PROFILE) is loaded here too (_hypothesis.py), and the numb
 property cases each op ran is printed at the end of the run, with what tests found about
 this machine (_utils.SUMMARY).
 """
-import importlib.util
 import os
 
 import torch
@@ -25,12 +24,13 @@ import _hypothesis  # noqa: E402  (registers and loads the profile)
 
 def pytest_collection_modifyitems(config, items):
     skip_cuda = pytest.mark.skip(reason="needs a CUDA GPU")
+    from _utils import HAS_TRITON
+
     skip_triton = pytest.mark.skip(reason="Triton is not installed (optional with a CPU-only torch)")
-    has_triton = importlib.util.find_spec("triton") is not None
     for item in items:
         if "cuda" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_cuda)
-        if "triton" in item.keywords and not has_triton:
+        if "triton" in item.keywords and not HAS_TRITON:
             item.add_marker(skip_triton)
 
 

@@ -246,12 +246,17 @@ def _other_setup(cfg: RunConfig, name, dtype, batch, size, fmt, d, extra=None, d
                  density=sparse_flops / dense_flops if d is None else None)
 
 
+def _label(name, batch, size, dtype, fmt) -> str:
+    """The start of a model case's config: name, batch, image size, dtype (and channels_last)."""
+    return f"{name} N={batch} {size}x{size} {dtype}" + (f" {fmt}" if fmt == CL else "")
+
+
 def _case(cfg: RunConfig, name, dtype, batch, size, fmt, d, exact=False, agent=False, threads=None, graphs=False,
           repeat=None, extra=None, dense=False) -> Case:
     """graphs: also sparse-cuda+graphs (BlockDrop with cuda_graphs); repeat: the n-th of
     repeated measurements of one configuration (its baselines timed again too); extra, dense:
     see _other_setup (d=None: the model's own gates)."""
-    config = f"{name} N={batch} {size}x{size} {dtype}" + (f" {fmt}" if fmt == CL else "")
+    config = _label(name, batch, size, dtype, fmt)
     config += "".join(f", {k}={v}" for k, v in (extra or {}).items() if k != "num_classes")
     if d is None:
         config += ", its own gates"
@@ -361,8 +366,8 @@ def cpu_routing(cfg: RunConfig) -> List[Case]:
              Target("SpotTune ResNet-26, half the blocks fine-tuned per image, over masked (CPU)", 1.7)),
             ("msdnet_cifar", 32, 0.5,
              Target("MSDNet CIFAR, half of the images out at the first two exits: >= 0.8 x ideal over masked (CPU)", 0.8, of_ideal=True))]
-    return [Case(NAME, name, f"{name} N={batch} {size}x{size} float32" + (f" {fmt}" if fmt == CL else "")
-                 + f", {threads} thread{'s' * (threads > 1)}", f"{batch}x3x{size}x{size}", batch, "float32", d,
+    return [Case(NAME, name, _label(name, batch, size, "float32", fmt) + f", {threads} thread{'s' * (threads > 1)}",
+                 f"{batch}x3x{size}x{size}", batch, "float32", d,
                  lambda name=name, size=size, d=d, fmt=fmt: _routed_setup(cfg, name, batch, size, d, fmt), layout=fmt,
                  baseline="masked", threads=threads, variants=["masked", "sparse-auto"], targets={"sparse-auto": target})
             for name, size, d, target in runs for fmt in (CPU_LAYOUTS if name == "msdnet_cifar" else (NCHW,))
