@@ -240,9 +240,10 @@ def dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilatio
     """channel_sparse_conv2d by dense execution: conv2d of x (times the input mask, where an
     input is inactive), then y = out_gate * y + shift where out_gate > 0 and exact zeros
     elsewhere, in one pass over y (none when every gate is 1 and there is no shift; where some
-    gates are inactive, dynkernels._C.cpu_first.gate_scale_, measured 0.96 - 1.0x of the torch
-    ops' time on the AMD EPYC (Zen 4) at 32, 128 -> 128, 3x3, 16x16, channels_last, densities
-    0.8 and 0.9, 1 and 2 threads). The output has conv2d's layout (channels_last for
+    gates are inactive, dynkernels._C.cpu_first.gate_scale_: conv2d and that pass took 0.94 -
+    0.98x of the time of conv2d and the torch ops on the AMD EPYC (Zen 5, AVX-512) at 32, 128 ->
+    128, 3x3, 16x16, density 0.8, NCHW and channels_last, 1 and 2 threads; with every gate
+    active torch's one multiply is as fast). The output has conv2d's layout (channels_last for
     channels_last x, as the kernels give). Differentiable like the reference. CPU tensors (the
     gates are read on the host; out_range: out_gate's (min, max), where already read)."""
     # (every input active: no pass over x)
