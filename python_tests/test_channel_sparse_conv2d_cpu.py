@@ -174,6 +174,30 @@ def test_rule_thresholds():
     assert auto.cpu_prefers_dense(0.7, False, False, 49) and not auto.cpu_prefers_dense(0.7, False, False, 196)
 
 
+def test_rule_thresholds_per_cpu():
+    """A CPU of CPU_DENSE_FROM_ON (matched in its model name) takes its own crossovers where it
+    has them and CPU_DENSE_FROM's elsewhere; any other CPU takes CPU_DENSE_FROM's."""
+    px = 16 * 16
+    assert auto.CPU_DENSE_FROM_ON["Zen 5"] == {(True, False): 0.75}
+    zen5, zen4 = "AMD EPYC (Zen 5, family 26 model 2)", "AMD EPYC (Zen 4, family 25 model 17)"
+    assert auto.cpu_dense_threshold(True, False, px, zen5) == pytest.approx(0.75)
+    assert auto.cpu_dense_threshold(True, False, 49, zen5) == pytest.approx(0.75 * 49 / 64)
+    assert not auto.cpu_prefers_dense(0.72, True, False, px, zen5) and auto.cpu_prefers_dense(0.72, True, False, px, zen4)
+    for key, t in auto.CPU_DENSE_FROM.items():
+        assert auto.cpu_dense_threshold(*key, px, zen4) == auto.cpu_dense_threshold(*key, px) == t
+        if key != (True, False):
+            assert auto.cpu_dense_threshold(*key, px, zen5) == t
+
+
+def test_rule_reads_the_cpu_model(monkeypatch):
+    """cpu_rule, the rule backend="auto" runs, takes the crossover of the CPU at hand."""
+    weight = torch.empty(128, 128, 3, 3)
+    for model, dense_at_072 in (("AMD EPYC (Zen 5, family 26 model 2)", False), ("Some CPU", True)):
+        monkeypatch.setattr(auto, "cpu_info", lambda model=model: {"model": model})
+        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.72) is dense_at_072
+        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.8)
+
+
 def test_rule_kernel_wins_dense(monkeypatch):
     """The layers where auto keeps the kernel at every density: NCHW, stride 1, a small
     reduction, 16x16 outputs or more and a batch of 8 or more, on the CPUs where that was

@@ -106,6 +106,30 @@ up: 1.07 - 1.31x on the Xeon), except on the layers where cpu_kernel_wins_dense 
 is faster at any density on the CPU at hand (NCHW, stride 1, small reductions, 16x16 outputs
 and up, batch 8 and up, on the Xeon, on Zen 4 and on Zen 5). python_tests/test_channel_sparse_conv2d_cpu.py tests the
 rule.
+
+On Zen 5 the channels_last kernel is relatively faster than on the CPUs above, and the
+crossover of channels_last stride-1 layers lies higher (CPU_DENSE_FROM_ON). Measured there
+(2026-12-04, after dense execution's pass with inactive gates was vectorised): fp32,
+channels_last, exact per-sample output gates, medians of 9 interleaved rounds, time of dense
+execution (the conv and that pass) / time of the kernel, at output densities 0.7 / 0.8 / 0.9,
+one thread (two threads within 0.08 of these, but for the 8, 64 -> 64 1x1 layer: 1.34 / 1.26 /
+1.16):
+
+| layer (batch, channels, kernel, output size) | 0.7 | 0.8 | 0.9 |
+| --- | --- | --- | --- |
+| 32, 128 -> 128, 3x3, 16x16 | 1.28 | 1.15 | 1.02 |
+| 32, 64 -> 64, 3x3, 32x32 | 1.29 | 1.00 | 0.99 |
+| 32, 256 -> 256, 3x3, 8x8 | 1.21 | 1.08 | 0.97 |
+| 8, 128 -> 128, 3x3, 16x16 | 1.27 | 1.13 | 1.00 |
+| 4, 256 -> 256, 3x3, 14x14 | 1.21 | 1.08 | 0.97 |
+| 4, 64 -> 64, 3x3, 56x56 | 1.27 | 0.98 | 0.98 |
+| 16, 512 -> 512, 3x3, 7x7 | 0.95 (1.19, 1.10 at 0.55, 0.6) | 0.83 | 0.76 |
+| 8, 32 -> 32, 3x3, 16x16 | 1.20 | 1.06 | 0.98 |
+| 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.22, 1.22 | 1.13, 1.11 | 1.03, 0.99 |
+
+The 64-channel layers with large outputs (their output channels in the kernel's vector lanes)
+run 1.26 - 1.32x from density 0.55 to 0.75 (up to 48 active channels: three vectors) and drop
+to 0.97 - 1.0x at 0.8 (51: four vectors), which sets the Zen 5 crossover at 0.75.
 """
 import math
 
@@ -124,6 +148,11 @@ CPU_DENSE_FROM = {
     (False, True): 0.75,
     (True, True): 0.55,
 }
+# Entries that replace CPU_DENSE_FROM's on the CPUs where they were measured (matched in the
+# model name of dynkernels._cpu, as KERNEL_WINS_CPUS below).
+CPU_DENSE_FROM_ON = {
+    "Zen 5": {(True, False): 0.75},
+}
 CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.cpp)
 # Layers on which the C++ kernel is faster than dense execution even with every gate active, on
 # the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
@@ -135,16 +164,22 @@ _GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 _GATE_SCALE = None if _C is None else _C.cpu_first.gate_scale_
 
 
-def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int) -> float:
+def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> float:
     """The FLOP density from which dense execution is faster on the CPU, for this layout,
-    stride and number of output pixels per sample."""
+    stride and number of output pixels per sample, on the CPU of this model name (any other
+    than those of CPU_DENSE_FROM_ON: CPU_DENSE_FROM's crossover)."""
+    key = (bool(channels_last), bool(strided))
     fill = pixels / (math.ceil(pixels / CPU_KERNEL_LANES) * CPU_KERNEL_LANES) if pixels > 0 else 1.0
-    return CPU_DENSE_FROM[(bool(channels_last), bool(strided))] * fill
+    crossover = CPU_DENSE_FROM[key]
+    for name, table in CPU_DENSE_FROM_ON.items():
+        if name in vendor_model:
+            crossover = table.get(key, crossover)
+    return crossover * fill
 
 
-def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int) -> bool:
+def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> bool:
     """The rule: dense execution for this FLOP density, layout, stride and output size."""
-    return density >= cpu_dense_threshold(channels_last, strided, pixels)
+    return density >= cpu_dense_threshold(channels_last, strided, pixels, vendor_model)
 
 
 def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool, batch: int, depth: int,
@@ -202,11 +237,12 @@ def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tenso
     the crossover (cpu_prefers_dense). density: a number, or a function of the crossover that
     reads it (called only where the rule needs it)."""
     depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
-    if cpu_kernel_wins_dense(cpu_info()["model"], channels_last, strided, batch, depth, pixels):
+    model = cpu_info()["model"]
+    if cpu_kernel_wins_dense(model, channels_last, strided, batch, depth, pixels):
         return False
     if callable(density):
-        density = density(cpu_dense_threshold(channels_last, strided, pixels))
-    return bool(cpu_prefers_dense(density, channels_last, strided, pixels))
+        density = density(cpu_dense_threshold(channels_last, strided, pixels, model))
+    return bool(cpu_prefers_dense(density, channels_last, strided, pixels, model))
 
 
 def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -> bool:
