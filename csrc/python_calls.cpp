@@ -32,6 +32,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/vector_clones.h"
 #include "python_calls.h"
 
 namespace {
@@ -274,26 +275,13 @@ PyObject* gate_summary(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-// The passes of gate_scale_ over a conv's output: compiled once per vector ISA and picked when
-// the library loads (GCC/Clang function multiversioning), as the extension's baseline flags
-// give only SSE2. As scalar loops with a branch per element, the pass over a 32 x 128 x 16 x 16
-// channels_last output took 6x torch's multiply (AMD EPYC, Zen 5); vectorised it runs at copy
-// speed.
-// GCC also needs to be told that no floating-point exception is watched, or it sinks the
-// product into a branch and vectorises nothing; no contraction into FMAs, so that every clone
-// rounds as torch's multiply and add do (Clang contracts only within one expression).
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__) && !defined(__clang__)
-#define DK_VECTOR_CLONES \
-  __attribute__((target_clones("avx512f", "avx2", "default"), optimize("no-trapping-math", "fp-contract=off")))
-#elif defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define DK_VECTOR_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define DK_VECTOR_CLONES
-#endif
-
+// The passes of gate_scale_ over a conv's output, per vector ISA (vector_clones.h): as scalar
+// loops with a branch per element, the pass over a 32 x 128 x 16 x 16 channels_last output took
+// 6x torch's multiply (AMD EPYC, Zen 5); vectorised it runs at copy speed.
+//
 // One channels_last pixel: y[c] = g[c] * y[c] (+ t[c]) where g[c] > 0, else 0 (also for a NaN
 // gate). The product is formed for every channel and then selected, so that the loop vectorises.
-DK_VECTOR_CLONES
+DK_VECTOR_CLONES_UNFUSED
 void gate_row(float* __restrict y, const float* __restrict g, const float* __restrict t, int64_t n) {
   if (t) {
     for (int64_t c = 0; c < n; ++c) {
@@ -310,7 +298,7 @@ void gate_row(float* __restrict y, const float* __restrict g, const float* __res
 }
 
 // One NCHW plane of a (sample, channel) with gate gv and shift tv.
-DK_VECTOR_CLONES
+DK_VECTOR_CLONES_UNFUSED
 void gate_plane(float* __restrict y, float gv, float tv, bool shifted, int64_t n) {
   if (!(gv > 0.0f)) {
     std::fill(y, y + n, 0.0f);

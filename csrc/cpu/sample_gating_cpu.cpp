@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../sample_gating_common.h"
+#include "vector_clones.h"
 
 #include <algorithm>
 #include <cstring>
@@ -61,12 +62,8 @@ void check_permutation(const char* op, const int32_t* idx, int64_t rows) {
                       rows, " rows (as compact returns)");
 }
 
-// dst[k] = b[k] + s * y[k] (float32, the fast path of scatter_add_rows): compiled once per
-// vector ISA and picked when the library loads (GCC/Clang function multiversioning), since the
-// extension's baseline flags give only SSE2 and this loop runs at memory speed only wider.
-#if defined(__GNUC__) && defined(__x86_64__) && defined(__linux__)
-__attribute__((target_clones("avx512f", "avx2", "default")))
-#endif
+// dst[k] = b[k] + s * y[k] (float32, the fast path of scatter_add_rows), per vector ISA.
+DK_VECTOR_CLONES
 void add_scaled_row(float* __restrict dst, const float* __restrict b, float s, const float* __restrict y, int64_t n) {
   for (int64_t k = 0; k < n; ++k) dst[k] = b[k] + s * y[k];
 }
