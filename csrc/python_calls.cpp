@@ -381,10 +381,15 @@ bool int_pair(PyObject* obj, int64_t minimum, int64_t out[2]) {
 // [N, Cout] and in_gate None or [N, Cin] contiguous with at least one entry), stride, padding
 // and dilation ints or pairs (>= 1, >= 0, >= 1) that leave an output, no gradient needed and
 // no autocast. Returns (channels_last, stride, padding, dilation, (Ho, Wo), the FLOP density
-// (the mean over samples of active outputs x active inputs over Cout x Cin), the min and the
-// max of out_gate (NaN where one is NaN), whether every input is active). The Python path
+// (the mean over samples of active outputs x active inputs over Cout x Cin), the lane density
+// (the same with active outputs and Cout rounded up to whole vectors of KERNEL_LANES: the
+// work of the kernel where they fill its vector lanes), the min and the max of out_gate (NaN
+// where one is NaN), whether every input is active). The Python path
 // after a conv, which leaves the interpreter's data out of the caches, cost about 0.25 ms of
 // host time at 2 threads on the 32 x 128 -> 128 3x3 16x16 layer (AMD EPYC, Zen 4).
+// The float32 lanes of the CPU kernel's AVX-512 vectors (dynkernels.ops._conv_cpu_auto.CPU_KERNEL_LANES).
+constexpr int64_t KERNEL_LANES = 16;
+
 PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Unpacked<Mode::cpu_first> a{"conv_auto_inputs"};
@@ -416,7 +421,8 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const float* ig = in_gate ? in_gate->const_data_ptr<float>() : nullptr;
   GateRange range(og[0]);
   bool in_all = true;
-  double active_pairs = 0.0;
+  double active_pairs = 0.0, lane_pairs = 0.0;
+  const auto whole_vectors = [](int64_t c) { return (c + KERNEL_LANES - 1) / KERNEL_LANES * KERNEL_LANES; };
   for (int64_t n = 0; n < N; ++n) {
     const int64_t outs = range.add(og + n * Cout, Cout);
     int64_t ins = Cin;
@@ -426,11 +432,13 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
       in_all = in_all && ins == Cin;
     }
     active_pairs += static_cast<double>(outs) * static_cast<double>(ins);
+    lane_pairs += static_cast<double>(whole_vectors(outs)) * static_cast<double>(ins);
   }
   const bool channels_last = !x->is_contiguous() && x->is_contiguous(at::MemoryFormat::ChannelsLast);
   const double density = active_pairs / (static_cast<double>(N) * Cout * Cin);
-  return Py_BuildValue("(O(LL)(LL)(LL)(LL)dddO)", channels_last ? Py_True : Py_False, stride[0], stride[1], padding[0],
-                       padding[1], dilation[0], dilation[1], out_hw[0], out_hw[1], density, range.lowest(),
+  const double lane_density = lane_pairs / (static_cast<double>(N) * whole_vectors(Cout) * Cin);
+  return Py_BuildValue("(O(LL)(LL)(LL)(LL)ddddO)", channels_last ? Py_True : Py_False, stride[0], stride[1], padding[0],
+                       padding[1], dilation[0], dilation[1], out_hw[0], out_hw[1], density, lane_density, range.lowest(),
                        range.highest(), in_all ? Py_True : Py_False);
   END_HANDLE_TH_ERRORS
 }

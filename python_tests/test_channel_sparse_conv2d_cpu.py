@@ -192,6 +192,42 @@ def test_rule_thresholds_per_cpu():
             assert auto.cpu_dense_threshold(*key, px, zen5) == t
 
 
+def test_rule_lane_density_where_channels_fill_the_lanes(monkeypatch):
+    """On a CPU of CPU_LANES_DENSE_FROM_ON, a stride-1 channels_last layer whose output channels
+    the kernel puts in its vector lanes (AVX-512, 3x3, 512 output pixels and more) runs dense
+    execution from that CPU's lane density up (a density hint stands for it); its other layers,
+    and every layer elsewhere or without AVX-512, follow the FLOP density rule."""
+    assert auto.CPU_LANES_DENSE_FROM_ON == {"Zen 5": 0.88}
+    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)
+    w3, w1 = torch.empty(128, 128, 3, 3), torch.empty(128, 128, 1, 1)
+    assert auto.kernel_lanes_over_channels(True, False, w3.shape, 28 * 28)
+    assert auto.kernel_lanes_over_channels(True, True, w1.shape, 7 * 7)
+    for args in ((False, False, w3.shape, 28 * 28), (True, False, w3.shape, 16 * 16), (True, False, w1.shape, 28 * 28),
+                 (True, False, (1, 128, 3, 3), 28 * 28)):
+        assert not auto.kernel_lanes_over_channels(*args)
+    zen5 = "AMD EPYC (Zen 5, family 26 model 2)"
+    for model, lanes_rule in ((zen5, True), ("AMD EPYC (Zen 4, family 25 model 17)", False)):
+        monkeypatch.setattr(auto, "cpu_info", lambda model=model: {"model": model})
+        # FLOP density 0.8, its lanes 0.875 (112 of 128 channels) or 1.0
+        assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 0.875) is not lanes_rule
+        assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 1.0)
+        assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.87) is not lanes_rule  # a hint: no lane density
+        assert auto.cpu_rule(True, False, 32, w3, 16 * 16, 0.8, 0.875)  # output pixels in the lanes
+    monkeypatch.setattr(auto, "_KERNEL_AVX512", False)
+    assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 0.875)
+
+
+def test_lane_density_read_from_gates():
+    """Active output channels rounded up to whole vectors of 16, per sample, times its active inputs."""
+    og = torch.zeros(3, 40)
+    og[0, :17], og[1, :16], og[2, :40] = 1.0, 0.5, 2.0  # 32, 16 and 48 lanes of 48
+    assert auto.cpu_lane_density(og) == pytest.approx((32 + 16 + 48) / (3 * 48))
+    ig = torch.zeros(3, 5)
+    ig[0, :5], ig[1, :1], ig[2, :2] = 1.0, 1.0, 1.0
+    assert auto.cpu_lane_density(og, ig) == pytest.approx((32 * 5 + 16 * 1 + 48 * 2) / (3 * 48 * 5))
+    assert auto.cpu_lane_density(og > 0, ig.half()) == pytest.approx(auto.cpu_lane_density(og, ig))
+
+
 def test_rule_reads_the_cpu_model(monkeypatch):
     """cpu_rule, the rule backend="auto" runs, takes the crossover of the CPU at hand."""
     weight = torch.empty(128, 128, 3, 3)
@@ -303,10 +339,12 @@ def test_auto_inputs_read_what_the_python_path_reads():
     og[0, 0] = float("nan")
     for xx in (x, x.contiguous(memory_format=torch.channels_last)):
         for in_gate in (None, ig, torch.ones_like(ig)):
-            cl, stride, padding, dilation, out_hw, density, lo, hi, every = read(xx, w, b, og, in_gate, s, [p, p], (d, d), shift)
+            cl, stride, padding, dilation, out_hw, density, lanes, lo, hi, every = read(xx, w, b, og, in_gate, s, [p, p], (d, d),
+                                                                                      shift)
             assert cl == (xx is not x) and (stride, padding, dilation) == ((s, s), (p, p), (d, d))
             assert out_hw == tuple(F.conv2d(xx, w, None, s, p, d).shape[2:])
             assert density == pytest.approx(auto.cpu_flop_density(og, in_gate))
+            assert lanes == pytest.approx(auto.cpu_lane_density(og, in_gate))
             assert math.isnan(lo) and math.isnan(hi) and every == (in_gate is None or bool((in_gate > 0).all()))
     good = (x, w, b, og, ig, s, p, d, shift)
     declined = [

@@ -130,6 +130,26 @@ one thread (two threads within 0.08 of these, but for the 8, 64 -> 64 1x1 layer:
 The 64-channel layers with large outputs (their output channels in the kernel's vector lanes)
 run 1.26 - 1.32x from density 0.55 to 0.75 (up to 48 active channels: three vectors) and drop
 to 0.97 - 1.0x at 0.8 (51: four vectors), which sets the Zen 5 crossover at 0.75.
+
+Those layers (kernel_lanes_over_channels: channels_last, AVX-512, 3x3 kernels and 512 output
+pixels or more, and strided ones) cost what the active channels rounded up to whole vectors
+cost: on Zen 5 the stride-1 ones compare that lane density (cpu_lane_density) with 0.88
+instead (CPU_LANES_DENSE_FROM_ON). Measured there (2026-12-05, same method, one / two threads;
+output density, its lane density in brackets):
+
+| layer (batch, channels, kernel, output size) | 0.7 | 0.75 | 0.8 | 0.85 | 0.9 |
+| --- | --- | --- | --- | --- | --- |
+| 8, 128 -> 128, 3x3, 28x28 | 1.22 / 1.21 (0.75) | 1.23 / 1.22 (0.75) | 1.09 / 1.07 (0.875) | 1.09 / 1.07 (0.875) | 0.96 / 0.92 (1.0) |
+| 4, 256 -> 256, 3x3, 28x28 | 1.17 / 1.15 (0.75) | 1.12 / 1.11 (0.75) | 1.03 / 0.99 (0.8125) | 1.01 / 0.98 (0.875) | 0.93 / 0.92 (0.9375) |
+| 32, 64 -> 64, 3x3, 32x32 | 1.30 / 1.31 (0.75) | 1.32 / 1.31 (0.75) | 1.00 / 1.03 (1.0) | 1.00 / 1.02 (1.0) | 1.00 / 1.02 (1.0) |
+| 4, 64 -> 64, 3x3, 56x56 | | | 1.00 / 0.97 (1.0) | 1.00 / 0.97 (1.0) | 1.00 / 0.97 (1.0) |
+
+With the other layers' crossover at 0.75 the 128-channel layer ran dense execution from 0.75
+on; with its lane density the kernel runs to 0.875 (`GatedConv2d` at out 0.8: 1.04 - 1.05x of
+`nn.Conv2d`, against about 0.97x with dense execution). The other layers' crossover stays at
+0.75 on Zen 5: at 0.85 the kernel still ran 0.99 - 1.20x on the 16x16, 14x14 and 8x8 layers
+once it read channels_last weights tap by tap, but the 16, 512 -> 512, 3x3, 7x7 layer, whose
+crossover the vector fill would raise with it, ran 0.5 - 1.1x from run to run at 0.6 - 0.65.
 """
 import math
 
@@ -153,7 +173,15 @@ CPU_DENSE_FROM = {
 CPU_DENSE_FROM_ON = {
     "Zen 5": {(True, False): 0.75},
 }
+# Stride-1 layers whose active output channels the C++ kernel puts in its vector lanes
+# (kernel_lanes_over_channels): on these CPUs dense execution runs from this lane density up
+# (cpu_lane_density: the channels rounded up to whole vectors); on the others CPU_DENSE_FROM's
+# rule covers them as any layer.
+CPU_LANES_DENSE_FROM_ON = {"Zen 5": 0.88}
 CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.cpp)
+# Whether the C++ kernel runs its AVX-512 micro-kernel (it picks it by torch's CPU capability,
+# as here: csrc/cpu/conv_gemm.cpp, pick_isa).
+_KERNEL_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
 # Layers on which the C++ kernel is faster than dense execution even with every gate active, on
 # the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
 # most KERNEL_WINS_DEPTH (input channel, tap) pairs, at least KERNEL_WINS_PIXELS output pixels
@@ -175,6 +203,17 @@ def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_
         if name in vendor_model:
             crossover = table.get(key, crossover)
     return crossover * fill
+
+
+def kernel_lanes_over_channels(channels_last: bool, strided: bool, weight_shape, pixels: int) -> bool:
+    """Whether the C++ kernel puts a sample's active output channels in its vector lanes (and
+    output pixels in its rows) on a float32 layer: channels_last input, AVX-512, and a strided
+    layer or a kernel of more than one tap with 512 output pixels or more
+    (csrc/cpu/channel_sparse_conv2d_cpu.cpp, pixel_rows_apply; with more than one channel in
+    and out). Its work then grows with the active channels rounded up to whole vectors."""
+    cout, cin, kh, kw = weight_shape
+    return (bool(channels_last) and _KERNEL_AVX512 and cin > 1 and cout > 1
+            and (bool(strided) or (kh * kw > 1 and pixels >= 512)))
 
 
 def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> bool:
@@ -231,15 +270,38 @@ def cpu_flop_density(out_gate: torch.Tensor, in_gate=None, below=None) -> float:
     return float(out_active.sum(1) @ in_active.sum(1)) / max(1, out_active.size * in_active.shape[1])
 
 
-def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tensor, pixels: int, density) -> bool:
+def cpu_lane_density(out_gate: torch.Tensor, in_gate=None) -> float:
+    """The fraction of the C++ kernel's vector work the gates leave where it puts the active
+    output channels in its lanes (kernel_lanes_over_channels): the mean over samples of
+    (active outputs rounded up to a multiple of CPU_KERNEL_LANES) x active inputs over
+    (Cout rounded up likewise) x Cin. CPU tensors (a host read, no sync)."""
+    out_active = _host_view(out_gate) > 0
+    n, cout = out_active.shape
+    whole = lambda c: -(-c // CPU_KERNEL_LANES) * CPU_KERNEL_LANES  # noqa: E731
+    lanes = whole(out_active.sum(1))
+    if in_gate is None:
+        return float(lanes.sum()) / max(1, n * whole(cout))
+    in_active = _host_view(in_gate) > 0
+    return float(lanes @ in_active.sum(1)) / max(1, n * whole(cout) * in_active.shape[1])
+
+
+def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tensor, pixels: int, density,
+             lane_density=None) -> bool:
     """The whole rule of backend="auto" on CPU tensors: dense execution unless the kernel wins
     on this layer at any density (cpu_kernel_wins_dense), else where the FLOP density reaches
-    the crossover (cpu_prefers_dense). density: a number, or a function of the crossover that
-    reads it (called only where the rule needs it)."""
+    the crossover (cpu_prefers_dense); on the CPUs of CPU_LANES_DENSE_FROM_ON, stride-1 layers
+    whose output channels the kernel puts in its lanes compare the lane density with theirs.
+    density, lane_density: numbers, or functions of the crossover that read them (called only
+    where the rule needs them); lane_density None: density stands for it (a caller's hint)."""
     depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
     model = cpu_info()["model"]
     if cpu_kernel_wins_dense(model, channels_last, strided, batch, depth, pixels):
         return False
+    lanes_from = next((t for name, t in CPU_LANES_DENSE_FROM_ON.items() if name in model), None)
+    if (lanes_from is not None and not strided
+            and kernel_lanes_over_channels(channels_last, strided, weight.shape, pixels)):
+        d = density if lane_density is None else lane_density
+        return bool((d(lanes_from) if callable(d) else d) >= lanes_from)
     if callable(density):
         density = density(cpu_dense_threshold(channels_last, strided, pixels, model))
     return bool(cpu_prefers_dense(density, channels_last, strided, pixels, model))
@@ -253,20 +315,23 @@ def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -
     if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    lane_density = None
     if density is None:
         density = lambda below: cpu_flop_density(out_gate, in_gate, below=below)  # noqa: E731
-    return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density)
+        lane_density = lambda below: cpu_lane_density(out_gate, in_gate)  # noqa: E731
+    return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density,
+                    lane_density)
 
 
 def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen, density=None):
     """backend="auto" on the plain float32 CPU call that dynkernels._C.cpu_first.conv_auto_inputs
     read (`seen`: what the rule needs, the output gate's range, whether every input is
     active): dense execution's result, or None where the kernel runs. The caller's density
-    hint, where given, stands for the gates' FLOP density. One C++ call where the Python
-    checks and reads of the gates cost about 0.25 ms of host time after a conv."""
-    channels_last, stride, padding, dilation, (ho, wo), read_density, lowest, highest, every_input = seen
-    density = read_density if density is None else density
-    if not cpu_rule(channels_last, stride != (1, 1), x.shape[0], weight, ho * wo, density):
+    hint, where given, stands for the gates' FLOP and lane densities. One C++ call where the
+    Python checks and reads of the gates cost about 0.25 ms of host time after a conv."""
+    channels_last, stride, padding, dilation, (ho, wo), read_density, read_lanes, lowest, highest, every_input = seen
+    density, lanes = (read_density, read_lanes) if density is None else (density, density)
+    if not cpu_rule(channels_last, stride != (1, 1), x.shape[0], weight, ho * wo, density, lanes):
         return None
     return dense_then_gate(x, weight, bias, out_gate, None if every_input else in_gate, stride, padding, dilation, shift,
                            out_range=(lowest, highest))
