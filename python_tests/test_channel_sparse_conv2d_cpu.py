@@ -89,8 +89,7 @@ def test_kernel_dtypes(dtype, layout):
 def test_kernel_reads_any_weight_layout(weight_layout, layout):
     """The kernel reads the weight in place through its strides (a channels_last one, as
     model.to(memory_format=torch.channels_last) leaves it, and views of other layouts); a
-    channels_last one a cache line of input channels at a time (16 float32 or 8 float64 ones:
-    19 and 17 input channels leave a partial line)."""
+    channels_last one tap by tap, in float32 and float64."""
     cases = [(shape, torch.float32) for shape in (SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[-1])]
     for shape, dtype in cases + [(SHAPES[0], torch.float64), (SHAPES[2], torch.float64)]:
         x, w, b, og, ig, s, p, d, shift = _inputs(shape, dtype, True, layout)
