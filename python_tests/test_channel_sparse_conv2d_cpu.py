@@ -180,11 +180,11 @@ def test_rule_thresholds_per_cpu():
     """A CPU of CPU_DENSE_FROM_ON (matched in its model name) takes its own crossovers where it
     has them and CPU_DENSE_FROM's elsewhere; any other CPU takes CPU_DENSE_FROM's."""
     px = 16 * 16
-    assert auto.CPU_DENSE_FROM_ON["Zen 5"] == {(True, False): 0.75}
+    assert auto.CPU_DENSE_FROM_ON["Zen 5"] == {(True, False): 0.82}
     zen5, zen4 = "AMD EPYC (Zen 5, family 26 model 2)", "AMD EPYC (Zen 4, family 25 model 17)"
-    assert auto.cpu_dense_threshold(True, False, px, zen5) == pytest.approx(0.75)
-    assert auto.cpu_dense_threshold(True, False, 49, zen5) == pytest.approx(0.75 * 49 / 64)
-    assert not auto.cpu_prefers_dense(0.72, True, False, px, zen5) and auto.cpu_prefers_dense(0.72, True, False, px, zen4)
+    assert auto.cpu_dense_threshold(True, False, px, zen5) == pytest.approx(0.82)
+    assert auto.cpu_dense_threshold(True, False, 49, zen5) == pytest.approx(0.82 * 49 / 64)
+    assert not auto.cpu_prefers_dense(0.8, True, False, px, zen5) and auto.cpu_prefers_dense(0.8, True, False, px, zen4)
     for key, t in auto.CPU_DENSE_FROM.items():
         assert auto.cpu_dense_threshold(*key, px, zen4) == auto.cpu_dense_threshold(*key, px) == t
         if key != (True, False):
@@ -211,9 +211,10 @@ def test_rule_lane_density_where_channels_fill_the_lanes(monkeypatch):
         assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 0.875) is not lanes_rule
         assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 1.0)
         assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.87) is not lanes_rule  # a hint: no lane density
-        assert auto.cpu_rule(True, False, 32, w3, 16 * 16, 0.8, 0.875)  # output pixels in the lanes
-    monkeypatch.setattr(auto, "_KERNEL_AVX512", False)
-    assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 0.875)
+        assert auto.cpu_rule(True, False, 32, w3, 16 * 16, 0.85, 0.875)  # output pixels in the lanes
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": zen5})
+    monkeypatch.setattr(auto, "_KERNEL_AVX512", False)  # the AVX2 kernel: pixels in the lanes
+    assert not auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 1.0) and auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.85, 0.875)
 
 
 def test_lane_density_read_from_gates():
@@ -230,10 +231,10 @@ def test_lane_density_read_from_gates():
 def test_rule_reads_the_cpu_model(monkeypatch):
     """cpu_rule, the rule backend="auto" runs, takes the crossover of the CPU at hand."""
     weight = torch.empty(128, 128, 3, 3)
-    for model, dense_at_072 in (("AMD EPYC (Zen 5, family 26 model 2)", False), ("Some CPU", True)):
+    for model, dense_at_08 in (("AMD EPYC (Zen 5, family 26 model 2)", False), ("Some CPU", True)):
         monkeypatch.setattr(auto, "cpu_info", lambda model=model: {"model": model})
-        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.72) is dense_at_072
-        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.8)
+        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.8) is dense_at_08
+        assert auto.cpu_rule(True, False, 32, weight, 16 * 16, 0.85)
 
 
 def test_rule_kernel_wins_dense(monkeypatch):

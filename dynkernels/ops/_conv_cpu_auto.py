@@ -146,10 +146,15 @@ output density, its lane density in brackets):
 
 With the other layers' crossover at 0.75 the 128-channel layer ran dense execution from 0.75
 on; with its lane density the kernel runs to 0.875 (`GatedConv2d` at out 0.8: 1.04 - 1.05x of
-`nn.Conv2d`, against about 0.97x with dense execution). The other layers' crossover stays at
-0.75 on Zen 5: at 0.85 the kernel still ran 0.99 - 1.20x on the 16x16, 14x14 and 8x8 layers
-once it read channels_last weights tap by tap, but the 16, 512 -> 512, 3x3, 7x7 layer, whose
-crossover the vector fill would raise with it, ran 0.5 - 1.1x from run to run at 0.6 - 0.65.
+`nn.Conv2d`, against about 0.97x with dense execution). Once the kernel read channels_last
+weights tap by tap (the same day), the other channels_last stride-1 layers' crossover on Zen 5
+rose to 0.82 (times the vector fill, as elsewhere). Measured then, one / two threads, output
+density 0.8 / 0.85: 32, 128 -> 128, 3x3, 16x16 1.14 / 1.11, 1.07 / 1.04; 8, 128 -> 128, 3x3,
+16x16 1.14 / 1.14, 1.06 / 1.07; 32, 256 -> 256, 3x3, 8x8 1.03 / 1.03, 0.98 / 0.98; 8, 32 -> 32,
+3x3, 16x16 1.05 / 1.14, 1.03 / 1.09; the 1x1 layers 1.15 / 1.24 and 1.10 / 1.02, 1.11 / 1.22
+and 0.99 / 0.96; and at their lower thresholds (0.82 x 196 / 208 = 0.77 and 0.82 x 49 / 64 =
+0.63), 4, 256 -> 256, 3x3, 14x14 1.01 / 1.01 at 0.77 and 16, 512 -> 512, 3x3, 7x7 0.99 / 1.01 at
+0.62 (1.12 / 1.12 at 0.55, 0.95 / 0.97 at 0.65).
 """
 import math
 
@@ -171,7 +176,7 @@ CPU_DENSE_FROM = {
 # Entries that replace CPU_DENSE_FROM's on the CPUs where they were measured (matched in the
 # model name of dynkernels._cpu, as KERNEL_WINS_CPUS below).
 CPU_DENSE_FROM_ON = {
-    "Zen 5": {(True, False): 0.75},
+    "Zen 5": {(True, False): 0.82},
 }
 # Stride-1 layers whose active output channels the C++ kernel puts in its vector lanes
 # (kernel_lanes_over_channels): on these CPUs dense execution runs from this lane density up

@@ -353,7 +353,7 @@ def channel_sparse_conv2d(
     shift, with the same result) where that density (the hint, else read from the gates: no
     sync on CPU tensors) is at or above the crossover measured on the CPU for the input's
     layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
-    e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs, 0.75 for
+    e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs, 0.82 for
     channels_last on AMD's Zen 5, where the layers whose output channels fill the kernel's
     vector lanes compare those lanes' density with 0.88), and the C++ channel-sparse kernel below it, or at any
     density on the layers where it was measured faster than dense execution even then
