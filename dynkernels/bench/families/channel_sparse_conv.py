@@ -181,8 +181,9 @@ def gpu_layers_vs_cudnn(cfg: RunConfig) -> List[Case]:
 
 def cpu_layer_vs_onednn(cfg: RunConfig) -> List[Case]:
     """GatedConv2d against nn.Conv2d on the CPU, 1 and 2 threads, NCHW and channels_last. Out
-    0.8 has no target: it shows "auto" where, with channels_last input, it runs dense execution
-    with some gates inactive (the conv, then the C++ pass that scales and zeroes)."""
+    0.8 has no target: it shows "auto" near its crossover, where with channels_last input it
+    runs dense execution with some gates inactive (the conv, then the C++ pass that scales and
+    zeroes) on most CPUs, and the kernel on those with a higher crossover (AMD's Zen 5)."""
     shape, batch = (SMOKE_SHAPES[0], 2) if cfg.smoke else (CPU_LAYER, 32)
     out = []
     for threads in cpu_threads(cfg):
