@@ -373,6 +373,9 @@ bool int_pair(PyObject* obj, int64_t minimum, int64_t out[2]) {
   return v[0] >= minimum && v[1] >= minimum;
 }
 
+// The float32 lanes of the CPU kernel's AVX-512 vectors (dynkernels.ops._conv_cpu_auto.CPU_KERNEL_LANES).
+constexpr int64_t KERNEL_LANES = 16;
+
 // conv_auto_inputs(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
 // (cpu_first only): what backend="auto" decides from on CPU tensors, read in one call, or
 // NotImplemented (the caller then takes its Python path, whose checks name any bad argument)
@@ -387,9 +390,6 @@ bool int_pair(PyObject* obj, int64_t minimum, int64_t out[2]) {
 // where one is NaN), whether every input is active). The Python path
 // after a conv, which leaves the interpreter's data out of the caches, cost about 0.25 ms of
 // host time at 2 threads on the 32 x 128 -> 128 3x3 16x16 layer (AMD EPYC, Zen 4).
-// The float32 lanes of the CPU kernel's AVX-512 vectors (dynkernels.ops._conv_cpu_auto.CPU_KERNEL_LANES).
-constexpr int64_t KERNEL_LANES = 16;
-
 PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Unpacked<Mode::cpu_first> a{"conv_auto_inputs"};

@@ -597,6 +597,7 @@ struct PixelRowsConv {
 // little beside its pixels. On smaller outputs (16x16: on par; 8x8 and 7x7 with 256 - 512
 // channels: 0.7x) and on stride-1 1x1 layers (0.7 - 0.95x) the other one runs. AVX-512 only:
 // with the AVX2 micro-kernel (and scalar packing) the same layers ran 0.9 - 1.1x.
+// dynkernels.ops._conv_cpu_auto.kernel_lanes_over_channels repeats this test for backend="auto".
 bool pixel_rows_apply(const Tensor& x, const Tensor& y, const ConvGeometry& g) {
   const bool layouts = x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 1 &&
                        x.stride(2) == x.size(3) * x.stride(3) && y.stride(1) == 1 && y.size(1) > 1 &&
