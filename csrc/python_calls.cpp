@@ -32,6 +32,7 @@
 #include <optional>
 #include <vector>
 
+#include "cpu/conv_gemm.h"
 #include "cpu/vector_clones.h"
 #include "python_calls.h"
 
@@ -373,9 +374,6 @@ bool int_pair(PyObject* obj, int64_t minimum, int64_t out[2]) {
   return v[0] >= minimum && v[1] >= minimum;
 }
 
-// The float32 lanes of the CPU kernel's AVX-512 vectors (dynkernels.ops._conv_cpu_auto.CPU_KERNEL_LANES).
-constexpr int64_t KERNEL_LANES = 16;
-
 // conv_auto_inputs(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
 // (cpu_first only): what backend="auto" decides from on CPU tensors, read in one call, or
 // NotImplemented (the caller then takes its Python path, whose checks name any bad argument)
@@ -385,7 +383,7 @@ constexpr int64_t KERNEL_LANES = 16;
 // and dilation ints or pairs (>= 1, >= 0, >= 1) that leave an output, no gradient needed and
 // no autocast. Returns (channels_last, stride, padding, dilation, (Ho, Wo), the FLOP density
 // (the mean over samples of active outputs x active inputs over Cout x Cin), the lane density
-// (the same with active outputs and Cout rounded up to whole vectors of KERNEL_LANES: the
+// (the same with active outputs and Cout rounded up to whole vectors of cpu_conv::kFloatLanes: the
 // work of the kernel where they fill its vector lanes), the min and the max of out_gate (NaN
 // where one is NaN), whether every input is active). The Python path
 // after a conv, which leaves the interpreter's data out of the caches, cost about 0.25 ms of
@@ -422,7 +420,8 @@ PyObject* conv_auto_inputs(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   GateRange range(og[0]);
   bool in_all = true;
   double active_pairs = 0.0, lane_pairs = 0.0;
-  const auto whole_vectors = [](int64_t c) { return (c + KERNEL_LANES - 1) / KERNEL_LANES * KERNEL_LANES; };
+  constexpr int64_t L = dynkernels::cpu_conv::kFloatLanes;
+  const auto whole_vectors = [](int64_t c) { return (c + L - 1) / L * L; };
   for (int64_t n = 0; n < N; ++n) {
     const int64_t outs = range.add(og + n * Cout, Cout);
     int64_t ins = Cin;

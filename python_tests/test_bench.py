@@ -462,7 +462,7 @@ def test_every_family_has_sweeps_and_the_headline_covers_its_targets():
     cpu = [c for name in FAMILIES for c in cases(name, "headline", RunConfig(CPU, "quick", 1))]
     assert SUITES == ("sweep", "headline") and gpu and cpu
     # training steps have no target, nor LC-Net at its own gates' sparsity (reported next to its
-    # ideal), nor GatedConv2d at out 0.8 (where "auto" runs dense execution on channels_last input)
+    # ideal), nor GatedConv2d at out 0.8 (near the crossover of "auto")
     def untargeted(c):
         return c.grad or c.op == "lcnet_resnet50" or (c.op == "channel_sparse_conv2d" and c.density == 0.8)
 

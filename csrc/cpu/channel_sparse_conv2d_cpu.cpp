@@ -476,7 +476,10 @@ struct PixelRowsConv {
   std::vector<int64_t> a_row, a_off, b_off, c_row;
   std::vector<uint16_t> mask, in_mask;  // the active output / input channels, 16 per entry
 
-  int64_t ldb(int64_t kout) const { return (kout + 15) / 16 * 16; }
+  int64_t ldb(int64_t kout) const {
+    constexpr int64_t L = cpu_conv::kFloatLanes;
+    return (kout + L - 1) / L * L;
+  }
 
   // The channels of `active` (of C) as the bit masks compress_row and expand_row take.
   static void set_mask(const std::vector<int32_t>& active, int64_t C, std::vector<uint16_t>& bits) {

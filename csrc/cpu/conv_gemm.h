@@ -33,6 +33,11 @@
 namespace dynkernels {
 namespace cpu_conv {
 
+// The float32 lanes of an AVX-512 vector: where the kernel puts a sample's active output
+// channels in the lanes (PixelRowsConv), its work grows in steps of this many channels
+// (dynkernels.ops._conv_cpu_auto.CPU_KERNEL_LANES, and the lane density backend="auto" reads).
+constexpr int64_t kFloatLanes = 16;
+
 template <typename T>
 struct GemmProblem {
   int64_t rows;    // active output channels (kout)

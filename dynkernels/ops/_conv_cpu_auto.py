@@ -183,7 +183,7 @@ CPU_DENSE_FROM_ON = {
 # (cpu_lane_density: the channels rounded up to whole vectors); on the others CPU_DENSE_FROM's
 # rule covers them as any layer.
 CPU_LANES_DENSE_FROM_ON = {"Zen 5": 0.88}
-CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (conv_gemm.cpp)
+CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (csrc/cpu/conv_gemm.h, kFloatLanes)
 # Whether the C++ kernel runs its AVX-512 micro-kernel (it picks it by torch's CPU capability,
 # as here: csrc/cpu/conv_gemm.cpp, pick_isa).
 _KERNEL_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -197,16 +197,18 @@ _GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 _GATE_SCALE = None if _C is None else _C.cpu_first.gate_scale_
 
 
+def _entry_for_cpu(table: dict, vendor_model: str, default=None):
+    """The value of the first key of `table` found in the CPU's model name (default if none)."""
+    return next((value for name, value in table.items() if name in vendor_model), default)
+
+
 def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> float:
     """The FLOP density from which dense execution is faster on the CPU, for this layout,
     stride and number of output pixels per sample, on the CPU of this model name (any other
     than those of CPU_DENSE_FROM_ON: CPU_DENSE_FROM's crossover)."""
     key = (bool(channels_last), bool(strided))
     fill = pixels / (math.ceil(pixels / CPU_KERNEL_LANES) * CPU_KERNEL_LANES) if pixels > 0 else 1.0
-    crossover = CPU_DENSE_FROM[key]
-    for name, table in CPU_DENSE_FROM_ON.items():
-        if name in vendor_model:
-            crossover = table.get(key, crossover)
+    crossover = _entry_for_cpu(CPU_DENSE_FROM_ON, vendor_model, {}).get(key, CPU_DENSE_FROM[key])
     return crossover * fill
 
 
@@ -302,7 +304,7 @@ def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tenso
     model = cpu_info()["model"]
     if cpu_kernel_wins_dense(model, channels_last, strided, batch, depth, pixels):
         return False
-    lanes_from = next((t for name, t in CPU_LANES_DENSE_FROM_ON.items() if name in model), None)
+    lanes_from = _entry_for_cpu(CPU_LANES_DENSE_FROM_ON, model)
     if (lanes_from is not None and not strided
             and kernel_lanes_over_channels(channels_last, strided, weight.shape, pixels)):
         d = density if lane_density is None else lane_density
