@@ -29,13 +29,16 @@ def isa_from_flags(flags: Iterable[str]) -> List[str]:
     return [name for name, flag in ISA_FLAGS if flag in present]
 
 
-def amd_core(family: int, flags: Iterable[str]) -> str:
-    """The core generation of an AMD CPU family (x86 family numbers; Zen 3 and Zen 4 share 25,
-    and only Zen 4 has AVX-512); empty where unknown. Two EPYCs of one model name can differ
-    twice in FMA rate (Zen 4 runs 512-bit vectors in two halves, Zen 5 in one)."""
+def amd_core(family: int, model: int, flags: Iterable[str]) -> str:
+    """The core generation of an AMD CPU's x86 family and model numbers; empty where unknown.
+    Family 23 holds Zen and Zen+ (models below 0x30) and Zen 2 (0x30 and up); Zen 3 and Zen 4
+    share 25, and only Zen 4 has AVX-512. Two EPYCs of one model name can differ twice in FMA
+    rate (Zen 2 and 3 have no AVX-512, Zen 4 runs 512-bit vectors in two halves, Zen 5 in one)."""
+    if family == 23:
+        return "Zen 2" if model >= 0x30 else "Zen / Zen+"
     if family == 25:
         return "Zen 4" if "avx512f" in set(flags) else "Zen 3"
-    return {23: "Zen / Zen 2", 26: "Zen 5"}.get(family, "")
+    return {26: "Zen 5"}.get(family, "")
 
 
 def _proc_cpuinfo() -> Tuple[str, List[str]]:
@@ -58,7 +61,7 @@ def _proc_cpuinfo() -> Tuple[str, List[str]]:
     except OSError:
         pass
     if model and len(numbers) == 2:
-        core = amd_core(numbers["cpu family"], flags) if model.startswith("AMD") else ""
+        core = amd_core(numbers["cpu family"], numbers["model"], flags) if model.startswith("AMD") else ""
         model += f" ({core + ', ' if core else ''}family {numbers['cpu family']} model {numbers['model']})"
     return model, flags
 

@@ -62,9 +62,11 @@ def test_cpu_info_reads_this_machine_and_build_info_and_headers_report_it():
 
 
 def test_amd_core_generation():
-    """Zen 3 and Zen 4 share family 25: only Zen 4 has AVX-512; unknown families name none."""
-    assert _cpu.amd_core(25, ["avx2", "avx512f"]) == "Zen 4" and _cpu.amd_core(25, ["avx2"]) == "Zen 3"
-    assert _cpu.amd_core(26, []) == "Zen 5" and _cpu.amd_core(23, []) == "Zen / Zen 2" and _cpu.amd_core(99, []) == ""
+    """Family 23 splits at model 0x30 (Zen 2 from there); Zen 3 and Zen 4 share family 25: only
+    Zen 4 has AVX-512; unknown families name none."""
+    assert _cpu.amd_core(25, 17, ["avx2", "avx512f"]) == "Zen 4" and _cpu.amd_core(25, 1, ["avx2"]) == "Zen 3"
+    assert _cpu.amd_core(26, 2, []) == "Zen 5" and _cpu.amd_core(99, 0, []) == ""
+    assert _cpu.amd_core(23, 49, ["avx2"]) == "Zen 2" and _cpu.amd_core(23, 1, ["avx2"]) == "Zen / Zen+"
 
 
 def test_model_name_carries_family_and_model(monkeypatch, tmp_path):
