@@ -161,7 +161,7 @@ def test_narrower_instruction_sets(capability, isa):
 
 
 # ----------------------------------------------------------------------------- backend="auto" on CPU
-def test_rule_thresholds():
+def test_rule_thresholds(monkeypatch):
     """Dense from the measured crossover up, lower for channels_last and strided convs, lower
     still where a sample's output pixels fill the kernel's vectors poorly."""
     px = 16 * 16
@@ -171,15 +171,20 @@ def test_rule_thresholds():
         assert auto.cpu_prefers_dense(t, cl, strided, px) and auto.cpu_prefers_dense(1.0, cl, strided, px)
     assert not auto.cpu_prefers_dense(0.5, False, False, px) and not auto.cpu_prefers_dense(0.5, True, False, px)
     assert auto.cpu_prefers_dense(0.75, True, False, px) and not auto.cpu_prefers_dense(0.75, False, False, px)
-    # 7x7 outputs fill 49 of 64 lanes: the crossover falls by that factor
-    assert auto.cpu_dense_threshold(False, False, 49) == pytest.approx(auto.CPU_DENSE_FROM[(False, False)] * 49 / 64)
+    # 7x7 outputs fill 49 of the AVX-512 kernel's 64 lanes (of the AVX2 one's 56): the
+    # crossover falls by that factor
+    for avx512, lanes in ((True, 64), (False, 56)):
+        monkeypatch.setattr(auto, "_KERNEL_AVX512", avx512)
+        assert auto.cpu_dense_threshold(False, False, 49) == pytest.approx(auto.CPU_DENSE_FROM[(False, False)] * 49 / lanes)
+    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)
     assert auto.cpu_prefers_dense(0.7, False, False, 49) and not auto.cpu_prefers_dense(0.7, False, False, 196)
 
 
-def test_rule_thresholds_per_cpu():
+def test_rule_thresholds_per_cpu(monkeypatch):
     """A CPU of CPU_DENSE_FROM_ON (matched in its model name) takes its own crossovers where it
     has them and CPU_DENSE_FROM's elsewhere; any other CPU takes CPU_DENSE_FROM's."""
     px = 16 * 16
+    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)  # (the vector fill of 7x7 outputs below)
     assert auto.CPU_DENSE_FROM_ON["Zen 5"] == {(True, False): 0.82}
     zen5, zen4 = "AMD EPYC (Zen 5, family 26 model 2)", "AMD EPYC (Zen 4, family 25 model 17)"
     assert auto.cpu_dense_threshold(True, False, px, zen5) == pytest.approx(0.82)
@@ -189,6 +194,14 @@ def test_rule_thresholds_per_cpu():
         assert auto.cpu_dense_threshold(*key, px, zen4) == auto.cpu_dense_threshold(*key, px) == t
         if key != (True, False):
             assert auto.cpu_dense_threshold(*key, px, zen5) == t
+    # Zen 2: both stride-1 crossovers of its own, the strided ones CPU_DENSE_FROM's
+    zen2 = "AMD EPYC (Zen 2, family 23 model 49)"
+    assert auto.CPU_DENSE_FROM_ON["Zen 2"] == {(False, False): 0.64, (True, False): 0.58}
+    assert auto.cpu_prefers_dense(0.7, False, False, px, zen2) and not auto.cpu_prefers_dense(0.7, False, False, px, zen4)
+    assert auto.cpu_prefers_dense(0.6, True, False, px, zen2) and not auto.cpu_prefers_dense(0.6, True, False, px, zen4)
+    assert not auto.cpu_prefers_dense(0.5, True, False, px, zen2)
+    for key in ((False, True), (True, True)):
+        assert auto.cpu_dense_threshold(*key, px, zen2) == auto.CPU_DENSE_FROM[key]
 
 
 def test_rule_lane_density_where_channels_fill_the_lanes(monkeypatch):

@@ -155,6 +155,52 @@ density 0.8 / 0.85: 32, 128 -> 128, 3x3, 16x16 1.14 / 1.11, 1.07 / 1.04; 8, 128 
 and 0.99 / 0.96; and at their lower thresholds (0.82 x 196 / 208 = 0.77 and 0.82 x 49 / 64 =
 0.63), 4, 256 -> 256, 3x3, 14x14 1.01 / 1.01 at 0.77 and 16, 512 -> 512, 3x3, 7x7 0.99 / 1.01 at
 0.62 (1.12 / 1.12 at 0.55, 0.95 / 0.97 at 0.65).
+
+On an AMD EPYC with Zen 2 cores (AVX2 only, 512 KiB of L2 per core; 2026-12-07) the kernel's
+AVX2 micro-kernel runs relatively slower than on the CPUs above, most on the layers whose
+per-sample data outgrow that L2, and the crossovers lie lower (CPU_DENSE_FROM_ON). Measured
+there: fp32, wall time (medians of 7 interleaved rounds), time of dense execution (with the
+gate multiply of random gates in [0.1, 1.1)) / time of the kernel, one thread; at density 1:
+
+| layer (batch, channels, kernel, stride, output size) | NCHW | channels_last |
+| --- | --- | --- |
+| 32, 128 -> 128, 3x3, 16x16 | 0.88 | 0.77 |
+| 32, 64 -> 64, 3x3, 32x32 | 0.82 | 0.74 |
+| 32, 256 -> 256, 3x3, 8x8 | 0.94 | 0.76 |
+| 8, 128 -> 128, 3x3, 16x16 | 0.88 | 0.81 |
+| 4, 256 -> 256, 3x3, 14x14 | 0.69 | 0.65 |
+| 4, 64 -> 64, 3x3, 56x56 | 0.70 | 0.64 |
+| 16, 512 -> 512, 3x3, 7x7 | 0.70 | 0.64 |
+| 8, 32 -> 32, 3x3, 16x16 | 0.97 | 0.90 |
+| 8, 64 -> 64 and 32, 128 -> 128, 1x1, 16x16 | 1.14, 1.06 | 0.86, 0.87 |
+| 32, 64 -> 128, 3x3, stride 2, 16x16 | 0.93 | 0.77 |
+
+and at output densities 0.6 / 0.65 / 0.7 / 0.75 (exact per-sample gates), one thread, then at
+0.55 / 0.6 / 0.65 / 0.7 at two threads:
+
+| layer | 1 thread | 2 threads |
+| --- | --- | --- |
+| 4, 256 -> 256, 3x3, 14x14, NCHW | 1.07 / 1.01 / 0.95 / 0.88 | 1.15 / 1.08 / 1.02 / 0.94 |
+| 4, 64 -> 64, 3x3, 56x56, NCHW | 1.11 / 1.02 / 0.95 / 0.91 | 1.19 / 1.10 / 1.00 / 0.93 |
+| 16, 512 -> 512, 3x3, 7x7, NCHW | 1.14 / 1.06 / 0.96 / 0.93 | 1.18 / 1.16 / 1.08 / 1.00 |
+| 32, 64 -> 64, 3x3, 32x32, NCHW | 1.26 / 1.16 / 1.07 / 1.06 | |
+| 32, 128 -> 128, 3x3, 16x16, NCHW | | 1.47 / 1.33 / 1.28 / 1.18 |
+| 4, 256 -> 256, 3x3, 14x14, channels_last | 1.06 / 0.99 / 0.93 / 0.88 | 1.03 / 0.97 / 0.93 / 0.87 |
+| 4, 64 -> 64, 3x3, 56x56, channels_last | 1.00 / 0.92 / 0.85 / 0.84 | 1.11 / 1.03 / 0.93 / 0.88 |
+| 32, 64 -> 64, 3x3, 32x32, channels_last | 1.12 / 1.03 / 0.96 / 0.95 | |
+| 32, 128 -> 128, 3x3, 16x16, channels_last | 1.18 / 1.11 / 1.01 / 0.98 | 1.29 / 1.19 / 1.13 / 1.05 |
+| 32, 64 -> 128, 3x3, stride 2, 16x16, channels_last / NCHW | 1.08 / 1.03 / 0.97 / 0.93, 1.30 / 1.23 / 1.14 / 1.12 | |
+
+Zen 2's stride-1 crossovers are the lowest of these (0.64 for NCHW, from the 56x56 and 14x14
+layers at two threads; 0.58 for channels_last, the 56x56 layer at one thread and the 14x14
+one at two, whose fill of the AVX2 kernel's 8-lane vectors, 196 of 200, makes its threshold
+0.57); the price is dense execution from there on the layers whose own crossover lies higher
+(the benchmark layer's, 32, 128 -> 128 NCHW: 1.18x at 0.7 with two threads; in the quick
+report of that day, 8, 32 -> 32, 3x3, 16x16 NCHW ran the kernel 1.14x as fast as the dense conv
+at output density 0.75, dense execution 0.92x). The strided ones keep CPU_DENSE_FROM's, below
+theirs (0.68 channels_last, above 0.8 NCHW). No layer here runs the kernel faster than dense
+execution at density 1 in both layouts, and the 3x3 NCHW layers of cpu_kernel_wins_dense's
+kind ran 0.82 - 0.97x there, so Zen 2 is not in KERNEL_WINS_CPUS.
 """
 import math
 
@@ -177,13 +223,14 @@ CPU_DENSE_FROM = {
 # model name of dynkernels._cpu, as KERNEL_WINS_CPUS below).
 CPU_DENSE_FROM_ON = {
     "Zen 5": {(True, False): 0.82},
+    "Zen 2": {(False, False): 0.64, (True, False): 0.58},
 }
 # Stride-1 layers whose active output channels the C++ kernel puts in its vector lanes
 # (kernel_lanes_over_channels): on these CPUs dense execution runs from this lane density up
 # (cpu_lane_density: the channels rounded up to whole vectors); on the others CPU_DENSE_FROM's
 # rule covers them as any layer.
 CPU_LANES_DENSE_FROM_ON = {"Zen 5": 0.88}
-CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (csrc/cpu/conv_gemm.h, kFloatLanes)
+CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (csrc/cpu/conv_gemm.h, kFloatLanes; AVX2: 8)
 # Whether the C++ kernel runs its AVX-512 micro-kernel (it picks it by torch's CPU capability,
 # as here: csrc/cpu/conv_gemm.cpp, pick_isa).
 _KERNEL_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -205,9 +252,12 @@ def _entry_for_cpu(table: dict, vendor_model: str, default=None):
 def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> float:
     """The FLOP density from which dense execution is faster on the CPU, for this layout,
     stride and number of output pixels per sample, on the CPU of this model name (any other
-    than those of CPU_DENSE_FROM_ON: CPU_DENSE_FROM's crossover)."""
+    than those of CPU_DENSE_FROM_ON: CPU_DENSE_FROM's crossover), times the fill of the
+    kernel's vectors by a sample's pixels (16 lanes with its AVX-512 micro-kernel, 8 with the
+    others: 7x7 outputs fill 49 of 64 lanes, or of 56)."""
     key = (bool(channels_last), bool(strided))
-    fill = pixels / (math.ceil(pixels / CPU_KERNEL_LANES) * CPU_KERNEL_LANES) if pixels > 0 else 1.0
+    lanes = CPU_KERNEL_LANES if _KERNEL_AVX512 else CPU_KERNEL_LANES // 2  # AVX2 and portable code: 8
+    fill = pixels / (math.ceil(pixels / lanes) * lanes) if pixels > 0 else 1.0
     crossover = _entry_for_cpu(CPU_DENSE_FROM_ON, vendor_model, {}).get(key, CPU_DENSE_FROM[key])
     return crossover * fill
 
