@@ -14,7 +14,8 @@
 //     (capacity an int or None; stride, padding, dilation lists of ints; config an int); and
 //     gate_summary, the one pass over a CPU call's gates that backend="auto" reads;
 //     conv_auto_inputs, what backend="auto" decides a plain float32 CPU call from, in one
-//     call; and gate_scale_, the pass of its dense execution over the conv's output.
+//     call; gate_scale_, the pass of its dense execution over the conv's output; and
+//     skip_gather / skip_merge, the host path of a plain SkipBlock given its plan.
 // Not part of the CMake library (plain Python module code; without it, dynkernels makes the
 // same calls through torch.ops).
 #include <ATen/Parallel.h>
@@ -83,13 +84,41 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// fn() with the GIL released (as torch's own bindings run their kernels) and the autograd
-// dispatch keys excluded.
+// fn() with the autograd dispatch keys excluded and, where its tensor holds more than
+// kReleaseBytes, the GIL released (as torch's own bindings run their kernels), so that other
+// Python threads run meanwhile. On a small tensor, releasing the GIL and taking it back cost
+// more than the copy: 0.7 of a 2.4 us gather of 8 x 256 bytes (AMD EPYC, Zen 2).
+constexpr int64_t kReleaseBytes = 64 << 10;
+
 template <typename Fn>
-auto below_autograd(Fn fn) {
-  pybind11::gil_scoped_release no_gil;
+auto below_autograd(const Tensor& t, Fn fn) {
+  std::optional<pybind11::gil_scoped_release> no_gil;
+  if (t.numel() * static_cast<int64_t>(t.element_size()) > kReleaseBytes) no_gil.emplace();
   at::AutoDispatchBelowAutograd guard;
   return fn();
+}
+
+// The row operators through the dispatcher, below autograd.
+Tensor call_gather_rows(const Tensor& x, const Tensor& idx, const Tensor& count, int64_t capacity) {
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
+  static const auto handle = op_handle<Sig>("dynkernels::gather_rows");
+  return below_autograd(x, [&] { return handle.call(x, idx, count, capacity); });
+}
+
+Tensor call_scatter_rows(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows");
+  return below_autograd(base, [&] { return handle.call(base, y, idx, count); });
+}
+
+// In place into base; its version counter is bumped as torch's own in-place ops do, so that a
+// graph that saved base earlier sees the write.
+void call_scatter_rows_(const Tensor& base, const Tensor& y, const Tensor& idx, const Tensor& count) {
+  using Sig = void(Tensor&, const Tensor&, const Tensor&, const Tensor&);
+  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows_");
+  Tensor out = base;
+  below_autograd(base, [&] { handle.call(out, y, idx, count); });
+  if (!out.is_inference()) torch::autograd::impl::bump_version(out);
 }
 
 // gather_rows(x, idx, count, capacity): capacity an int (cpu_first: or None, for x's rows).
@@ -109,9 +138,7 @@ PyObject* gather_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
     capacity = PyLong_AsLongLong(args[3]);
     if (capacity == -1 && PyErr_Occurred()) return nullptr;
   }
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t);
-  static const auto handle = op_handle<Sig>("dynkernels::gather_rows");
-  return THPVariable_Wrap(below_autograd([&] { return handle.call(*x, *idx, *count, capacity); }));
+  return THPVariable_Wrap(call_gather_rows(*x, *idx, *count, capacity));
   END_HANDLE_TH_ERRORS
 }
 
@@ -126,7 +153,7 @@ PyObject* scatter_add_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (!a.go()) return not_implemented();
   using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&);
   static const auto handle = op_handle<Sig>("dynkernels::scatter_add_rows");
-  return THPVariable_Wrap(below_autograd([&] { return handle.call(*base, *y, *idx, *count, scale); }));
+  return THPVariable_Wrap(below_autograd(*base, [&] { return handle.call(*base, *y, *idx, *count, scale); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -138,27 +165,92 @@ PyObject* scatter_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   check_nargs(a.op, nargs, 4);
   const Tensor *base = a.tensor(args, 0), *y = a.tensor(args, 1), *idx = a.tensor(args, 2), *count = a.tensor(args, 3);
   if (!a.go()) return not_implemented();
-  using Sig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
-  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows");
-  return THPVariable_Wrap(below_autograd([&] { return handle.call(*base, *y, *idx, *count); }));
+  return THPVariable_Wrap(call_scatter_rows(*base, *y, *idx, *count));
   END_HANDLE_TH_ERRORS
 }
 
 // scatter_rows_(base, y, idx, count) (below_autograd only): writes y's first count rows into
-// base, returns base. Its version counter is bumped as torch's own in-place ops do, so that a
-// graph that saved base earlier sees the write.
+// base (call_scatter_rows_), returns base.
 PyObject* scatter_rows_inplace(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   Unpacked<Mode::below_autograd> a{"scatter_rows_"};
   check_nargs(a.op, nargs, 4);
   const Tensor *base = a.tensor(args, 0), *y = a.tensor(args, 1), *idx = a.tensor(args, 2), *count = a.tensor(args, 3);
-  using Sig = void(Tensor&, const Tensor&, const Tensor&, const Tensor&);
-  static const auto handle = op_handle<Sig>("dynkernels::scatter_rows_");
-  Tensor out = *base;
-  below_autograd([&] { handle.call(out, *y, *idx, *count); });
-  if (!out.is_inference()) torch::autograd::impl::bump_version(out);
+  call_scatter_rows_(*base, *y, *idx, *count);
   Py_INCREF(args[0]);
   return args[0];
+  END_HANDLE_TH_ERRORS
+}
+
+// The rows a RowPlan (dynkernels.nn.skip_plan: the tuple idx, count, rows, kept, n) runs a
+// block on, where skip_gather and skip_merge take it: plain CPU index tensors, n samples, some
+// but not all of them kept and no padding rows (else the Python path's own cases apply).
+struct PlanRows {
+  const Tensor *idx = nullptr, *count = nullptr;
+  int64_t rows = 0;
+};
+
+bool plan_rows(PyObject* plan, int64_t n, PlanRows& out) {
+  if (!PyTuple_Check(plan) || PyTuple_GET_SIZE(plan) != 5) return false;
+  PyObject *idx = PyTuple_GET_ITEM(plan, 0), *count = PyTuple_GET_ITEM(plan, 1);
+  PyObject *rows = PyTuple_GET_ITEM(plan, 2), *kept = PyTuple_GET_ITEM(plan, 3), *samples = PyTuple_GET_ITEM(plan, 4);
+  if (!THPVariable_CheckExact(idx) || !THPVariable_CheckExact(count) || !PyLong_CheckExact(rows) ||
+      !PyLong_CheckExact(kept) || !PyLong_CheckExact(samples))
+    return false;
+  out.idx = &THPVariable_Unpack(idx);
+  out.count = &THPVariable_Unpack(count);
+  out.rows = PyLong_AsLongLong(rows);
+  const int64_t k = PyLong_AsLongLong(kept), s = PyLong_AsLongLong(samples);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return out.idx->is_cpu() && out.count->is_cpu() && s == n && out.rows == k && k > 0 && k < n;
+}
+
+// skip_gather(x, gate, plan) (cpu_first only): the compact batch of a plain SkipBlock given its
+// plan, the forward's checks included, or NotImplemented (the caller then takes its usual path,
+// which names any bad argument) unless x and gate are plain CPU tensors, gate [N] floating or
+// bool with x's N rows, plan one plan_rows takes, grad mode off and autocast off. With
+// skip_merge, the host work of such a block is two calls (SkipBlock.forward's checks,
+// run_kept and the merge in Python took twice as long as the block itself on a tiny batch:
+// AMD EPYC, Zen 2).
+PyObject* skip_gather(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs("skip_gather", nargs, 3);
+  if (c10::GradMode::is_enabled() || at::autocast::is_autocast_enabled(at::kCPU)) return not_implemented();
+  Unpacked<Mode::cpu_first> a{"skip_gather"};
+  const Tensor *x = a.tensor(args, 0), *gate = a.tensor(args, 1);
+  if (!a.usable || x->dim() == 0 || gate->dim() != 1 || gate->size(0) != x->size(0) ||
+      !(at::isFloatingType(gate->scalar_type()) || gate->scalar_type() == at::kBool))
+    return not_implemented();
+  PlanRows plan;
+  if (!plan_rows(args[2], x->size(0), plan)) return not_implemented();
+  return THPVariable_Wrap(call_gather_rows(*x, *plan.idx, *plan.count, plan.rows));
+  END_HANDLE_TH_ERRORS
+}
+
+// skip_merge(x, y, plan, inplace) (cpu_first only): the block's result y on the compact batch
+// merged into x (scatter_rows, or scatter_rows_ into x itself where inplace is True), or
+// NotImplemented (the caller then takes its usual merge, which names what does not fit)
+// unless y is a plain CPU tensor of x's dtype and row shape with the plan's rows, grad mode is
+// off and the plan is one plan_rows takes.
+PyObject* skip_merge(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  check_nargs("skip_merge", nargs, 4);
+  if (c10::GradMode::is_enabled()) return not_implemented();
+  Unpacked<Mode::cpu_first> a{"skip_merge"};
+  const Tensor *x = a.tensor(args, 0), *y = a.tensor(args, 1);
+  PlanRows plan;
+  if (!a.usable || x->dim() == 0 || !plan_rows(args[2], x->size(0), plan) || y->dim() != x->dim() ||
+      y->size(0) != plan.rows || y->sizes().slice(1) != x->sizes().slice(1) || y->scalar_type() != x->scalar_type())
+    return not_implemented();
+  if (args[3] == Py_True) {
+    call_scatter_rows_(*x, *y, *plan.idx, *plan.count);
+    Py_INCREF(args[0]);
+    return args[0];
+  }
+  return THPVariable_Wrap(call_scatter_rows(*x, *y, *plan.idx, *plan.count));
   END_HANDLE_TH_ERRORS
 }
 
@@ -211,7 +303,7 @@ PyObject* channel_sparse_conv2d(PyObject*, PyObject* const* args, Py_ssize_t nar
                      const std::optional<Tensor>&, int64_t);
   static const auto handle = op_handle<Sig>("dynkernels::channel_sparse_conv2d");
   return THPVariable_Wrap(below_autograd(
-      [&] { return handle.call(*x, *weight, bias, *out_gate, in_gate, stride, padding, dilation, shift, config); }));
+      *x, [&] { return handle.call(*x, *weight, bias, *out_gate, in_gate, stride, padding, dilation, shift, config); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -226,7 +318,7 @@ PyObject* compact(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (threshold == -1.0 && PyErr_Occurred()) return nullptr;
   using Sig = std::tuple<Tensor, Tensor>(const Tensor&, double);
   static const auto handle = op_handle<Sig>("dynkernels::compact");
-  auto [idx, count] = below_autograd([&] { return handle.call(*gate, threshold); });
+  auto [idx, count] = below_autograd(*gate, [&] { return handle.call(*gate, threshold); });
   PyObject* out = PyTuple_New(2);
   if (out == nullptr) return nullptr;
   PyTuple_SET_ITEM(out, 0, THPVariable_Wrap(std::move(idx)));
@@ -470,6 +562,10 @@ PyMethodDef cpu_first_methods[] = {
      "gate_scale_(y, gate, shift): dense execution's gate pass over a float32 CPU conv output, in place"},
     {"gate_summary", fastcall(gate_summary), METH_FASTCALL,
      "gate_summary(gate): (entries > 0, min, max) of a contiguous float32 CPU tensor, else NotImplemented"},
+    {"skip_gather", fastcall(skip_gather), METH_FASTCALL,
+     "skip_gather(x, gate, plan): a plain SkipBlock's compact batch from its RowPlan, checked, else NotImplemented"},
+    {"skip_merge", fastcall(skip_merge), METH_FASTCALL,
+     "skip_merge(x, y, plan, inplace): a plain SkipBlock's merge of its block's result, else NotImplemented"},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef below_autograd_module = {

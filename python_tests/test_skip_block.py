@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from _utils import HAS_TRITON, assert_close, count_compacts, needs_interpreter
 
 import dynkernels
+from dynkernels._extension import _C
 from dynkernels.nn import SkipBlock, SkipPlan, SkipSequential
 
 HAS_TRITON_GATING = HAS_TRITON and importlib.util.find_spec("dynkernels.triton.sample_gating") is not None
@@ -425,6 +426,88 @@ def test_planned_forward_does_not_recheck_indices(device, backend, monkeypatch):
     assert_close(seq(x, policy), masked, rtol=RTOL)
     with torch.no_grad():  # below autograd: the same kernels, without torch.library's wrapper
         assert_close(seq(x, policy), masked, rtol=RTOL)
+
+
+@pytest.mark.skipif(_C is None, reason="the extension's Python module is not loaded (a library loaded by torch.ops)")
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_plain_block_given_its_plan_takes_the_two_call_host_path(mode, inplace, monkeypatch):
+    """A plain SkipBlock given its plan on CPU tensors, no autograd: the C++ checks, gather and
+    merge (skip_gather / skip_merge) serve it, run_kept is not reached, and the output equals
+    masked execution (inplace: written into x itself)."""
+    from dynkernels.nn import skip_block
+
+    torch.manual_seed(3)
+    block = randomize_bn(TorchvisionBasicBlock(4, 4)).eval()
+    skip = SkipBlock(block, inplace=inplace).eval()
+    assert skip._lean
+    gate = torch.tensor([1.0, 0.0, 0.3, 1.0, 0.0, 1.0])
+    plan = SkipPlan(gate.unsqueeze(1))[0]
+    x = torch.randn(6, 4, 5, 5)
+    with torch.no_grad():
+        expected = block(x) * (gate > 0).float().view(-1, 1, 1, 1) + x * (gate <= 0).float().view(-1, 1, 1, 1)
+
+    def run_kept(*args, **kwargs):
+        raise AssertionError("run_kept was reached")
+
+    monkeypatch.setattr(skip_block, "run_kept", run_kept)
+    with torch.no_grad() if mode == "no_grad" else torch.inference_mode():
+        given = x.clone()
+        out = skip(given, gate, plan)
+    assert_close(out, expected, rtol=RTOL)
+    assert (out is given) == inplace
+    assert torch.equal(given, expected if inplace else x)
+
+
+@pytest.mark.skipif(_C is None, reason="the extension's Python module is not loaded (a library loaded by torch.ops)")
+def test_two_call_host_path_leaves_the_other_cases_to_the_python_path(monkeypatch):
+    """Where the two-call host path does not apply (autograd records, a plan that keeps every
+    row, another module configuration) or its merge does not fit the block's result, forward
+    takes its Python path: same results, same errors."""
+    from dynkernels.nn import skip_block
+
+    torch.manual_seed(5)
+    block = nn.Conv2d(3, 3, 1)
+    gate = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    plan = SkipPlan(gate.unsqueeze(1))[0]
+    x = torch.randn(4, 3, 2, 2)
+    for kwargs in ({"scaled": True}, {"execution": "masked"}, {"backend": "torch"}, {"shortcut": nn.Identity()}):
+        assert not SkipBlock(block, **kwargs)._lean, kwargs
+    skip = SkipBlock(block)
+    skip.scaled = True
+    assert not skip._lean
+    skip.scaled = False
+    assert skip._lean
+
+    reached = []
+    real_run_kept = skip_block.run_kept
+    monkeypatch.setattr(skip_block, "run_kept", lambda *a, **k: reached.append(1) or real_run_kept(*a, **k))
+    out = skip(x, gate, plan)  # autograd records
+    assert reached and out.requires_grad
+    with torch.no_grad():
+        assert_close(skip(x, gate, plan), out.detach(), rtol=RTOL)
+        reached.clear()
+        all_kept = SkipPlan(torch.ones(4, 1))[0]
+        assert_close(skip(x, torch.ones(4), all_kept), block(x), rtol=RTOL)
+        assert reached
+        with pytest.raises(ValueError, match=r"plan must be the RowPlan of this gate"):
+            skip(x[:3], gate[:3], plan)
+        with pytest.raises(ValueError, match=r"SkipBlock: gate has 3 entries but x has 4 samples"):
+            skip(x, gate[:3], plan)
+        wrong_rows = SkipBlock(_FirstRow(block))
+        with pytest.raises(ValueError, match=r"SkipBlock: the compact result must be \[2, 3, 2, 2\]"):
+            wrong_rows(x, gate, plan)
+
+
+class _FirstRow(nn.Module):
+    """A block that returns one row whatever its batch."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)[:1]
 
 
 def test_plan_helpers_check_shapes_cheaply():

@@ -201,7 +201,7 @@ def run_kept(
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
     resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
-    replay. fn's result is checked against base (rows, row shape, dtype, device: see _merge);
+    replay. fn's result is checked against base (rows, row shape, dtype, device: see merge_result);
     where it does not fit, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
 
@@ -226,9 +226,9 @@ def run_kept(
     else:
         compact = tuple(k.gather_rows(t, row.idx, row.count, rows) for t in inputs)
     if graphs is None:
-        return _merge(owner, base, fn(*compact), row, k, scale, check_result, inplace)
+        return merge_result(owner, base, fn(*compact), row, k, scale, check_result, inplace)
     with graphs.lock:  # the replay's output is static: merged before the next replay
-        return _merge(owner, base, graphs.run(fn, *compact), row, k, scale, check_result, inplace)
+        return merge_result(owner, base, graphs.run(fn, *compact), row, k, scale, check_result, inplace)
 
 
 def autocast_merge_dtypes(base, y):
@@ -243,7 +243,7 @@ def autocast_merge_dtypes(base, y):
     return base, y
 
 
-def _merge(owner, base, y, row, k, scale, check_result, inplace=False):
+def merge_result(owner, base, y, row, k, scale, check_result, inplace=False):
     """The merge of the compact result y into base (inplace: into base itself, see run_kept).
     The compiled kernels check y's row shape, dtype and device against base's themselves
     (k.checks_merge): then only what they cannot see is tested here (a tensor of the compact
