@@ -84,16 +84,16 @@ c10::TypedOperatorHandle<Signature> op_handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
-// fn() with the autograd dispatch keys excluded and, where its tensor holds more than
-// kReleaseBytes, the GIL released (as torch's own bindings run their kernels), so that other
-// Python threads run meanwhile. On a small tensor, releasing the GIL and taking it back cost
-// more than the copy: 0.7 of a 2.4 us gather of 8 x 256 bytes (AMD EPYC, Zen 2).
+// fn() with the autograd dispatch keys excluded and the GIL released (as torch's own bindings
+// run their kernels, so that other Python threads run meanwhile), except for a CPU tensor of at
+// most kReleaseBytes: there releasing the GIL and taking it back cost more than the copy (0.7 of
+// a 2.4 us gather of 8 x 256 bytes, AMD EPYC, Zen 2).
 constexpr int64_t kReleaseBytes = 64 << 10;
 
 template <typename Fn>
 auto below_autograd(const Tensor& t, Fn fn) {
   std::optional<pybind11::gil_scoped_release> no_gil;
-  if (t.numel() * static_cast<int64_t>(t.element_size()) > kReleaseBytes) no_gil.emplace();
+  if (!t.is_cpu() || t.numel() * static_cast<int64_t>(t.element_size()) > kReleaseBytes) no_gil.emplace();
   at::AutoDispatchBelowAutograd guard;
   return fn();
 }
