@@ -23,7 +23,8 @@ from _utils import assert_close, rand_gate
 # one vector (16x16) and a shift past one vector (dilation and padding 17: the copies that are not
 # vector windows); 3x3 layers of 512 output pixels and more, which run with the output channels in
 # the vector lanes on channels_last input (padded: through a copy of the input; unpadded, with
-# dilation: from x itself).
+# dilation: from x itself), with the AVX2 micro-kernel where they have 64 output channels or
+# more (70 and 67: the last vector of each row partial), as does a strided one of 306 output pixels.
 SHAPES = [
     (2, 19, 61, 20, 20, 3, 1, 1, 1),
     (3, 33, 13, 9, 11, 3, 1, 0, 1),
@@ -35,6 +36,9 @@ SHAPES = [
     (1, 5, 7, 6, 40, 3, 1, 17, 17),
     (2, 19, 21, 24, 23, 3, 1, 1, 1),
     (2, 9, 35, 30, 26, 3, 1, 0, 2),
+    (2, 19, 70, 24, 23, 3, 1, 1, 1),
+    (2, 9, 67, 30, 26, 3, 1, 0, 2),
+    (2, 24, 66, 33, 35, 3, 2, 1, 1),
 ]
 
 
@@ -173,10 +177,10 @@ def test_rule_thresholds(monkeypatch):
     assert auto.cpu_prefers_dense(0.75, True, False, px) and not auto.cpu_prefers_dense(0.75, False, False, px)
     # 7x7 outputs fill 49 of the AVX-512 kernel's 64 lanes (of the AVX2 one's 56): the
     # crossover falls by that factor
-    for avx512, lanes in ((True, 64), (False, 56)):
-        monkeypatch.setattr(auto, "_KERNEL_AVX512", avx512)
+    for isa, lanes in (("AVX512", 64), ("AVX2", 56)):
+        monkeypatch.setattr(auto, "_KERNEL_ISA", isa)
         assert auto.cpu_dense_threshold(False, False, 49) == pytest.approx(auto.CPU_DENSE_FROM[(False, False)] * 49 / lanes)
-    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX512")
     assert auto.cpu_prefers_dense(0.7, False, False, 49) and not auto.cpu_prefers_dense(0.7, False, False, 196)
 
 
@@ -184,7 +188,7 @@ def test_rule_thresholds_per_cpu(monkeypatch):
     """A CPU of CPU_DENSE_FROM_ON (matched in its model name) takes its own crossovers where it
     has them and CPU_DENSE_FROM's elsewhere; any other CPU takes CPU_DENSE_FROM's."""
     px = 16 * 16
-    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)  # (the vector fill of 7x7 outputs below)
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX512")  # (the vector fill of 7x7 outputs below)
     assert auto.CPU_DENSE_FROM_ON["Zen 5"] == {(True, False): 0.82}
     zen5, zen4 = "AMD EPYC (Zen 5, family 26 model 2)", "AMD EPYC (Zen 4, family 25 model 17)"
     assert auto.cpu_dense_threshold(True, False, px, zen5) == pytest.approx(0.82)
@@ -210,10 +214,20 @@ def test_rule_lane_density_where_channels_fill_the_lanes(monkeypatch):
     execution from that CPU's lane density up (a density hint stands for it); its other layers,
     and every layer elsewhere or without AVX-512, follow the FLOP density rule."""
     assert auto.CPU_LANES_DENSE_FROM_ON == {"Zen 5": 0.88}
-    monkeypatch.setattr(auto, "_KERNEL_AVX512", True)
     w3, w1 = torch.empty(128, 128, 3, 3), torch.empty(128, 128, 1, 1)
+    # the layers pixel_rows_apply (csrc/cpu/channel_sparse_conv2d_cpu.cpp) gives that orientation
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX2")
+    assert auto.kernel_lanes_over_channels(True, False, w3.shape, 28 * 28)
+    assert auto.kernel_lanes_over_channels(True, True, w1.shape, 16 * 16)
+    for args in ((True, True, w1.shape, 8 * 8), (True, False, (32, 32, 3, 3), 32 * 32), (True, False, w3.shape, 16 * 16),
+                 (False, False, w3.shape, 28 * 28)):
+        assert not auto.kernel_lanes_over_channels(*args)
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "DEFAULT")  # portable code: no compress and expand
+    assert not auto.kernel_lanes_over_channels(True, False, w3.shape, 28 * 28)
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX512")
     assert auto.kernel_lanes_over_channels(True, False, w3.shape, 28 * 28)
     assert auto.kernel_lanes_over_channels(True, True, w1.shape, 7 * 7)
+    assert auto.kernel_lanes_over_channels(True, False, (32, 32, 3, 3), 32 * 32)
     for args in ((False, False, w3.shape, 28 * 28), (True, False, w3.shape, 16 * 16), (True, False, w1.shape, 28 * 28),
                  (True, False, (1, 128, 3, 3), 28 * 28)):
         assert not auto.kernel_lanes_over_channels(*args)
@@ -226,7 +240,7 @@ def test_rule_lane_density_where_channels_fill_the_lanes(monkeypatch):
         assert auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.87) is not lanes_rule  # a hint: no lane density
         assert auto.cpu_rule(True, False, 32, w3, 16 * 16, 0.85, 0.875)  # output pixels in the lanes
     monkeypatch.setattr(auto, "cpu_info", lambda: {"model": zen5})
-    monkeypatch.setattr(auto, "_KERNEL_AVX512", False)  # the AVX2 kernel: pixels in the lanes
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX2")  # the lane crossovers are the AVX-512 kernel's
     assert not auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.8, 1.0) and auto.cpu_rule(True, False, 8, w3, 28 * 28, 0.85, 0.875)
 
 

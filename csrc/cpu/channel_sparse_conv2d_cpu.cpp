@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <atomic>
 #include <new>
+#include <string_view>
 #include <type_traits>
 #include <vector>
 
@@ -458,7 +459,7 @@ void run_samples(const Conv& proto, int64_t N, const std::vector<std::vector<int
 // are broadcast from x itself (no padding) or from a zero-padded copy of the sample's active
 // input channels, pixel after pixel; the vector lanes run over the sample's active output
 // channels, whose weights are gathered once per sample from a [kh][kw][Cin][Cout] copy of the
-// weight made once per call (a register compress per 16 channels); the results are expanded
+// weight made once per call (a register compress per 16 channels, AVX2: 8); the results are expanded
 // into y's pixels with zeros in the inactive channels (every channel written once), or written
 // into y directly where every output channel is active. The other orientation (planes of
 // pixels in the lanes) has to transpose the input into planes and the results back.
@@ -593,20 +594,30 @@ struct PixelRowsConv {
 };
 
 // Whether PixelRowsConv runs: float32 channels_last x (channel stride 1, pixels W apart) and
-// y, and a layer on which it was measured faster than the other orientation (AMD EPYC, Zen 5,
-// 1 thread, output density 0.5): every strided one (the other needs an im2col: 1.3x at
-// 64 -> 128, 3x3, 16x16 outputs, 2.4x at 256 -> 128, 1x1), and 3x3 ones of 512 output pixels
-// and more (28x28: 1.2x, 56x56: 1.1 - 1.35x), where packing each sample's weights costs
-// little beside its pixels. On smaller outputs (16x16: on par; 8x8 and 7x7 with 256 - 512
-// channels: 0.7x) and on stride-1 1x1 layers (0.7 - 0.95x) the other one runs. AVX-512 only:
-// with the AVX2 micro-kernel (and scalar packing) the same layers ran 0.9 - 1.1x.
+// y, and a layer on which it was measured faster than the other orientation (1 thread, output
+// densities 0.25 - 1). With the AVX-512 micro-kernel (AMD EPYC, Zen 5, output density 0.5):
+// every strided one (the other needs an im2col: 1.3x at 64 -> 128, 3x3, 16x16 outputs, 2.4x at
+// 256 -> 128, 1x1), and 3x3 ones of 512 output pixels and more (28x28: 1.2x, 56x56:
+// 1.1 - 1.35x), where packing each sample's weights costs little beside its pixels; on smaller
+// outputs (16x16: on par; 8x8 and 7x7 with 256 - 512 channels: 0.7x) and on stride-1 1x1
+// layers (0.7 - 0.95x) the other one runs. With the AVX2 one (AMD EPYC, Zen 2; its 6 x 2 tile
+// of pixels by channels, conv_gemm.cpp), on layers of 64 output channels or more: strided ones
+// of 256 output pixels and more (1.2 - 1.6x; 8x8 outputs 0.93 - 1.0x) and 3x3 ones of 512 and
+// more (32x32, 28x28, 56x56: 1.05 - 1.42x; 16x16: 0.89 - 1.07x, 8x8 and 7x7: 0.5 - 0.8x). Fewer
+// output channels leave fewer than two of its 8-lane vectors active at low density (16 -> 16
+// at 32x32, density 0.25 - 0.5: 0.5 - 0.7x).
 // dynkernels.ops._conv_cpu_auto.kernel_lanes_over_channels repeats this test for backend="auto".
 bool pixel_rows_apply(const Tensor& x, const Tensor& y, const ConvGeometry& g) {
   const bool layouts = x.scalar_type() == at::kFloat && x.stride(1) == 1 && x.size(1) > 1 &&
                        x.stride(2) == x.size(3) * x.stride(3) && y.stride(1) == 1 && y.size(1) > 1 &&
                        y.stride(3) == y.size(1);
+  if (!layouts) return false;
   const bool strided = g.sh > 1 || g.sw > 1;
-  return layouts && cpu_conv::has_compress_expand() && (strided || (g.kh * g.kw > 1 && g.Ho * g.Wo >= 512));
+  const int64_t pixels = g.Ho * g.Wo;
+  const std::string_view isa = cpu_conv::gemm_isa();
+  if (isa == "avx512") return strided || (g.kh * g.kw > 1 && pixels >= 512);
+  if (isa == "avx2") return y.size(1) >= 64 && (strided ? pixels >= 256 : g.kh * g.kw > 1 && pixels >= 512);
+  return false;  // the portable kernel has no compress_row / expand_row
 }
 
 void conv_pixel_rows(const Tensor& x, const Tensor& weight, const Tensor& bias, const Tensor& shift,

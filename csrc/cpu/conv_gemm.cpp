@@ -54,6 +54,7 @@ template <typename T_>
 struct VecArray {
   using T = T_;
   static constexpr int L = 8, MR = 4, NV = 2;
+  static constexpr int MR_COLUMNS = MR, NV_COLUMNS = NV;  // the same tile with channels in the lanes
   static constexpr bool has_window = false, tiles_outer = false;
   struct Reg {
     T v[L];
@@ -126,6 +127,7 @@ struct VecF {
   using Reg = __m512;
   using Tail = __mmask16;
   static constexpr int L = 16, MR = 6, NV = 4;
+  static constexpr int MR_COLUMNS = MR, NV_COLUMNS = NV;  // the same tile with channels in the lanes
   static constexpr bool has_window = true, tiles_outer = false;
   static Tail tail(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
   static Tail lanes(unsigned bits) { return static_cast<__mmask16>(bits); }  // lane l where bit l is set
@@ -190,6 +192,7 @@ struct VecD {
   using Reg = __m512d;
   using Tail = __mmask8;
   static constexpr int L = 8, MR = 6, NV = 4;
+  static constexpr int MR_COLUMNS = MR, NV_COLUMNS = NV;  // the same tile with channels in the lanes
   static constexpr bool tiles_outer = false;
   static Tail tail(int n) { return static_cast<__mmask8>((1u << n) - 1u); }
   static Reg zero() { return _mm512_setzero_pd(); }
@@ -239,7 +242,11 @@ DK_TARGET_END
 // it reached 72% with row blocks outside, the whole row-shift buffer (442 KB) read once per
 // block, and 76% with pixel tiles outside (tiles_outer: a tile's 110 KB of it is read by every
 // row block in turn); blocking the reduction as well (its part of b in L1) gained 2 - 4% there
-// and lost 3% on a 64-channel 32x32 layer, so it is not done.
+// and lost 3% on a 64-channel 32x32 layer, so it is not done. With the roles swapped
+// (per_column: pixels in rows, channels in the lanes) a 6 x 2 tile: 12 accumulators, 2 weight
+// vectors and one broadcast pixel value; on Zen 2 the 4 x 3 tile ran that orientation at about
+// 70 GFLOP/s on the benchmark layer, 6 x 2 at about 90 (its 64 active channels are 4 whole
+// tiles of 2 vectors, where 4 x 3 splits them 3, 3, 2).
 DK_TARGET_BEGIN("avx2,fma")
 namespace avx2 {
 
@@ -248,6 +255,7 @@ struct VecF {
   using Reg = __m256;
   using Tail = __m256i;
   static constexpr int L = 8, MR = 4, NV = 3;
+  static constexpr int MR_COLUMNS = 6, NV_COLUMNS = 2;  // channels in the lanes (see above)
   static constexpr bool has_window = true, tiles_outer = true;
   static Tail tail(int n) { return _mm256_cmpgt_epi32(_mm256_set1_epi32(n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7)); }
   static Tail lanes(unsigned bits) {  // lane l where bit l is set
@@ -319,6 +327,7 @@ struct VecD {
   using Reg = __m256d;
   using Tail = __m256i;
   static constexpr int L = 4, MR = 4, NV = 3;
+  static constexpr int MR_COLUMNS = MR, NV_COLUMNS = NV;  // the same tile with channels in the lanes
   static constexpr bool tiles_outer = true;
   static Tail tail(int n) { return _mm256_cmpgt_epi64(_mm256_set1_epi64x(n), _mm256_setr_epi64x(0, 1, 2, 3)); }
   static Reg zero() { return _mm256_setzero_pd(); }
@@ -332,6 +341,59 @@ struct VecD {
 };
 
 #include "conv_gemm_tile.inc"
+
+// conv_gemm.h's compress_row and expand_row, 8 columns per register permute (AVX2 has no
+// compress or expand instruction): for each of the 256 lane masks, the permute that moves the
+// active lanes to the front (compress) or back to their columns (expand), computed once.
+struct LanePermutes {
+  alignas(32) int32_t compress[256][8];
+  alignas(32) int32_t expand[256][8];
+  LanePermutes() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int l = 0; l < 8; ++l) {
+        compress[m][l] = 0;
+        expand[m][l] = 0;
+      }
+      for (int l = 0; l < 8; ++l)
+        if (m >> l & 1) {
+          compress[m][n] = l;
+          expand[m][l] = n++;
+        }
+    }
+  }
+};
+
+const LanePermutes& lane_permutes() {
+  static const LanePermutes table;
+  return table;
+}
+
+void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+  const LanePermutes& t = lane_permutes();
+  for (int64_t c0 = 0; c0 < ncols; c0 += 8) {
+    const unsigned m = mask[c0 / 16] >> (c0 % 16) & 0xFFu;
+    const __m256 v = c0 + 8 <= ncols ? _mm256_loadu_ps(src + c0)
+                                     : _mm256_maskload_ps(src + c0, VecF::lanes(m));
+    _mm256_storeu_ps(dst, _mm256_permutevar8x32_ps(v, _mm256_load_si256(reinterpret_cast<const __m256i*>(t.compress[m]))));
+    dst += _mm_popcnt_u32(m);  // whole: the next block overwrites the rest
+  }
+}
+
+void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
+  const LanePermutes& t = lane_permutes();
+  for (int64_t c0 = 0; c0 < ncols; c0 += 8) {
+    const unsigned m = mask[c0 / 16] >> (c0 % 16) & 0xFFu;
+    const __m256 moved = _mm256_permutevar8x32_ps(_mm256_loadu_ps(src),
+                                                  _mm256_load_si256(reinterpret_cast<const __m256i*>(t.expand[m])));
+    const __m256 v = _mm256_and_ps(moved, _mm256_castsi256_ps(VecF::lanes(m)));
+    if (c0 + 8 <= ncols)
+      _mm256_storeu_ps(dst + c0, v);
+    else
+      _mm256_maskstore_ps(dst + c0, VecF::tail(static_cast<int>(ncols - c0)), v);
+    src += _mm_popcnt_u32(m);
+  }
+}
 
 }  // namespace avx2
 DK_TARGET_END
@@ -432,17 +494,17 @@ void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int
   }
 }
 
-bool has_compress_expand() { return isa() == Isa::avx512; }
-
 void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
 #if DK_X86_KERNELS
-  avx512::compress_row(src, mask, ncols, dst);
+  if (isa() == Isa::avx512) return avx512::compress_row(src, mask, ncols, dst);
+  avx2::compress_row(src, mask, ncols, dst);
 #endif
 }
 
 void expand_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst) {
 #if DK_X86_KERNELS
-  avx512::expand_row(src, mask, ncols, dst);
+  if (isa() == Isa::avx512) return avx512::expand_row(src, mask, ncols, dst);
+  avx2::expand_row(src, mask, ncols, dst);
 #endif
 }
 

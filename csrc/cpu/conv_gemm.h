@@ -89,13 +89,10 @@ bool row_shift_planes(const float* src, const int32_t* chan, int64_t sc, int64_t
 void scatter_planes(const float* rows, const int64_t* off, int64_t channels, int64_t pixels, float* pixels_out,
                     int64_t pixel_stride);
 
-// Whether compress_row and expand_row can run: the AVX-512 micro-kernel is in use (with AVX2
-// and portable code the orientation that needs them was measured slower, so it does not run).
-bool has_compress_expand();
-
 // The values of one row's active columns, in order, packed into dst: bit l of mask[b] says
 // whether column 16 b + l (of ncols) is active. dst gets as many values as there are active
-// columns, and up to 15 more past them may be overwritten.
+// columns, and up to 15 more past them may be overwritten. With the AVX-512 and the AVX2
+// micro-kernels only (with portable code PixelRowsConv, which needs these two, does not run).
 void compress_row(const float* src, const uint16_t* mask, int64_t ncols, float* dst);
 
 // The inverse, with zeros: dst[c] = the next value of src for each active column c, else +0,

@@ -200,7 +200,12 @@ report of that day, 8, 32 -> 32, 3x3, 16x16 NCHW ran the kernel 1.14x as fast as
 at output density 0.75, dense execution 0.92x). The strided ones keep CPU_DENSE_FROM's, below
 theirs (0.68 channels_last, above 0.8 NCHW). No layer here runs the kernel faster than dense
 execution at density 1 in both layouts, and the 3x3 NCHW layers of cpu_kernel_wins_dense's
-kind ran 0.82 - 0.97x there, so Zen 2 is not in KERNEL_WINS_CPUS.
+kind ran 0.82 - 0.97x there, so Zen 2 is not in KERNEL_WINS_CPUS. These tables predate the AVX2
+kernel's other orientation (kernel_lanes_over_channels: output channels in the lanes), which
+made channels_last layers of 64 output channels or more with 512 output pixels or more (and
+strided ones with 256 or more) 1.05 - 1.6x faster at the same density (56x56: 1.4x); the
+14x14 layer behind the channels_last crossover is not one of them, so it stands, below those
+layers' own crossovers.
 """
 import math
 
@@ -231,9 +236,9 @@ CPU_DENSE_FROM_ON = {
 # rule covers them as any layer.
 CPU_LANES_DENSE_FROM_ON = {"Zen 5": 0.88}
 CPU_KERNEL_LANES = 16  # the C++ kernel's float32 vectors on AVX-512 (csrc/cpu/conv_gemm.h, kFloatLanes; AVX2: 8)
-# Whether the C++ kernel runs its AVX-512 micro-kernel (it picks it by torch's CPU capability,
-# as here: csrc/cpu/conv_gemm.cpp, pick_isa).
-_KERNEL_AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+# The C++ kernel's micro-kernel: "AVX512", "AVX2" or another (portable code). It picks it by
+# torch's CPU capability, as here (csrc/cpu/conv_gemm.cpp, pick_isa).
+_KERNEL_ISA = torch.backends.cpu.get_cpu_capability()
 # Layers on which the C++ kernel is faster than dense execution even with every gate active, on
 # the CPUs where that was measured (cpu_kernel_wins_dense): NCHW, stride 1, a reduction of at
 # most KERNEL_WINS_DEPTH (input channel, tap) pairs, at least KERNEL_WINS_PIXELS output pixels
@@ -256,7 +261,7 @@ def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_
     kernel's vectors by a sample's pixels (16 lanes with its AVX-512 micro-kernel, 8 with the
     others: 7x7 outputs fill 49 of 64 lanes, or of 56)."""
     key = (bool(channels_last), bool(strided))
-    lanes = CPU_KERNEL_LANES if _KERNEL_AVX512 else CPU_KERNEL_LANES // 2  # AVX2 and portable code: 8
+    lanes = CPU_KERNEL_LANES if _KERNEL_ISA == "AVX512" else CPU_KERNEL_LANES // 2  # AVX2 and portable code: 8
     fill = pixels / (math.ceil(pixels / lanes) * lanes) if pixels > 0 else 1.0
     crossover = _entry_for_cpu(CPU_DENSE_FROM_ON, vendor_model, {}).get(key, CPU_DENSE_FROM[key])
     return crossover * fill
@@ -264,13 +269,20 @@ def cpu_dense_threshold(channels_last: bool, strided: bool, pixels: int, vendor_
 
 def kernel_lanes_over_channels(channels_last: bool, strided: bool, weight_shape, pixels: int) -> bool:
     """Whether the C++ kernel puts a sample's active output channels in its vector lanes (and
-    output pixels in its rows) on a float32 layer: channels_last input, AVX-512, and a strided
-    layer or a kernel of more than one tap with 512 output pixels or more
-    (csrc/cpu/channel_sparse_conv2d_cpu.cpp, pixel_rows_apply; with more than one channel in
-    and out). Its work then grows with the active channels rounded up to whole vectors."""
+    output pixels in its rows) on a float32 layer (csrc/cpu/channel_sparse_conv2d_cpu.cpp,
+    pixel_rows_apply; with more than one channel in and out): channels_last input, and with
+    the AVX-512 micro-kernel a strided layer or a kernel of more than one tap with 512 output
+    pixels or more; with the AVX2 one, 64 output channels or more and a strided layer of 256
+    output pixels or more or a kernel of more than one tap with 512 or more. Its work then
+    grows with the active channels rounded up to whole vectors."""
     cout, cin, kh, kw = weight_shape
-    return (bool(channels_last) and _KERNEL_AVX512 and cin > 1 and cout > 1
-            and (bool(strided) or (kh * kw > 1 and pixels >= 512)))
+    if not (channels_last and cin > 1 and cout > 1):
+        return False
+    if _KERNEL_ISA == "AVX512":
+        return bool(strided) or (kh * kw > 1 and pixels >= 512)
+    if _KERNEL_ISA == "AVX2":
+        return cout >= 64 and (pixels >= 256 if strided else kh * kw > 1 and pixels >= 512)
+    return False
 
 
 def cpu_prefers_dense(density: float, channels_last: bool, strided: bool, pixels: int, vendor_model: str = "") -> bool:
@@ -354,7 +366,8 @@ def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tenso
     model = cpu_info()["model"]
     if cpu_kernel_wins_dense(model, channels_last, strided, batch, depth, pixels):
         return False
-    lanes_from = _entry_for_cpu(CPU_LANES_DENSE_FROM_ON, model)
+    # (the lane crossovers, and the lane density's vectors of 16, are the AVX-512 kernel's)
+    lanes_from = _entry_for_cpu(CPU_LANES_DENSE_FROM_ON, model) if _KERNEL_ISA == "AVX512" else None
     if (lanes_from is not None and not strided
             and kernel_lanes_over_channels(channels_last, strided, weight.shape, pixels)):
         d = density if lane_density is None else lane_density
