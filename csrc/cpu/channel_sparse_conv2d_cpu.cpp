@@ -602,8 +602,8 @@ struct PixelRowsConv {
 // outputs (16x16: on par; 8x8 and 7x7 with 256 - 512 channels: 0.7x) and on stride-1 1x1
 // layers (0.7 - 0.95x) the other one runs. With the AVX2 one (AMD EPYC, Zen 2; its 6 x 2 tile
 // of pixels by channels, conv_gemm.cpp), on layers of 64 output channels or more: strided ones
-// of 256 output pixels and more (1.2 - 1.6x; 8x8 outputs 0.93 - 1.0x) and 3x3 ones of 512 and
-// more (32x32, 28x28, 56x56: 1.05 - 1.42x; 16x16: 0.89 - 1.07x, 8x8 and 7x7: 0.5 - 0.8x). Fewer
+// of 256 output pixels and more (1.16 - 1.61x; 8x8 outputs 0.93 - 1.0x) and 3x3 ones of 512 and
+// more (32x32, 28x28, 56x56: 1.05 - 1.46x; 16x16: 0.89 - 1.07x, 8x8 and 7x7: 0.5 - 0.8x). Fewer
 // output channels leave fewer than two of its 8-lane vectors active at low density (16 -> 16
 // at 32x32, density 0.25 - 0.5: 0.5 - 0.7x).
 // dynkernels.ops._conv_cpu_auto.kernel_lanes_over_channels repeats this test for backend="auto".
