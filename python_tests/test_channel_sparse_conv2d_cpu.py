@@ -24,7 +24,9 @@ from _utils import assert_close, rand_gate
 # vector windows); 3x3 layers of 512 output pixels and more, which run with the output channels in
 # the vector lanes on channels_last input (padded: through a copy of the input; unpadded, with
 # dilation: from x itself), with the AVX2 micro-kernel where they have 64 output channels or
-# more (70 and 67: the last vector of each row partial), as does a strided one of 306 output pixels.
+# more (70 and 67: the last vector of each row partial), as does a strided one of 306 output pixels;
+# one whose contiguous weight the AVX2 kernel copies channels_last first (enough output pixels
+# per weight value), in NCHW.
 SHAPES = [
     (2, 19, 61, 20, 20, 3, 1, 1, 1),
     (3, 33, 13, 9, 11, 3, 1, 0, 1),
@@ -39,6 +41,7 @@ SHAPES = [
     (2, 19, 70, 24, 23, 3, 1, 1, 1),
     (2, 9, 67, 30, 26, 3, 1, 0, 2),
     (2, 24, 66, 33, 35, 3, 2, 1, 1),
+    (6, 48, 64, 32, 32, 3, 1, 1, 1),
 ]
 
 
@@ -94,7 +97,7 @@ def test_kernel_reads_any_weight_layout(weight_layout, layout):
     """The kernel reads the weight in place through its strides (a channels_last one, as
     model.to(memory_format=torch.channels_last) leaves it, and views of other layouts); a
     channels_last one tap by tap, in float32 and float64."""
-    cases = [(shape, torch.float32) for shape in (SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[-1])]
+    cases = [(shape, torch.float32) for shape in (SHAPES[0], SHAPES[2], SHAPES[3], SHAPES[4], SHAPES[-2])]
     for shape, dtype in cases + [(SHAPES[0], torch.float64), (SHAPES[2], torch.float64)]:
         x, w, b, og, ig, s, p, d, shift = _inputs(shape, dtype, True, layout)
         if weight_layout == "channels_last":
@@ -111,7 +114,7 @@ def test_kernel_reads_any_weight_layout(weight_layout, layout):
 @pytest.mark.parametrize("in_gate", [False, True], ids=["out", "in+out"])
 def test_kernel_every_channel_active(in_gate, layout):
     """Every gate active: the weights used as they are and the results written into y directly."""
-    for shape in (SHAPES[0], SHAPES[4], SHAPES[-2], SHAPES[-1]):
+    for shape in (SHAPES[0], SHAPES[4], SHAPES[-3], SHAPES[-2], SHAPES[-1]):
         _check_kernel(shape, torch.float32, in_gate, layout, density=1.0)
 
 
@@ -121,7 +124,7 @@ def test_one_sample_split_among_threads():
     torch.set_num_threads(2)
     try:
         for layout in ("nchw", "channels_last"):
-            for shape in (SHAPES[0], SHAPES[4], SHAPES[-2]):
+            for shape in (SHAPES[0], SHAPES[4], SHAPES[-3]):
                 _check_kernel((1,) + shape[1:], torch.float32, True, layout)
     finally:
         torch.set_num_threads(threads)

@@ -241,8 +241,11 @@ DK_TARGET_END
 // GFLOP/s per core), but over a sample of the 128 -> 128, 3x3, 16x16 layer at output density 0.5
 // it reached 72% with row blocks outside, the whole row-shift buffer (442 KB) read once per
 // block, and 76% with pixel tiles outside (tiles_outer: a tile's 110 KB of it is read by every
-// row block in turn); blocking the reduction as well (its part of b in L1) gained 2 - 4% there
-// and lost 3% on a 64-channel 32x32 layer, so it is not done. With the roles swapped
+// row block in turn), and 84 - 88% once the reduction walks even runs without reading the
+// offset tables (GemmProblem::run: 7 loads per step of 12 FMAs instead of 9, which the load
+// ports did not keep up with; software prefetches of b, two more per step, cost 12%). Blocking
+// the reduction as well (its part of b in L1) gained 2 - 4% there before the even runs and lost
+// 1.5 - 12% after them (64 - 384 pairs per block), so it is not done. With the roles swapped
 // (per_column: pixels in rows, channels in the lanes) a 6 x 2 tile: 12 accumulators, 2 weight
 // vectors and one broadcast pixel value; on Zen 2 the 4 x 3 tile ran that orientation at about
 // 70 GFLOP/s on the benchmark layer, 6 x 2 at about 90 (its 64 active channels are 4 whole

@@ -58,6 +58,12 @@ struct GemmProblem {
   // (a_j: the sample's input pixels), the vector lanes run over the active output channels
   // (b: their weights, gathered per sample), and bias, scale and shift belong to the columns.
   bool per_column = false;
+  // Where the pairs come in runs of `run` (> 0; depth is a multiple of it) along which
+  // b_off[k0 + i] = b_off[k0] + i * b_step for every run start k0, and, where a_even,
+  // a_off[k0 + i] = a_off[k0] + i * a_step too, the micro-kernel walks each run without reading
+  // those offsets from the tables (which still hold every entry).
+  int64_t run = 0, a_step = 0, b_step = 0;
+  bool a_even = false;
 };
 
 // Computes a GemmProblem with the fastest micro-kernel this CPU has.

@@ -205,7 +205,14 @@ kernel's other orientation (kernel_lanes_over_channels: output channels in the l
 made channels_last layers of 64 output channels or more with 512 output pixels or more (and
 strided ones with 256 or more) 1.05 - 1.6x faster at the same density (56x56: 1.4x); the
 14x14 layer behind the channels_last crossover is not one of them, so it stands, below those
-layers' own crossovers.
+layers' own crossovers. After the micro-kernel's even runs (csrc/cpu/conv_gemm.h,
+GemmProblem::run: 5 - 23% off the kernel's time on channels_last layers and on NCHW layers
+whose weight it copies channels_last) the same layers were measured again at densities 0.6 -
+0.85 (one and two threads, medians of 7, the same day): most crossovers rose to 0.72 - 0.85,
+but the 4, 256 -> 256, 14x14 layer's moved from one process to the next (NCHW at two threads:
+0.72 in one, below 0.62 in the next; its row-shift buffer, 737 KB, outgrows the L2), and
+16, 512 -> 512, 7x7 channels_last crossed at 0.60 - 0.63 (0.69 - 0.72 before the vector fill
+of 49 of 56 lanes): the entries stay as they were.
 """
 import math
 
