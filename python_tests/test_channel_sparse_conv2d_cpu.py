@@ -287,8 +287,36 @@ def test_rule_kernel_wins_dense(monkeypatch):
     x, w, ones = torch.randn(8, 16, 16, 16), torch.randn(16, 16, 3, 3), torch.ones(8, 16)
     for model, dense in ((xeon, False), (epyc, True)):
         monkeypatch.setattr(auto, "cpu_info", lambda: {"model": model, "isa": [], "logical_cpus": 2})
-        assert auto.use_dense_on_cpu(x, w, ones, None, (1, 1), (16, 16), None) is dense
-        assert auto.use_dense_on_cpu(x.contiguous(memory_format=torch.channels_last), w, ones, None, (1, 1), (16, 16), None)
+        assert auto.use_dense_on_cpu(x, w, ones, None, (1, 1), (16, 16)) is dense
+        assert auto.use_dense_on_cpu(x.contiguous(memory_format=torch.channels_last), w, ones, None, (1, 1), (16, 16))
+
+
+def test_rule_small_batches(monkeypatch):
+    """Batches of one or two, NCHW, stride 1, on Zen 5 only: the kernel at any density from 4
+    output pixels (one sample) or 16 (two), two samples of 4 - 15 pixels from density 0.8 on
+    (the vector fill not counted); everything else the general rule."""
+    xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 (Zen 3, family 25 model 1)"
+    zen4, zen5 = "AMD EPYC 9B14 (Zen 4, family 25 model 17)", "AMD EPYC (Zen 5, family 26 model 2)"
+    for n, px in ((1, 4), (1, 7 * 7), (2, 4 * 4), (2, 56 * 56)):
+        assert auto.small_batch_crossover(zen5, False, False, n, px) == math.inf
+    assert auto.small_batch_crossover(zen5, False, False, 2, 4) == auto.small_batch_crossover(zen5, False, False, 2, 15) == 0.8
+    for cpu in (xeon, zen4, epyc):
+        assert auto.small_batch_crossover(cpu, False, False, 1, 7 * 7) is None
+    for cl, strided, n, px in [(True, False, 1, 7 * 7), (False, True, 1, 7 * 7), (False, False, 1, 1), (False, False, 2, 1),
+                               (False, False, 3, 7 * 7), (False, False, 4, 7 * 7)]:
+        assert auto.small_batch_crossover(zen5, cl, strided, n, px) is None
+    w = torch.empty(512, 512, 3, 3)
+    for model, kernel_at_1 in ((zen5, True), (zen4, False)):
+        monkeypatch.setattr(auto, "cpu_info", lambda model=model: {"model": model})
+        assert auto.cpu_rule(False, False, 1, w, 7 * 7, 1.0) is not kernel_at_1
+        assert auto.cpu_rule(False, False, 2, w, 4 * 4, 1.0) is not kernel_at_1
+        assert auto.cpu_rule(True, False, 1, w, 7 * 7, 1.0)  # channels_last: the general rule
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": zen5})
+    monkeypatch.setattr(auto, "_KERNEL_ISA", "AVX512")  # (vectors of 16 for the fill below)
+    assert not auto.cpu_rule(False, False, 2, w, 2 * 2, 0.79) and auto.cpu_rule(False, False, 2, w, 2 * 2, 0.8)
+    assert auto.cpu_rule(False, False, 8, w, 2 * 2, 0.3)  # batch 8: the crossover times the vector fill, 0.85 x 4 / 16
+    reads = []
+    assert not auto.cpu_rule(False, False, 1, w, 7 * 7, lambda below: reads.append(below) or 1.0) and not reads
 
 
 def test_flop_density_read_from_gates():
@@ -329,13 +357,14 @@ def op_module():
 
 
 def test_auto_decision(monkeypatch):
-    """auto takes the dense path exactly where the rule says so: from the gates, or from the
-    density hint when one is given; float32 only."""
+    """auto takes the dense path exactly where the rule says so, from the densities of the
+    gates themselves (a density hint does not change it on CPU tensors); float32 only."""
     calls = []
     real = auto.dense_then_gate
     counted = lambda *a, **kw: calls.append(1) or real(*a, **kw)  # noqa: E731
     monkeypatch.setattr(op_module(), "dense_then_gate", counted)  # (the Python path)
     monkeypatch.setattr(auto, "dense_then_gate", counted)  # (after the C++ read of the inputs)
+    monkeypatch.setattr(auto, "cpu_info", lambda: {"model": "Some CPU"})  # the crossover table alone decides
     x, w, b, og, ig, s, p, d, shift = _inputs(SHAPES[0], in_gate=False)
     ones = torch.ones_like(og)
 
@@ -346,7 +375,7 @@ def test_auto_decision(monkeypatch):
         return bool(calls)
 
     assert runs_dense(ones) and not runs_dense(og)  # density 1 / 0.6
-    assert runs_dense(og, density=1.0) and not runs_dense(ones, density=0.5)  # the hint decides
+    assert not runs_dense(og, density=1.0) and runs_dense(ones, density=0.5)  # the gates decide, not a hint
     assert not runs_dense(ones, backend="cpu")  # backend="cpu" is the kernel
     assert not runs_dense(ones, xx=x.double())
     assert runs_dense(ones, xx=x.contiguous(memory_format=torch.channels_last))

@@ -23,8 +23,9 @@ class GatedConv2d(nn.Conv2d):
     `backend` ("auto", "cuda", "cpu", "triton", "torch") picks the kernel of the gated forward;
     `density` (None or a number in [0, 1]) is what the caller knows of its gates on the host,
     the expected fraction of the dense FLOPs they leave active, passed to
-    dynkernels.channel_sparse_conv2d as its hint (tuned tile choice, and dense execution where
-    that is measured faster with backend="auto").
+    dynkernels.channel_sparse_conv2d as its hint on CUDA tensors (tuned tile choice, and dense
+    execution where that is measured faster with backend="auto"); on CPU tensors the gates
+    themselves are read instead.
     Fast path on a GPU: channels_last activations and weights
     (`model.to(memory_format=torch.channels_last)`, inputs `x.contiguous(memory_format=
     torch.channels_last)`). The kernels run on NHWC; other layouts are converted on every call,

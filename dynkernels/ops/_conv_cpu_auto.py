@@ -252,6 +252,13 @@ _KERNEL_ISA = torch.backends.cpu.get_cpu_capability()
 # and KERNEL_WINS_BATCH samples.
 KERNEL_WINS_CPUS = ("Intel", "Zen 4", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
 KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
+# Batches of one or two samples (latency-bound inference), NCHW, stride 1, on these CPUs
+# (small_batch_crossover): the kernel at every density where a sample has at least
+# SMALL_BATCH_KERNEL_WINS_PIXELS[batch] output pixels; a batch of two with 4 - 15 pixels
+# compares the FLOP density with SMALL_BATCH_DENSE_FROM (no vector fill).
+SMALL_BATCH_CPUS = ("Zen 5",)
+SMALL_BATCH_KERNEL_WINS_PIXELS = {1: 4, 2: 16}
+SMALL_BATCH_DENSE_FROM = 0.8
 _GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 _GATE_SCALE = None if _C is None else _C.cpu_first.gate_scale_
 
@@ -314,6 +321,33 @@ def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool,
             and depth <= KERNEL_WINS_DEPTH and pixels >= KERNEL_WINS_PIXELS and batch >= KERNEL_WINS_BATCH)
 
 
+def small_batch_crossover(vendor_model: str, channels_last: bool, strided: bool, batch: int, pixels: int):
+    """The FLOP density from which dense execution runs on a batch of one or two samples, NCHW,
+    stride 1, on the CPUs of SMALL_BATCH_CPUS (math.inf: never), or None where the general rule
+    decides. There oneDNN's NCHW conv pays its reorders (of the weight, and of x and y between
+    NCHW and its blocked layout) on every call, a cost that one or two samples cannot spread,
+    while the kernel's unused vector lanes on small outputs cost in proportion to the batch.
+
+    Measured on the AMD EPYC (Zen 5; 2026-12-07, fp32, freed memory kept, medians of 31 runs),
+    time of dense execution (with the gate multiply of gates in [0.1, 1.1)) / time of the
+    kernel at density 1, over the stride-1 layers of ResNet-18 and -50 at 224x224 (64 -> 64 3x3
+    56x56 to 512 -> 512 3x3 7x7; the 1x1 ones 256 -> 64 and 64 -> 256 at 56x56, 1024 -> 256 at
+    14x14, 512 -> 2048 at 7x7) and 3x3 layers at 8x8, 4x4 and 2x2: batch 1 1.02 - 3.20x (one
+    thread) and 1.01 - 2.94x (two); batch 2 1.00 - 2.38x and 1.02 - 2.14x, but 0.75 - 0.88x at
+    2x2 (512 -> 512), whose crossovers lay at 0.8 - 0.9 (256 and 512 channels; 128: above 1;
+    3x3 outputs: about 1), where the vector fill of 4 of 16 lanes put them at 0.21; batch 4
+    0.95 - 1.02x for the 3x3 layers of 49 pixels and more (the general rule). Outputs of 1
+    pixel ran the kernel 0.32 - 0.67x as fast as dense execution at density 1 with a batch of
+    two (one thread) and stay with the general rule, as does any batch on other CPUs."""
+    if channels_last or strided or not any(v in vendor_model for v in SMALL_BATCH_CPUS):
+        return None
+    if batch in SMALL_BATCH_KERNEL_WINS_PIXELS and pixels >= SMALL_BATCH_KERNEL_WINS_PIXELS[batch]:
+        return math.inf
+    if batch == 2 and pixels >= SMALL_BATCH_KERNEL_WINS_PIXELS[1]:
+        return SMALL_BATCH_DENSE_FROM
+    return None
+
+
 def _host_view(gate: torch.Tensor):
     """The gate as a numpy array (no copy) where numpy has its dtype, else as a float32 one:
     a few microseconds per check where torch ops on a small tensor take several each."""
@@ -364,15 +398,19 @@ def cpu_lane_density(out_gate: torch.Tensor, in_gate=None) -> float:
 def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tensor, pixels: int, density,
              lane_density=None) -> bool:
     """The whole rule of backend="auto" on CPU tensors: dense execution unless the kernel wins
-    on this layer at any density (cpu_kernel_wins_dense), else where the FLOP density reaches
-    the crossover (cpu_prefers_dense); on the CPUs of CPU_LANES_DENSE_FROM_ON, stride-1 layers
-    whose output channels the kernel puts in its lanes compare the lane density with theirs.
-    density, lane_density: numbers, or functions of the crossover that read them (called only
-    where the rule needs them); lane_density None: density stands for it (a caller's hint)."""
+    on this layer at any density (cpu_kernel_wins_dense); a batch of one or two where
+    small_batch_crossover gives a crossover, from that FLOP density; else where the FLOP
+    density reaches the crossover (cpu_prefers_dense); on the CPUs of CPU_LANES_DENSE_FROM_ON,
+    stride-1 layers whose output channels the kernel puts in its lanes compare the lane density
+    with theirs. density, lane_density: numbers, or functions of the crossover that read them
+    (called only where the rule needs them); lane_density None: density stands for it."""
     depth = weight.shape[1] * weight.shape[2] * weight.shape[3]
     model = cpu_info()["model"]
     if cpu_kernel_wins_dense(model, channels_last, strided, batch, depth, pixels):
         return False
+    small = small_batch_crossover(model, channels_last, strided, batch, pixels)
+    if small is not None:
+        return small != math.inf and bool((density(small) if callable(density) else density) >= small)
     # (the lane crossovers, and the lane density's vectors of 16, are the AVX-512 kernel's)
     lanes_from = _entry_for_cpu(CPU_LANES_DENSE_FROM_ON, model) if _KERNEL_ISA == "AVX512" else None
     if (lanes_from is not None and not strided
@@ -384,30 +422,34 @@ def cpu_rule(channels_last: bool, strided: bool, batch: int, weight: torch.Tenso
     return bool(cpu_prefers_dense(density, channels_last, strided, pixels, model))
 
 
-def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw, density) -> bool:
+def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw) -> bool:
     """backend="auto" on CPU tensors: whether to run dense execution (dense_then_gate). float32
     only (where the crossovers were measured; the kernel computes float16 and bfloat16 in
     float32 and is kept for them and for float64), and not while torch.compile traces (the
-    density read is a host read)."""
+    density read is a host read). The densities are read from the gates themselves, not taken
+    from a caller's hint (see auto_on_checked_inputs)."""
     if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
     channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    lane_density = None
-    if density is None:
-        density = lambda below: cpu_flop_density(out_gate, in_gate, below=below)  # noqa: E731
-        lane_density = lambda below: cpu_lane_density(out_gate, in_gate)  # noqa: E731
+    density = lambda below: cpu_flop_density(out_gate, in_gate, below=below)  # noqa: E731
+    lane_density = lambda below: cpu_lane_density(out_gate, in_gate)  # noqa: E731
     return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density,
                     lane_density)
 
 
-def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen, density=None):
+def auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen):
     """backend="auto" on the plain float32 CPU call that dynkernels._C.cpu_first.conv_auto_inputs
     read (`seen`: what the rule needs, the output gate's range, whether every input is
-    active): dense execution's result, or None where the kernel runs. The caller's density
-    hint, where given, stands for the gates' FLOP and lane densities. One C++ call where the
-    Python checks and reads of the gates cost about 0.25 ms of host time after a conv."""
-    channels_last, stride, padding, dilation, (ho, wo), read_density, read_lanes, lowest, highest, every_input = seen
-    density, lanes = (read_density, read_lanes) if density is None else (density, density)
+    active): dense execution's result, or None where the kernel runs. One C++ call where the
+    Python checks and reads of the gates cost about 0.25 ms of host time after a conv.
+
+    The rule takes the FLOP and lane densities that call read from the gates, never a caller's
+    density hint: on CPU tensors the read costs no sync, and a hint can only be as good. FBS's
+    k / C (times the input's k' / C') overstates what its gates leave wherever a winner's
+    saliency is 0: in FBS ResNet-18 (64x64, batch 2, the hint 1.0) the last stages' gates left
+    0.25 - 0.5 of the FLOPs, and on the AMD EPYC (Zen 5; 2026-12-07) the kernel ran their
+    512 -> 512 3x3 2x2 convs 1.6 - 3.6x as fast as the dense execution that the hint chose."""
+    channels_last, stride, padding, dilation, (ho, wo), density, lanes, lowest, highest, every_input = seen
     if not cpu_rule(channels_last, stride != (1, 1), x.shape[0], weight, ho * wo, density, lanes):
         return None
     return dense_then_gate(x, weight, bias, out_gate, None if every_input else in_gate, stride, padding, dilation, shift,

@@ -14,9 +14,9 @@ the argument checks (shapes only).
 kernel, or dense execution, from the density hint and the device's tuned table; nothing is read
 from the device). On a GPU the kernels run on channels_last (NHWC) activations: other layouts
 are converted once per call. "auto" on CPU tensors runs the C++ kernel, or dense execution
-(torch's conv2d, then the gate multiply and shift) where the gates' FLOP density (the `density`
-hint, else read from the gates: no sync on CPU tensors) is above the crossover measured for the
-layout, stride and output size (dynkernels/ops/_conv_cpu_auto.py).
+(torch's conv2d, then the gate multiply and shift) where the gates' FLOP density (read from the
+gates: no sync on CPU tensors; a `density` hint is not used there) is above the crossover
+measured for the layout, stride and output size (dynkernels/ops/_conv_cpu_auto.py).
 """
 import functools
 from typing import Optional, Sequence, Tuple, Union
@@ -343,15 +343,16 @@ def channel_sparse_conv2d(
     k-winners-take-all): the expected fraction of the dense conv's FLOPs that the gates leave
     active (output density, times input density when in_gate is given). It is never checked
     against the gates. On CUDA tensors it picks the kernels' tuned tile configuration, and with
-    backend="auto" whether dense execution runs (channel_sparse_conv2d_gpu_rule).
+    backend="auto" whether dense execution runs (channel_sparse_conv2d_gpu_rule). CPU tensors
+    do not use it: there the gates themselves are read (no sync), which a hint can only match.
 
     config: the tile configuration of the CUDA kernel (an id of dynkernels._C.cuda_conv_configs()),
     or -1 for the tuned table's choice (the kernel's own heuristic by layer shape where the table
     has none); the other backends ignore it.
 
     backend="auto" on CPU tensors runs dense execution (conv2d, then the gate multiply and the
-    shift, with the same result) where that density (the hint, else read from the gates: no
-    sync on CPU tensors) is at or above the crossover measured on the CPU for the input's
+    shift, with the same result) where the FLOP density read from the gates (no sync on CPU
+    tensors) is at or above the crossover measured on the CPU for the input's
     layout, the stride and the output size (dynkernels.ops._conv_cpu_auto.cpu_prefers_dense:
     e.g. 0.85 for NCHW and 0.70 for channels_last at stride 1 and 16x16 outputs, 0.82 for
     channels_last on AMD's Zen 5, where the layers whose output channels fill the kernel's
@@ -366,7 +367,7 @@ def channel_sparse_conv2d(
             and _CPU_AUTO_INPUTS is not None and not torch.compiler.is_compiling()):
         seen = _CPU_AUTO_INPUTS(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
         if seen is not NotImplemented:  # (arguments the checks below accept: the Python path in one C++ call)
-            y = auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen, density)
+            y = auto_on_checked_inputs(x, weight, bias, out_gate, in_gate, shift, seen)
             if y is None:
                 y = _CPU_FIRST_CONV(x, weight, bias, out_gate, in_gate, list(seen[1]), list(seen[2]), list(seen[3]), shift, -1)
             return y
@@ -387,7 +388,7 @@ def channel_sparse_conv2d(
         return dense_channel_gated_conv2d(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     if b == "cpu" and backend == "auto":
         out_hw = conv2d_output_shape(x, weight, stride, padding, dilation)[2:]
-        if use_dense_on_cpu(x, weight, out_gate, in_gate, stride, out_hw, density):
+        if use_dense_on_cpu(x, weight, out_gate, in_gate, stride, out_hw):
             return dense_then_gate(x, weight, bias, out_gate, in_gate, stride, padding, dilation, shift)
     args = (x, weight, bias, out_gate, in_gate, list(stride), list(padding), list(dilation), shift)
     if b == "triton":
