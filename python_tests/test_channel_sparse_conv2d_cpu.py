@@ -292,18 +292,21 @@ def test_rule_kernel_wins_dense(monkeypatch):
 
 
 def test_rule_small_batches(monkeypatch):
-    """Batches of one or two, NCHW, stride 1, on Zen 5 only: the kernel at any density from 4
-    output pixels (one sample) or 16 (two), two samples of 4 - 15 pixels from density 0.8 on
-    (the vector fill not counted); everything else the general rule."""
+    """Batches of one or two, NCHW, on Zen 5 only (strided layers up to 8x8 outputs): the kernel
+    at any density from 4 output pixels (one sample) or 16 (two), two samples of 4 - 15 pixels
+    from density 0.8 on (the vector fill not counted); everything else the general rule."""
     xeon, epyc = "Intel(R) Xeon(R) Processor", "AMD EPYC 7B13 (Zen 3, family 25 model 1)"
     zen4, zen5 = "AMD EPYC 9B14 (Zen 4, family 25 model 17)", "AMD EPYC (Zen 5, family 26 model 2)"
     for n, px in ((1, 4), (1, 7 * 7), (2, 4 * 4), (2, 56 * 56)):
         assert auto.small_batch_crossover(zen5, False, False, n, px) == math.inf
-    assert auto.small_batch_crossover(zen5, False, False, 2, 4) == auto.small_batch_crossover(zen5, False, False, 2, 15) == 0.8
+    for n, px in ((1, 4), (1, 8 * 8), (2, 4 * 4), (2, 8 * 8)):
+        assert auto.small_batch_crossover(zen5, False, True, n, px) == math.inf
+    for strided in (False, True):
+        assert auto.small_batch_crossover(zen5, False, strided, 2, 4) == auto.small_batch_crossover(zen5, False, strided, 2, 15) == 0.8
     for cpu in (xeon, zen4, epyc):
         assert auto.small_batch_crossover(cpu, False, False, 1, 7 * 7) is None
-    for cl, strided, n, px in [(True, False, 1, 7 * 7), (False, True, 1, 7 * 7), (False, False, 1, 1), (False, False, 2, 1),
-                               (False, False, 3, 7 * 7), (False, False, 4, 7 * 7)]:
+    for cl, strided, n, px in [(True, False, 1, 7 * 7), (True, True, 1, 7 * 7), (False, True, 1, 9 * 9), (False, True, 2, 14 * 14),
+                               (False, False, 1, 1), (False, False, 2, 1), (False, False, 3, 7 * 7), (False, False, 4, 7 * 7)]:
         assert auto.small_batch_crossover(zen5, cl, strided, n, px) is None
     w = torch.empty(512, 512, 3, 3)
     for model, kernel_at_1 in ((zen5, True), (zen4, False)):

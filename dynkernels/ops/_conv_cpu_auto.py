@@ -252,13 +252,15 @@ _KERNEL_ISA = torch.backends.cpu.get_cpu_capability()
 # and KERNEL_WINS_BATCH samples.
 KERNEL_WINS_CPUS = ("Intel", "Zen 4", "Zen 5")  # matched in the model name (dynkernels._cpu: "AMD EPYC (Zen 5, ...)")
 KERNEL_WINS_DEPTH, KERNEL_WINS_PIXELS, KERNEL_WINS_BATCH = 1152, 256, 8
-# Batches of one or two samples (latency-bound inference), NCHW, stride 1, on these CPUs
+# Batches of one or two samples (latency-bound inference), NCHW, on these CPUs
 # (small_batch_crossover): the kernel at every density where a sample has at least
 # SMALL_BATCH_KERNEL_WINS_PIXELS[batch] output pixels; a batch of two with 4 - 15 pixels
-# compares the FLOP density with SMALL_BATCH_DENSE_FROM (no vector fill).
+# compares the FLOP density with SMALL_BATCH_DENSE_FROM (no vector fill). Strided layers only
+# up to SMALL_BATCH_STRIDED_PIXELS output pixels.
 SMALL_BATCH_CPUS = ("Zen 5",)
 SMALL_BATCH_KERNEL_WINS_PIXELS = {1: 4, 2: 16}
 SMALL_BATCH_DENSE_FROM = 0.8
+SMALL_BATCH_STRIDED_PIXELS = 64
 _GATE_SUMMARY = None if _C is None else _C.cpu_first.gate_summary
 _GATE_SCALE = None if _C is None else _C.cpu_first.gate_scale_
 
@@ -323,10 +325,11 @@ def cpu_kernel_wins_dense(vendor_model: str, channels_last: bool, strided: bool,
 
 def small_batch_crossover(vendor_model: str, channels_last: bool, strided: bool, batch: int, pixels: int):
     """The FLOP density from which dense execution runs on a batch of one or two samples, NCHW,
-    stride 1, on the CPUs of SMALL_BATCH_CPUS (math.inf: never), or None where the general rule
-    decides. There oneDNN's NCHW conv pays its reorders (of the weight, and of x and y between
-    NCHW and its blocked layout) on every call, a cost that one or two samples cannot spread,
-    while the kernel's unused vector lanes on small outputs cost in proportion to the batch.
+    at stride 1 or (strided) with at most SMALL_BATCH_STRIDED_PIXELS output pixels, on the CPUs
+    of SMALL_BATCH_CPUS (math.inf: never), or None where the general rule decides. There
+    oneDNN's NCHW conv pays its reorders (of the weight, and of x and y between NCHW and its
+    blocked layout) on every call, a cost that one or two samples cannot spread, while the
+    kernel's unused vector lanes on small outputs cost in proportion to the batch.
 
     Measured on the AMD EPYC (Zen 5; 2026-12-07, fp32, freed memory kept, medians of 31 runs),
     time of dense execution (with the gate multiply of gates in [0.1, 1.1)) / time of the
@@ -338,8 +341,16 @@ def small_batch_crossover(vendor_model: str, channels_last: bool, strided: bool,
     3x3 outputs: about 1), where the vector fill of 4 of 16 lanes put them at 0.21; batch 4
     0.95 - 1.02x for the 3x3 layers of 49 pixels and more (the general rule). Outputs of 1
     pixel ran the kernel 0.32 - 0.67x as fast as dense execution at density 1 with a batch of
-    two (one thread) and stay with the general rule, as does any batch on other CPUs."""
-    if channels_last or strided or not any(v in vendor_model for v in SMALL_BATCH_CPUS):
+    two (one thread) and stay with the general rule, as does any batch on other CPUs.
+
+    Strided (stride 2, the same method; 3x3 and 1x1 layers of 64 -> 128 at 8x8 outputs, 128 ->
+    256 at 4x4, 256 -> 512 at 2x2, 4x4 and 7x7, 512 -> 512 at 4x4, 128 -> 256 at 7x7): batch 1
+    1.16 - 3.24x (one thread) and 1.01 - 2.49x (two); batch 2 1.03 - 2.60x and 1.10 - 3.21x,
+    but 0.83 / 0.94x (3x3) and 1.06 / 1.64x (1x1) at 2x2, 1.03 - 2.07x there at density 0.7.
+    At ResNet's 28x28 and 14x14 outputs they were 0.94 - 1.05x (the general rule)."""
+    if channels_last or not any(v in vendor_model for v in SMALL_BATCH_CPUS):
+        return None
+    if strided and pixels > SMALL_BATCH_STRIDED_PIXELS:
         return None
     if batch in SMALL_BATCH_KERNEL_WINS_PIXELS and pixels >= SMALL_BATCH_KERNEL_WINS_PIXELS[batch]:
         return math.inf
