@@ -31,6 +31,7 @@ import torch.nn as nn
 from .. import ops
 from ..ops import sample_gating as _gating
 from .bucket import bucketed_rows, check_bucket
+from .compact_convs import compact_batch_convs
 from .route_block import training_bucket
 from .skip_block import check_execution
 
@@ -138,9 +139,10 @@ def run_sparse(
     out = exit_index = None
     state = x
     for k in range(len(stages)):
-        state = stages[k](state)
-        z = exits[k](state)
         rows = rows_of.shape[0]
+        with compact_batch_convs(n, rows, device):
+            state = stages[k](state)
+            z = exits[k](state)
         _check_logits(k, z, rows)
         if out is None:
             out = torch.empty((n, z.shape[1]), dtype=z.dtype, device=device)

@@ -35,6 +35,7 @@ from ..ops import _checks
 from ..ops import sample_gating as _gating
 from ..ops.route import _route, check_choice, check_num_branches
 from .bucket import bucketed_rows, check_bucket, resolve_bucket
+from .compact_convs import compact_batch_convs
 from .skip_block import check_execution
 
 Branch = Callable[[torch.Tensor], torch.Tensor]
@@ -155,7 +156,9 @@ def run_sparse(
             return y
         rows = bucketed_rows(size, bucket, n)
         part, count = row.idx[row.starts[b]:], row.counts[b : b + 1]
-        y = branch(k.gather_rows(x, part, count, rows))
+        compact = k.gather_rows(x, part, count, rows)
+        with compact_batch_convs(n, rows, x.device):
+            y = branch(compact)
         _check_branch_result(owner, y, rows, out, b)
         if out is None:
             out = torch.empty((n,) + tuple(y.shape[1:]), dtype=y.dtype, device=y.device, memory_format=row_layout(y))

@@ -57,6 +57,7 @@ from .. import ops
 from .._extension import _C
 from ..ops import _checks
 from ..ops import sample_gating as _gating
+from .compact_convs import compact_batch_convs
 from .graphs import GraphPool, check_graphs_arg, check_inference, compact_like, graph_sizes
 from .skip_plan import (
     RowPlan,
@@ -274,7 +275,8 @@ class SkipBlock(nn.Module):
             # where a case of the path below applies, or an argument is bad).
             compact = _SKIP_GATHER(x, gate, plan)
             if compact is not NotImplemented:
-                y = self._block(compact)
+                with compact_batch_convs(plan.n, plan.rows, x.device):
+                    y = self._block(compact)
                 out = _SKIP_MERGE(x, y, plan, self._inplace)
                 if out is not NotImplemented:
                     return out

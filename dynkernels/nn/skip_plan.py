@@ -17,6 +17,7 @@ from .. import ops
 from ..ops import _checks
 from ..ops import sample_gating as _gating
 from . import bucket as _bucket
+from .compact_convs import compact_batch_convs
 from .graphs import GraphPool
 
 
@@ -200,8 +201,8 @@ def run_kept(
     dropped rows. For callers that own base and do not need it afterwards.
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
-    resolved the backend's kernels k. fn runs eagerly, or (graphs given) as that pool's graph
-    replay. fn's result is checked against base (rows, row shape, dtype, device: see merge_result);
+    resolved the backend's kernels k. fn runs eagerly (under compact_batch_convs), or (graphs
+    given) as that pool's graph replay. fn's result is checked against base (rows, row shape, dtype, device: see merge_result);
     where it does not fit, check_result(owner, base, y, rows) (default check_compact_result)
     raises.
 
@@ -226,7 +227,9 @@ def run_kept(
     else:
         compact = tuple(k.gather_rows(t, row.idx, row.count, rows) for t in inputs)
     if graphs is None:
-        return merge_result(owner, base, fn(*compact), row, k, scale, check_result, inplace)
+        with compact_batch_convs(row.n, rows, base.device):
+            y = fn(*compact)
+        return merge_result(owner, base, y, row, k, scale, check_result, inplace)
     with graphs.lock:  # the replay's output is static: merged before the next replay
         return merge_result(owner, base, graphs.run(fn, *compact), row, k, scale, check_result, inplace)
 
