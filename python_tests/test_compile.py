@@ -111,6 +111,23 @@ def test_skip_block_capacity_one_graph_for_every_gate(scaled):
 
 
 @torch.no_grad()
+def test_skip_block_capacity_one_graph_where_compact_batches_could_take_onednn():
+    """16 rows or more cut to a capacity of 8 at one thread, with 1x1 convs: the conditions under
+    which eager execution runs the block under the compact-batch conv mode (nn.compact_convs);
+    compiled, the test of those conditions leaves the graph whole."""
+    block = SkipBlock(nn.Sequential(nn.Conv2d(64, 256, 1), nn.ReLU(), nn.Conv2d(256, 64, 1)), capacity=8).eval()
+    x, gate = torch.randn(32, 64, 8, 8), (torch.arange(32) % 5 == 0).float()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fast, counter = compiled(block, "aot_eager")
+        assert_close(fast(x, gate), block(x, gate))
+    finally:
+        torch.set_num_threads(threads)
+    assert counter.frame_count == 1
+
+
+@torch.no_grad()
 def test_skip_block_with_a_plan_one_graph():
     block = SkipBlock(conv_block(), bucket=2).eval()
     x, gate = torch.randn(5, 8, 4, 4), torch.tensor([1.0, 0, 1, 0, 1])

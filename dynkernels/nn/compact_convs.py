@@ -113,8 +113,9 @@ _NO_MODE = contextlib.nullcontext()  # (reusable: no object made on the hot path
 def compact_batch_convs(full_rows: int, rows: int, device: torch.device):
     """The context to run a block in on a compact batch of `rows` rows, on `device`, of a full
     batch of `full_rows`: see the module docstring."""
-    if (rows < 2 or rows >= ONEDNN_FROM_ROWS or full_rows < ONEDNN_FROM_ROWS or device.type != "cpu"
-            or torch.is_grad_enabled() or not _ONEDNN[0] or not torch.backends.mkldnn.enabled
-            or torch.get_num_threads() != 1 or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()):
+    # (is_compiling first: torch.compile traces this test, and torch.get_num_threads would break its graph)
+    if (torch.compiler.is_compiling() or rows < 2 or rows >= ONEDNN_FROM_ROWS or full_rows < ONEDNN_FROM_ROWS
+            or device.type != "cpu" or torch.is_grad_enabled() or not _ONEDNN[0] or not torch.backends.mkldnn.enabled
+            or torch.get_num_threads() != 1 or is_in_torch_dispatch_mode()):
         return _NO_MODE
     return _PointwiseConvsOnOneDNN()
