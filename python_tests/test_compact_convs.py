@@ -140,20 +140,20 @@ def test_sparse_executions_run_their_compact_batches_on_onednn(layout, one_threa
     fmt = CL if layout == "channels_last" else torch.contiguous_format
     x = torch.randn(16, 512, 4, 4).contiguous(memory_format=fmt)
     gate = (torch.arange(16) % 4 != 0).float()  # 12 kept
-    runs = []
-    for scaled in (False, True):
-        skip = SkipBlock(Bottleneck(), scaled=scaled).to(memory_format=fmt).eval()
-        runs.append((skip, lambda s=skip: s(x, gate), lambda s=skip: s(x, gate)))
+    plain = SkipBlock(Bottleneck()).to(memory_format=fmt).eval()
+    scaled = SkipBlock(Bottleneck(), scaled=True).to(memory_format=fmt).eval()
+    runs = [(plain, lambda: plain(x, gate, plain.plan(gate)), lambda: plain(x, gate)),  # (the C++ host path)
+            (scaled, lambda: scaled(x, gate), lambda: scaled(x, gate))]
     route = RouteBlock([Bottleneck(), Bottleneck()]).to(memory_format=fmt).eval()
     choice = (torch.arange(16) % 4 == 0).long()  # 12 rows to branch 0, 4 to branch 1
     runs.append((route, lambda: route(x, choice), lambda: route(x, choice)))
 
     # EarlyExit: the rows with a marker of 1 are certain at the first exit (threshold 1), the
     # other 12 go on to the bottleneck
-    x = x.clone()
-    x[:, 0, 0, 0] = (torch.arange(16) % 4 == 0).float()
+    marked = x.clone()
+    marked[:, 0, 0, 0] = (torch.arange(16) % 4 == 0).float()
     exit_ = EarlyExit([nn.Identity(), Bottleneck().to(memory_format=fmt)], [CertainWhereMarked(), MeanHead()], threshold=1.0).eval()
-    runs.append((exit_, lambda: exit_(x), lambda: exit_(x)))
+    runs.append((exit_, lambda: exit_(marked), lambda: exit_(marked)))
     with torch.inference_mode():
         for module, sparse, masked in runs:
             module.execution = "masked"

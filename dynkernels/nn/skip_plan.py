@@ -202,9 +202,9 @@ def run_kept(
 
     Unchecked: the caller has checked inputs and base against the plan (samples, device) and
     resolved the backend's kernels k. fn runs eagerly (under compact_batch_convs), or (graphs
-    given) as that pool's graph replay. fn's result is checked against base (rows, row shape, dtype, device: see merge_result);
-    where it does not fit, check_result(owner, base, y, rows) (default check_compact_result)
-    raises.
+    given) as that pool's graph replay. fn's result is checked against base (rows, row shape,
+    dtype, device: see merge_result); where it does not fit, check_result(owner, base, y, rows)
+    (default check_compact_result) raises.
 
     A block no row keeps is not run, except where autograd records (grad mode): there it runs
     on an empty batch, so that its parameters take part in the backward with exact zero
