@@ -1,4 +1,5 @@
 """Modules: GatedConv2d, FBS layers, sample-gated block wrappers and gates, routed blocks and early exits."""
+from .compact_convs import compact_batch_convs
 from .early_exit import EarlyExit
 from .fbs import FBSConv2d, fbs_convert, fbs_gate
 from .fold import fold_batchnorm
@@ -22,6 +23,7 @@ __all__ = [
     "GraphPool",
     "gather_kept",
     "merge_kept",
+    "compact_batch_convs",
     "RouteBlock",
     "RoutePlan",
     "RouteRow",

@@ -270,7 +270,9 @@ def gather_kept(x: torch.Tensor, row: RowPlan, backend: str = "auto") -> torch.T
     """The compact batch: x's kept rows in order (plus zero rows up to row.rows).
 
     row: a SkipPlan row for x's batch. Its idx and count come from `compact`, so they are not
-    checked again here; only that x has the plan's samples and device.
+    checked again here; only that x has the plan's samples and device. Run the block on it
+    under `compact_batch_convs(row.n, row.rows, x.device)`, as SkipBlock does: on the CPU at one
+    thread that keeps its large 1x1 convs on oneDNN (see dynkernels.nn.compact_convs).
     """
     if row.all_kept:
         return x
