@@ -15,7 +15,7 @@ thread their 1x1 convs land on that path. Measured on an AMD EPYC (Zen 5, AVX-51
     of about 25 us a call dominates there), and at 1x1 images mostly faster (a plain GEMM)
 
 LC-Net ResNet-50 (batch 16, 64x64, its own gates, one thread, NCHW), sparse over masked in the
-headline suite: 1.10x before, 1.36x with this. BlockDrop ResNet-101 (batch 16, 112x112, 25 of
+headline suite: 1.10x before, 1.37x with this. BlockDrop ResNet-101 (batch 16, 112x112, 25 of
 33 blocks per sample, one thread, NCHW): sparse 443 - 453 ms before, slower than masked (374 -
 384 ms), 285 - 314 ms with this.
 
