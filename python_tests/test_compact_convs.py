@@ -66,6 +66,23 @@ def test_big_pointwise_conv_runs_on_onednn(layout, bias, one_thread):
     assert y.is_contiguous(memory_format=fmt)
 
 
+@pytest.mark.parametrize("rows, cin, cout, size", [(2, 128, 512, 2), (15, 64, 256, 8), (5, 256, 64, 16)])
+@pytest.mark.parametrize("x_layout, w_layout", [("nchw", "channels_last"), ("channels_last", "nchw"), ("channels_last", "channels_last")])
+def test_rerouted_convs_match_conv2d_in_value_and_layout(rows, cin, cout, size, x_layout, w_layout, one_thread):
+    torch.manual_seed(1)
+    fmt = {"nchw": torch.contiguous_format, "channels_last": CL}
+    x = torch.randn(rows, cin, size, size).contiguous(memory_format=fmt[x_layout])
+    w = torch.randn(cout, cin, 1, 1).contiguous(memory_format=fmt[w_layout])
+    b = torch.randn(cout)
+    with torch.no_grad():
+        want = F.conv2d(x, w, b)
+        with cc.compact_batch_convs(32, rows, x.device):
+            y, ops = conv_ops(lambda: F.conv2d(x, w, b))
+    assert (SLOW not in ops) is cc.onednn_wins(rows, cin, cout, size, size, x_layout == "channels_last")
+    assert_close(y, want)
+    assert y.stride() == want.stride()
+
+
 def test_other_convs_are_left_alone(one_thread):
     torch.manual_seed(0)
     x = torch.randn(12, 512, 4, 4)
