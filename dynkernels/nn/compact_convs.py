@@ -46,6 +46,7 @@ except ImportError:  # pragma: no cover - then never: every conv stays torch's
     def is_in_torch_dispatch_mode() -> bool:
         return True
 
+from .._layout import row_layout
 from ..ops._cpu_packed_conv import conv2d_channels_last
 
 # torch's own switch (ConvParams::use_mkldnn): a 1x1 stride-1 conv of this many samples or more
@@ -95,7 +96,7 @@ def _pointwise_on_onednn(x, weight, bias=None, stride=1, padding=0, dilation=1, 
     n, cin, h, w = x.shape
     if weight.shape[1] != cin:
         return None  # (conv2d's own error names the mismatch)
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = row_layout(x) is torch.channels_last
     if not (channels_last or x.is_contiguous()) or not onednn_wins(n, cin, weight.shape[0], h, w, channels_last):
         return None
     if channels_last:
@@ -113,7 +114,7 @@ class _PointwiseConvsOnOneDNN(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_ONEDNN = [torch.backends.mkldnn.is_available()]
+_ONEDNN = torch.backends.mkldnn.is_available()
 _NO_MODE = contextlib.nullcontext()  # (reusable: no object made on the hot path)
 
 
@@ -122,7 +123,7 @@ def compact_batch_convs(full_rows: int, rows: int, device: torch.device):
     batch of `full_rows`: see the module docstring."""
     # (is_compiling first: torch.compile traces this test, and torch.get_num_threads would break its graph)
     if (torch.compiler.is_compiling() or rows < 2 or rows >= ONEDNN_FROM_ROWS or full_rows < ONEDNN_FROM_ROWS
-            or device.type != "cpu" or torch.is_grad_enabled() or not _ONEDNN[0] or not torch.backends.mkldnn.enabled
+            or device.type != "cpu" or torch.is_grad_enabled() or not _ONEDNN or not torch.backends.mkldnn.enabled
             or torch.get_num_threads() != 1 or is_in_torch_dispatch_mode()):
         return _NO_MODE
     return _PointwiseConvsOnOneDNN()
