@@ -6,7 +6,8 @@ channel_sparse_conv2d runs its operands in the autocast dtype, as conv2d does th
 kernel and CPU dense execution give one dtype); a sample-gated block whose result comes in the
 autocast dtype while its shortcut does not (an identity shortcut of a float32 input) is merged
 in the promoted dtype, as masked execution's arithmetic promotes. Decisions that depend on the
-data (SkipNet's gates, MSDNet's exits) are compared too: they must come out the same.
+data (SkipNet's gates, MSDNet's exits) are compared too: they must come out the same; FBS's
+k winners may differ only where two saliencies tie within the dtype's rounding.
 """
 import pytest
 import torch
@@ -108,8 +109,8 @@ def spottune_case():
 
 def fbs_case():
     model = tame_bn(fbs_cifarnet(width=0.125, density=0.5))
-    x = torch.randn(4, 3, 16, 16)
-    return model, lambda: model(x)
+    x = torch.randn(16, 3, 16, 16)
+    return model, lambda: model(x, return_gates=True)
 
 
 def lcnet_case():
@@ -136,6 +137,28 @@ def msdnet_case():
     return model, lambda: model(x)
 
 
+def fbs_rows_with_the_same_winners(sparse_gates, masked_gates, dtype):
+    """The samples whose k winners are the same in every FBS layer of both executions. The two
+    round differently in the autocast dtype, so a layer's input differs by about one rounding
+    between them, and a k-winners-take-all can swap two channels whose saliencies (nearly) tie:
+    where a sample's winners first differ, the saliencies that swapped must agree within the
+    dtype's tolerance; such a sample's later layers and logits are not compared. (In bfloat16,
+    1 of these 16 samples swapped a pair under torch 2.14, 6 under torch 2.11: each a different
+    random network.) At least half must agree."""
+    same = torch.ones(sparse_gates[0].shape[0], dtype=torch.bool)
+    for gs, gm in zip(sparse_gates, masked_gates):
+        gs, gm = gs.float(), gm.float()
+        for n in (((gs > 0) != (gm > 0)).any(1) & same).nonzero().flatten().tolist():
+            only_sparse = gs[n][(gs[n] > 0) & (gm[n] == 0)].sort().values
+            only_masked = gm[n][(gm[n] > 0) & (gs[n] == 0)].sort().values
+            tol = 4 * RTOL[dtype] * gm[n].max().item()
+            assert only_sparse.shape == only_masked.shape and torch.allclose(only_sparse, only_masked, rtol=0, atol=tol), (
+                f"sample {n}: winners {only_sparse.tolist()} (sparse) and {only_masked.tolist()} (masked) are no near-tie")
+            same[n] = False
+    assert same.sum() >= same.numel() / 2, f"only {same.sum()} of {same.numel()} samples kept their winners"
+    return same
+
+
 CASES = {"blockdrop": blockdrop_case, "spottune": spottune_case, "fbs": fbs_case, "lcnet": lcnet_case,
          "skipnet": skipnet_case, "msdnet": msdnet_case}
 
@@ -151,5 +174,8 @@ def test_models(family, dtype):
     elif family == "msdnet":
         assert torch.equal(sparse[1], masked[1])  # the same exit for every sample
         sparse, masked = sparse[0], masked[0]
+    elif family == "fbs":
+        rows = fbs_rows_with_the_same_winners(sparse[1], masked[1], dtype)
+        sparse, masked = sparse[0][rows], masked[0][rows]
     assert sparse.dtype == masked.dtype
     assert_close(sparse.float(), masked.float(), rtol=MODEL_RTOL[dtype])

@@ -220,7 +220,7 @@ def run_kept(
         y = fn(*inputs)
         base, y = autocast_merge_dtypes(base, y)
         if type(y) is not torch.Tensor or y.shape != base.shape or y.dtype != base.dtype:
-            (check_result or check_compact_result)(owner, base, y, rows)
+            (check_compact_result if check_result is None else check_result)(owner, base, y, rows)
         return y if scale is None else k.scatter_add_rows(base, y, row.idx, row.count, scale)
     if len(inputs) == 1:
         compact = (k.gather_rows(inputs[0], row.idx, row.count, rows),)
@@ -254,7 +254,8 @@ def merge_result(owner, base, y, row, k, scale, check_result, inplace=False):
     refusal (a RuntimeError) becomes the error of check_result (default
     check_compact_result), which names the problem."""
     base, y = autocast_merge_dtypes(base, y)
-    rows, check = row.rows, check_result or check_compact_result
+    # (`is None`, not `or`: torch 2.11's dynamo cannot take the truth of a bound method)
+    rows, check = row.rows, check_compact_result if check_result is None else check_result
     if not (k.checks_merge and type(y) is torch.Tensor and y.dim() and y.shape[0] == rows and not y.is_meta):
         # (tuple slices: slicing a torch.Size costs several times more)
         if type(y) is not torch.Tensor or y.dtype != base.dtype or tuple(y.shape) != (rows,) + tuple(base.shape)[1:]:

@@ -47,12 +47,13 @@ from typing import List, Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
 
 from .. import tuned_configs
 from .._extension import triton_interpret
 from .._layout import conv2d_output_shape, row_layout
 from ..tuned_configs import TileConfig
+from . import wrap_triton
 
 # Channel runs are padded to a multiple of this many elements (16 bytes of fp16/bf16); the
 # kernels' tl.multiple_of(., 8) hints and tuned_configs.channel_stride rely on it.

@@ -10,7 +10,9 @@ from typing import Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from . import wrap_triton
 
 
 @triton.jit(do_not_specialize=["N", "num_branches"])

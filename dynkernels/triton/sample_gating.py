@@ -17,7 +17,9 @@ from typing import Optional, Tuple
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from . import wrap_triton
 
 from .._layout import row_layout
 
