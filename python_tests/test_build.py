@@ -74,35 +74,44 @@ def test_forcing_cuda_without_a_toolkit_is_an_error(tmp_path):
 
 
 # Errors thrown by TORCH_CHECKs inside the nvcc-compiled host code of the CUDA kernels must
-# raise, like those of the C++ CPU kernels. On the H100 test machine of 2026-11-22 they crashed
-# the process instead (README, "Known issues"). The argument checks come before any CUDA call,
-# so redispatching each CUDA kernel to CPU tensors reaches them without a GPU: this runs in CI
-# (the CUDA kernels are compiled there) and, on a GPU machine, once more after the CUDA context
-# exists. A subprocess, so that a crash fails this test instead of killing the test run.
+# raise, like those of the C++ CPU kernels. On the H100 test machine of 2026-11-22 direct
+# torch.ops calls with bad arguments on CUDA tensors crashed the process instead (README,
+# "Known issues"). The argument checks come before any CUDA call, so redispatching each CUDA
+# kernel to CPU tensors reaches them without a GPU ("cpu": this runs in CI, where the CUDA
+# kernels are compiled); on a GPU machine the same once more after the CUDA context exists
+# ("gpu"), and the direct calls on CUDA tensors that crashed ("cuda-tensors"). A subprocess,
+# so that a crash fails this test instead of killing the test run, and a line printed per
+# call, so that the output shows which call crashed.
 _CUDA_KERNEL_THROWS = r"""
 import sys
 import torch
 import dynkernels
 
-if sys.argv[1] == "gpu":
+context = sys.argv[1]
+device = "cuda" if context == "cuda-tensors" else "cpu"
+if context != "cpu":
     torch.zeros(1, device="cuda")  # the CUDA context exists before the throw
 cuda_key = torch._C.DispatchKeySet(torch._C.DispatchKey.CUDA)
 ops = torch.ops.dynkernels
-idx = torch.arange(4, dtype=torch.int32)
-count = torch.tensor([2], dtype=torch.int32)
+z = lambda *shape: torch.zeros(*shape, device=device)
+idx = torch.arange(4, dtype=torch.int32, device=device)
+count = torch.tensor([2], dtype=torch.int32, device=device)
+# The CUDA conv refuses CPU tensors first; on CUDA tensors, a weight of another dtype.
+conv_weight = z(3, 2, 3, 3).half() if device == "cuda" else z(3, 2, 3, 3)
 cases = [
-    (ops.compact.default, (torch.zeros(2, 2, 2), 0.0)),
-    (ops.gather_rows.default, (torch.zeros(4, 3), idx.long(), count, 4)),
-    (ops.scatter_add_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count, None)),
-    (ops.scatter_rows.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count)),
-    (ops.scatter_rows_.default, (torch.zeros(4, 3), torch.zeros(4, 5), idx, count)),
-    (ops.route.default, (torch.zeros(4), 2)),
+    (ops.compact.default, (z(2, 2, 2), 0.0)),
+    (ops.gather_rows.default, (z(4, 3), idx.long(), count, 4)),
+    (ops.scatter_add_rows.default, (z(4, 3), z(4, 5), idx, count, None)),
+    (ops.scatter_rows.default, (z(4, 3), z(4, 5), idx, count)),
+    (ops.scatter_rows_.default, (z(4, 3), z(4, 5), idx, count)),
+    (ops.route.default, (z(4), 2)),
     (ops.channel_sparse_conv2d.default,
-     (torch.zeros(1, 2, 4, 4), torch.zeros(3, 2, 3, 3), None, torch.ones(1, 3), None, [1, 1], [1, 1], [1, 1])),
+     (z(1, 2, 4, 4), conv_weight, None, torch.ones(1, 3, device=device), None, [1, 1], [1, 1], [1, 1])),
 ]
 for op, args in cases:
+    print("calling:", op, flush=True)
     try:
-        op.redispatch(cuda_key, *args)
+        op(*args) if device == "cuda" else op.redispatch(cuda_key, *args)
     except RuntimeError as e:
         print("raised:", str(e).splitlines()[0], flush=True)
     else:
@@ -110,16 +119,18 @@ for op, args in cases:
 """
 
 
-@pytest.mark.parametrize("context", ["cpu", pytest.param("gpu", marks=pytest.mark.cuda)])
+@pytest.mark.parametrize("context", ["cpu", pytest.param("gpu", marks=pytest.mark.cuda),
+                                     pytest.param("cuda-tensors", marks=pytest.mark.cuda)])
 def test_cuda_kernel_argument_errors_raise(context):
     if not dynkernels.cuda_kernels_compiled():
         pytest.skip("this build has no CUDA kernels")
-    proc = subprocess.run([sys.executable, "-c", _CUDA_KERNEL_THROWS, context], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _CUDA_KERNEL_THROWS, context],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, (
         f"a TORCH_CHECK thrown in the CUDA extension's host code ended the process (exit code {proc.returncode}) "
-        f"instead of raising; output so far:\n{proc.stdout}\n{proc.stderr[-3000:]}"
+        f"instead of raising, in the last call below:\n{proc.stdout}\n{proc.stderr[-3000:]}"
     )
-    lines = proc.stdout.splitlines()
+    lines = [line for line in proc.stdout.splitlines() if not line.startswith("calling:")]
     assert len(lines) == 7 and all(line.startswith("raised:") for line in lines), proc.stdout
     assert "compact: gate must be [N] or [B, N]" in lines[0]
     assert "gather_rows: idx must be a 1-D int32 tensor" in lines[1]
@@ -127,4 +138,7 @@ def test_cuda_kernel_argument_errors_raise(context):
     assert "scatter_rows: y must be [capacity, [3]]" in lines[3]
     assert "scatter_rows_: y must be [capacity, [3]]" in lines[4]
     assert "route: choice must be an integer tensor" in lines[5]
-    assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[6]
+    if context == "cuda-tensors":
+        assert "channel_sparse_conv2d: weight must have x's dtype" in lines[6]
+    else:
+        assert "channel_sparse_conv2d: the CUDA kernel needs x on a CUDA device" in lines[6]
