@@ -222,6 +222,7 @@ import torch
 
 from .._cpu import cpu_info
 from .._extension import _C
+from .._layout import row_layout
 from ._cpu_packed_conv import conv2d_channels_last
 
 # Dense execution from this FLOP density up (times the vector fill), by (channels_last, stride > 1).
@@ -441,7 +442,7 @@ def use_dense_on_cpu(x, weight, out_gate, in_gate, stride, output_hw) -> bool:
     from a caller's hint (see auto_on_checked_inputs)."""
     if x.dtype != torch.float32 or torch.compiler.is_compiling():
         return False
-    channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = row_layout(x) is torch.channels_last
     density = lambda below: cpu_flop_density(out_gate, in_gate, below=below)  # noqa: E731
     lane_density = lambda below: cpu_lane_density(out_gate, in_gate)  # noqa: E731
     return cpu_rule(channels_last, tuple(stride) != (1, 1), x.shape[0], weight, output_hw[0] * output_hw[1], density,
