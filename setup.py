@@ -18,6 +18,7 @@ import os
 import re
 import sys
 
+import setuptools
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -113,8 +114,16 @@ arch_list = default_arch_list() if with_cuda else None
 print(f"dynkernels: CUDA kernels {'ON' if with_cuda else 'OFF'} ({reason})" + (f", arch {arch_list}" if with_cuda else ""))
 write_build_config(with_cuda, reason, arch_list)
 
+# The license as metadata: an SPDX expression where setuptools reads one (77 and later), else the
+# older free-text field, which setuptools deprecates. pyproject.toml declares it dynamic: each of
+# its static forms fails on one side of 77, and a --no-build-isolation build uses whatever
+# setuptools the environment has.
+LICENSE = "BSD-3-Clause"
+license_field = "license_expression" if int(setuptools.__version__.split(".")[0]) >= 77 else "license"
+
 setup(
     version=read_version(),
+    **{license_field: LICENSE},
     packages=find_packages(include=["dynkernels", "dynkernels.*"]) + ["dynkernels.models"],
     package_dir={"dynkernels.models": "models"},
     # tuned kernel configurations, one JSON table per GPU model (dynkernels/tuned_configs.py)

@@ -30,6 +30,17 @@ def test_build_info_fields():
         assert info["triton"] == triton.__version__
 
 
+def test_installed_metadata_names_the_license():
+    # setup.py gives the license as an SPDX expression or, before setuptools 77, as free text.
+    from importlib import metadata
+
+    try:
+        md = metadata.metadata("dynkernels")
+    except metadata.PackageNotFoundError:
+        pytest.skip("dynkernels is not installed (imported from the source tree)")
+    assert "BSD-3-Clause" in (md.get("License-Expression"), md.get("License")), dict(md)
+
+
 def _toolkit_present() -> bool:
     home = os.environ.get("CUDA_HOME") or "/usr/local/cuda"
     return os.path.exists(os.path.join(home, "bin", "nvcc"))
