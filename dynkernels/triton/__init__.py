@@ -29,9 +29,9 @@ def _squeeze_interpreter_indices() -> None:
     """Triton 3.6's interpreter holds a scalar kernel argument as a one-element 1-D array and
     takes its index (a runtime loop bound, `range(0, N, BLOCK)`) with int() of that array,
     which numpy 2.4 made an error ("only 0-dimensional arrays can be converted to Python
-    scalars"); Triton 3.7 squeezes the array first. Where both hold, the interpreter's patch of
-    tl.tensor gets the same squeeze, for the launches it patches (it restores the original
-    after each). Compiled kernels never take this path."""
+    scalars"); Triton 3.7 squeezes the array first. With Triton before 3.7 and numpy 2.4 or
+    later, the interpreter's patch of tl.tensor gets the same squeeze, for the launches it
+    patches (it restores the original after each). Compiled kernels never take this path."""
     patch_tensor = _interpreter._patch_lang_tensor
 
     def patch_tensor_squeezed(tensor, scope):
