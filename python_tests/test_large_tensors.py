@@ -67,7 +67,7 @@ def test_channel_sparse_conv2d_past_2_31_elements(backend):
 
 # ----------------------------------------------------------------------------- CPU kernels
 def test_cpu_gather_and_scatter_rows_past_2_31_elements():
-    _need_host(10)
+    _need_host(11)
     rows, width = 64, BIG // 64
     x = torch.zeros(rows, width, dtype=torch.bfloat16)
     parts = (slice(0, 4096), slice(width - 4096, width))  # row 63's last part lies past 2^31
@@ -79,6 +79,13 @@ def test_cpu_gather_and_scatter_rows_past_2_31_elements():
     y = dynkernels.gather_rows(x, idx, count, 8, backend="cpu")
     for part in parts:
         assert torch.equal(y[:, part], ref.gather_rows(x[:, part].contiguous(), idx, count, 8))
+    # ... and back: added, scaled, into a copy of x
+    scale = torch.rand(rows) + 0.5
+    out = dynkernels.scatter_add_rows(x, y, idx, count, scale, backend="cpu")
+    for part in parts:
+        want = ref.scatter_add_rows(x[:, part].contiguous(), y[:, part].contiguous(), idx, count, scale)
+        assert torch.equal(out[:, part], want)
+    del out
     # ... and back, in place: rows 0, 3, 62 and 63 of x get y's rows 3, 2, 1, 0.
     swapped = y.flip(0)[4:].contiguous()  # gathered rows in reverse order
     dynkernels.scatter_rows_(x, swapped, idx, count, backend="cpu")
